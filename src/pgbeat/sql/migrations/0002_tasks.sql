@@ -1,0 +1,481 @@
+-- depends: 0001_schema
+--
+-- Task operations: create, update, delete, pause, resume, trigger.
+-- Each validates its input and raises before writing anything:
+--   22023 invalid_parameter_value     bad input; message "field: problem", COLUMN = field
+--   P0002 no_data_found               unknown (or deleted) task id
+--   55000 object_not_in_prerequisite_state   valid input the task's state forbids
+
+CREATE FUNCTION pgbeat.task_lock_ns() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1885823604 $$;  -- 'pgbt'
+
+CREATE FUNCTION pgbeat.daemon_lock_ns() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1885823588 $$;  -- 'pgbd'
+
+CREATE FUNCTION pgbeat.raise_invalid(p_field text, p_problem text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION '%: %', p_field, p_problem
+        USING ERRCODE = 'invalid_parameter_value', COLUMN = p_field;
+END $$;
+
+CREATE FUNCTION pgbeat.raise_not_found(p_id integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'task % not found', p_id USING ERRCODE = 'no_data_found';
+END $$;
+
+-- A duration given as seconds (JSON number) or interval text ('30s', '1h30m',
+-- '2 minutes'), as a pure time interval (no day or month parts, so adding it
+-- never depends on the session's time zone).
+CREATE FUNCTION pgbeat.parse_duration(p_field text, p_value jsonb) RETURNS interval
+LANGUAGE plpgsql AS $$
+DECLARE
+    v interval;
+BEGIN
+    IF p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'is required');
+    ELSIF jsonb_typeof(p_value) = 'number' THEN
+        v := make_interval(secs => (p_value #>> '{}')::double precision);
+    ELSIF jsonb_typeof(p_value) = 'string' THEN
+        BEGIN
+            v := (p_value #>> '{}')::interval;
+        EXCEPTION WHEN invalid_datetime_format OR datetime_field_overflow
+                       OR interval_field_overflow OR syntax_error THEN
+            PERFORM pgbeat.raise_invalid(p_field, format('%s is not a duration (use e.g. "30s", "2m", "1h30m")', p_value));
+        END;
+        IF extract(month FROM v) <> 0 OR extract(year FROM v) <> 0 THEN
+            PERFORM pgbeat.raise_invalid(p_field, 'months and years are not a fixed duration; use a cron schedule');
+        END IF;
+        v := make_interval(secs => extract(epoch FROM v)::double precision);
+    ELSE
+        PERFORM pgbeat.raise_invalid(p_field, 'must be a number of seconds or a duration string');
+    END IF;
+    IF v <= interval '0' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be positive');
+    END IF;
+    IF v > interval '3660 days' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be at most 10 years');
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE FUNCTION pgbeat.parse_timestamp(p_field text, p_value jsonb) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN
+        RETURN NULL;
+    ELSIF jsonb_typeof(p_value) <> 'string' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be an ISO 8601 timestamp string');
+    END IF;
+    IF (p_value #>> '{}') !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
+        PERFORM pgbeat.raise_invalid(p_field, format('%s is not an ISO 8601 timestamp with a UTC offset', p_value));
+    END IF;
+    RETURN (p_value #>> '{}')::timestamptz;
+EXCEPTION WHEN datetime_field_overflow OR invalid_datetime_format THEN
+    PERFORM pgbeat.raise_invalid(p_field, format('%s is not a valid timestamp', p_value));
+END $$;
+
+CREATE FUNCTION pgbeat.parse_number(p_field text, p_value jsonb, p_min double precision,
+                                    p_max double precision, p_integer boolean DEFAULT false)
+RETURNS double precision
+LANGUAGE plpgsql AS $$
+DECLARE
+    v double precision;
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'number' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be a number');
+    END IF;
+    v := (p_value #>> '{}')::double precision;
+    IF p_integer AND v <> trunc(v) THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be an integer');
+    END IF;
+    IF v < p_min OR v > p_max THEN
+        PERFORM pgbeat.raise_invalid(p_field, format('must be between %s and %s', p_min, p_max));
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE FUNCTION pgbeat.parse_text(p_field text, p_value jsonb, p_max_length integer) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be a string');
+    END IF;
+    IF length(p_value #>> '{}') NOT BETWEEN 1 AND p_max_length THEN
+        PERFORM pgbeat.raise_invalid(p_field, format('must be 1 to %s characters', p_max_length));
+    END IF;
+    RETURN p_value #>> '{}';
+END $$;
+
+CREATE FUNCTION pgbeat.parse_boolean(p_field text, p_value jsonb) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'boolean' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be true or false');
+    END IF;
+    RETURN (p_value #>> '{}')::boolean;
+END $$;
+
+CREATE FUNCTION pgbeat.reject_unknown_keys(p_field text, p_value jsonb, p_known text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    k text;
+BEGIN
+    SELECT key INTO k FROM jsonb_object_keys(p_value) AS key WHERE key <> ALL (p_known) ORDER BY key LIMIT 1;
+    IF k IS NOT NULL THEN
+        PERFORM pgbeat.raise_invalid(concat_ws('.', nullif(p_field, ''), k),
+            format('unknown field (expected one of: %s)', array_to_string(p_known, ', ')));
+    END IF;
+END $$;
+
+-- The params each kind accepts, checked here so psql users get the same rules
+-- as the API. Returns the params with defaults filled in.
+CREATE FUNCTION pgbeat.check_params(p_kind text, p_params jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    url text;
+BEGIN
+    IF p_params IS NULL OR jsonb_typeof(p_params) = 'null' THEN
+        p_params := '{}';
+    ELSIF jsonb_typeof(p_params) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('params', 'must be an object');
+    END IF;
+    CASE p_kind
+    WHEN 'sleep' THEN
+        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['seconds']);
+        PERFORM pgbeat.parse_number('params.seconds', coalesce(p_params->'seconds', '1'), 0, 86400);
+        RETURN jsonb_build_object('seconds', coalesce(p_params->'seconds', '1'));
+    WHEN 'counter' THEN
+        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['counter', 'step']);
+        IF p_params ? 'counter' THEN
+            PERFORM pgbeat.parse_text('params.counter', p_params->'counter', 200);
+        END IF;
+        PERFORM pgbeat.parse_number('params.step', coalesce(p_params->'step', '1'), -1e9, 1e9, true);
+        RETURN p_params || jsonb_build_object('step', coalesce(p_params->'step', '1'));
+    WHEN 'http' THEN
+        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['url', 'method', 'expect_status']);
+        url := pgbeat.parse_text('params.url', coalesce(p_params->'url', '"https://httpbin.org/status/200"'), 2048);
+        IF url !~* '^https?://[^/?#\s]+([/?#]\S*)?$' THEN
+            PERFORM pgbeat.raise_invalid('params.url', format('%s is not an http:// or https:// URL', to_jsonb(url)));
+        END IF;
+        IF p_params ? 'method' AND (jsonb_typeof(p_params->'method') <> 'string'
+                OR upper(p_params->>'method') NOT IN ('GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS')) THEN
+            PERFORM pgbeat.raise_invalid('params.method', 'must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS');
+        END IF;
+        IF p_params ? 'expect_status' THEN
+            PERFORM pgbeat.parse_number('params.expect_status', p_params->'expect_status', 100, 599, true);
+        END IF;
+        RETURN p_params || jsonb_build_object('url', url, 'method', upper(coalesce(p_params->>'method', 'GET')));
+    ELSE
+        PERFORM pgbeat.raise_invalid('kind', format('unknown kind %s (expected sleep, counter or http)',
+                                                    coalesce(to_jsonb(p_kind)::text, 'null')));
+    END CASE;
+    RETURN NULL;
+END $$;
+
+-- First slot on an interval grid strictly after p_after. Computed from the
+-- anchor every time, so slots never drift (rule 7).
+CREATE FUNCTION pgbeat.grid_slot_after(p_anchor timestamptz, p_every interval, p_after timestamptz)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_anchor + p_every * (floor(
+        (extract(epoch FROM p_after - p_anchor) * 1000000)::numeric
+        / (extract(epoch FROM p_every) * 1000000)::numeric) + 1)
+$$;
+
+-- Apply a schedule object ({"every"} | {"at"} | {"in"} | {"cron","timezone"})
+-- to a task row in memory: sets every/anchor/run_at/cron/timezone/next_run_at.
+-- Cron maths is croniter's: the caller passes the first cron slot.
+CREATE FUNCTION pgbeat.apply_schedule(t pgbeat.tasks, p_schedule jsonb, p_first_slot timestamptz)
+RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    forms text[];
+BEGIN
+    IF p_schedule IS NULL OR jsonb_typeof(p_schedule) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('schedule', 'must be an object with one of every, at, in or cron');
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('schedule', p_schedule, ARRAY['every', 'at', 'in', 'cron', 'timezone', 'start']);
+    forms := ARRAY(SELECT f FROM unnest(ARRAY['every', 'at', 'in', 'cron']) f WHERE p_schedule ? f);
+    IF cardinality(forms) <> 1 THEN
+        PERFORM pgbeat.raise_invalid('schedule', format('must have exactly one of every, at, in or cron (got %s)',
+            coalesce(nullif(array_to_string(forms, ', '), ''), 'none')));
+    END IF;
+    IF p_schedule ? 'timezone' AND forms[1] <> 'cron' THEN
+        PERFORM pgbeat.raise_invalid('schedule.timezone', 'applies only to cron schedules');
+    END IF;
+    IF p_schedule ? 'start' AND forms[1] <> 'every' THEN
+        PERFORM pgbeat.raise_invalid('schedule.start', 'applies only to every schedules');
+    END IF;
+    t.every := NULL; t.anchor := NULL; t.run_at := NULL; t.cron := NULL; t.timezone := 'UTC';
+    CASE forms[1]
+    WHEN 'every' THEN
+        t.every := pgbeat.parse_duration('schedule.every', p_schedule->'every');
+        -- The grid's origin: the first slot is one interval from now unless a start is given.
+        t.anchor := coalesce(pgbeat.parse_timestamp('schedule.start', p_schedule->'start'), now() + t.every);
+        t.next_run_at := CASE WHEN t.anchor > now() THEN t.anchor
+                              ELSE pgbeat.grid_slot_after(t.anchor, t.every, now()) END;
+    WHEN 'at' THEN
+        t.run_at := pgbeat.parse_timestamp('schedule.at', p_schedule->'at');
+        IF t.run_at IS NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.at', 'is required');
+        ELSIF t.run_at <= now() THEN
+            PERFORM pgbeat.raise_invalid('schedule.at', format('%s is in the past', p_schedule->'at'));
+        END IF;
+        t.next_run_at := t.run_at;
+    WHEN 'in' THEN
+        t.run_at := now() + pgbeat.parse_duration('schedule.in', p_schedule->'in');
+        t.next_run_at := t.run_at;
+    WHEN 'cron' THEN
+        t.cron := btrim(pgbeat.parse_text('schedule.cron', p_schedule->'cron', 200));
+        IF cardinality(regexp_split_to_array(t.cron, '\s+')) NOT IN (5, 6) THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s must have 5 fields (or 6 with seconds)', to_jsonb(t.cron)));
+        END IF;
+        IF t.cron !~ '^[0-9A-Za-z*/,?#LW\-\s]+$' THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s has characters cron does not use', to_jsonb(t.cron)));
+        END IF;
+        IF p_schedule ? 'timezone' THEN
+            t.timezone := pgbeat.parse_text('schedule.timezone', p_schedule->'timezone', 64);
+            BEGIN
+                PERFORM now() AT TIME ZONE t.timezone;
+            EXCEPTION WHEN invalid_parameter_value THEN
+                PERFORM pgbeat.raise_invalid('schedule.timezone', format('unknown time zone %s', p_schedule->'timezone'));
+            END;
+        END IF;
+        IF p_first_slot IS NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', 'the first slot must be computed by the caller (croniter)');
+        END IF;
+        t.next_run_at := p_first_slot;
+    END CASE;
+    IF t.until IS NOT NULL AND t.next_run_at > t.until THEN
+        t.next_run_at := NULL;
+    END IF;
+    RETURN t;
+END $$;
+
+-- Apply the optional fields every task has (shared by create and update).
+CREATE FUNCTION pgbeat.apply_options(t pgbeat.tasks, p_spec jsonb) RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_spec ? 'name' THEN
+        t.name := pgbeat.parse_text('name', p_spec->'name', 200);
+    END IF;
+    IF p_spec ? 'timeout' THEN
+        t.timeout := pgbeat.parse_number('timeout', p_spec->'timeout', 0.001, 86400);
+    END IF;
+    IF p_spec ? 'paused' THEN
+        t.paused := pgbeat.parse_boolean('paused', p_spec->'paused');
+    END IF;
+    IF p_spec ? 'until' THEN
+        t.until := pgbeat.parse_timestamp('until', p_spec->'until');
+        IF t.until <= now() THEN
+            PERFORM pgbeat.raise_invalid('until', format('%s is in the past', p_spec->'until'));
+        END IF;
+    END IF;
+    IF p_spec ? 'max_runs' THEN
+        t.max_runs := CASE WHEN jsonb_typeof(p_spec->'max_runs') = 'null' THEN NULL
+                           ELSE pgbeat.parse_number('max_runs', p_spec->'max_runs', 1, 2147483647, true) END;
+        IF t.max_runs < t.fired THEN
+            PERFORM pgbeat.raise_invalid('max_runs', format('the task has already fired %s times', t.fired));
+        END IF;
+    END IF;
+    IF p_spec ? 'overlap' THEN
+        IF coalesce(p_spec->>'overlap', '') NOT IN ('queue', 'skip') THEN
+            PERFORM pgbeat.raise_invalid('overlap', 'must be "queue" or "skip"');
+        END IF;
+        t.overlap_policy := p_spec->>'overlap';
+    END IF;
+    IF p_spec ? 'misfire' THEN
+        IF coalesce(p_spec->>'misfire', '') NOT IN ('run_once', 'skip') THEN
+            PERFORM pgbeat.raise_invalid('misfire', 'must be "run_once" or "skip"');
+        END IF;
+        t.misfire_policy := p_spec->>'misfire';
+    END IF;
+    IF p_spec ? 'misfire_grace' THEN
+        t.misfire_grace := pgbeat.parse_number('misfire_grace', p_spec->'misfire_grace', 0, 86400);
+    END IF;
+    IF p_spec ? 'max_retries' THEN
+        t.max_retries := pgbeat.parse_number('max_retries', p_spec->'max_retries', 0, 100, true);
+    END IF;
+    IF p_spec ? 'retry_backoff' THEN
+        t.retry_backoff := pgbeat.parse_number('retry_backoff', p_spec->'retry_backoff', 0, 86400);
+    END IF;
+    RETURN t;
+END $$;
+
+CREATE FUNCTION pgbeat.task_fields() RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['name', 'kind', 'params', 'schedule', 'timeout', 'paused', 'until', 'max_runs',
+                 'overlap', 'misfire', 'misfire_grace', 'max_retries', 'retry_backoff']
+$$;
+
+-- create_task('{"name": "ping", "kind": "http", "params": {...}, "schedule": {"every": "30s"}}')
+-- p_first_slot: the first cron slot (required for cron schedules, ignored otherwise).
+CREATE FUNCTION pgbeat.create_task(p_spec jsonb, p_first_slot timestamptz DEFAULT NULL)
+RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    IF p_spec IS NULL OR jsonb_typeof(p_spec) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('', p_spec, pgbeat.task_fields());
+    IF NOT p_spec ? 'kind' OR jsonb_typeof(p_spec->'kind') <> 'string' THEN
+        PERFORM pgbeat.raise_invalid('kind', 'is required (sleep, counter or http)');
+    END IF;
+    t.kind := p_spec->>'kind';
+    t.params := pgbeat.check_params(t.kind, p_spec->'params');
+    t.name := coalesce(p_spec->>'name', t.kind);
+    t.timeout := 60; t.paused := false; t.fired := 0;
+    t.overlap_policy := 'queue'; t.misfire_policy := 'run_once'; t.misfire_grace := 60;
+    t.max_retries := 0; t.retry_backoff := 10;
+    t := pgbeat.apply_options(t, p_spec);
+    IF NOT p_spec ? 'schedule' THEN
+        PERFORM pgbeat.raise_invalid('schedule', 'is required');
+    END IF;
+    t := pgbeat.apply_schedule(t, p_spec->'schedule', p_first_slot);
+    INSERT INTO pgbeat.tasks (name, kind, params, every, run_at, cron, timezone, anchor, until, max_runs,
+                              timeout, paused, next_run_at, overlap_policy, misfire_policy, misfire_grace,
+                              max_retries, retry_backoff)
+    VALUES (t.name, t.kind, t.params, t.every, t.run_at, t.cron, t.timezone, t.anchor, t.until, t.max_runs,
+            t.timeout, t.paused, t.next_run_at, t.overlap_policy, t.misfire_policy, t.misfire_grace,
+            t.max_retries, t.retry_backoff)
+    RETURNING * INTO t;
+    RETURN t;
+END $$;
+
+-- The live task, locked for the rest of the transaction, or P0002.
+CREATE FUNCTION pgbeat.lock_task(p_id integer) RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    SELECT * INTO t FROM pgbeat.tasks WHERE id = p_id AND deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM pgbeat.raise_not_found(p_id);
+    END IF;
+    RETURN t;
+END $$;
+
+-- Cancel the task's pending run, if any (pause, delete, schedule change).
+CREATE FUNCTION pgbeat.cancel_pending_run(p_task_id integer, p_reason text) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE pgbeat.runs
+       SET state = 'cancelled', started_at = now(), finished_at = now(), error = p_reason
+     WHERE task_id = p_task_id AND state = 'pending'
+$$;
+
+-- update_task(7, '{"schedule": {"every": "1m"}, "paused": true}')
+-- Only the given fields change; a new schedule starts a new grid (and drops a
+-- pending run of the old schedule). Cron: pass the first slot of the new schedule.
+CREATE FUNCTION pgbeat.update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
+RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+    was_paused boolean;
+BEGIN
+    IF p_changes IS NULL OR jsonb_typeof(p_changes) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('', p_changes, pgbeat.task_fields());
+    t := pgbeat.lock_task(p_id);
+    was_paused := t.paused;
+    IF p_changes ? 'kind' AND p_changes->>'kind' IS DISTINCT FROM t.kind THEN
+        PERFORM pgbeat.raise_invalid('kind', 'cannot be changed; create a new task');
+    END IF;
+    IF p_changes ? 'params' THEN
+        t.params := pgbeat.check_params(t.kind, p_changes->'params');
+    END IF;
+    t := pgbeat.apply_options(t, p_changes);
+    IF p_changes ? 'schedule' THEN
+        t.fired := 0;
+        t := pgbeat.apply_schedule(t, p_changes->'schedule', p_first_slot);
+        PERFORM pgbeat.cancel_pending_run(p_id, 'schedule changed');
+    ELSIF p_changes ? 'until' OR p_changes ? 'max_runs' THEN
+        IF (t.until IS NOT NULL AND t.next_run_at > t.until) OR t.fired >= t.max_runs THEN
+            t.next_run_at := NULL;
+        END IF;
+    END IF;
+    IF t.paused AND NOT was_paused THEN
+        PERFORM pgbeat.cancel_pending_run(p_id, 'task paused');
+    ELSIF was_paused AND NOT t.paused AND NOT p_changes ? 'schedule' THEN
+        t.next_run_at := pgbeat.resume_slot(t, p_first_slot);
+    END IF;
+    UPDATE pgbeat.tasks
+       SET name = t.name, params = t.params, every = t.every, run_at = t.run_at, cron = t.cron,
+           timezone = t.timezone, anchor = t.anchor, until = t.until, max_runs = t.max_runs,
+           fired = t.fired, timeout = t.timeout, paused = t.paused, next_run_at = t.next_run_at,
+           overlap_policy = t.overlap_policy, misfire_policy = t.misfire_policy,
+           misfire_grace = t.misfire_grace, max_retries = t.max_retries,
+           retry_backoff = t.retry_backoff, updated_at = now()
+     WHERE id = p_id
+    RETURNING * INTO t;
+    RETURN t;
+END $$;
+
+-- Where a resumed task continues: the next grid slot after now (slots that fell
+-- due while paused were paused on purpose and are not misfires), the pending
+-- one-shot time, or the caller's next cron slot.
+CREATE FUNCTION pgbeat.resume_slot(t pgbeat.tasks, p_next_cron_slot timestamptz) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF t.next_run_at IS NULL THEN
+        RETURN NULL;  -- complete: nothing to resume
+    ELSIF t.every IS NOT NULL THEN
+        RETURN greatest(t.next_run_at, pgbeat.grid_slot_after(t.anchor, t.every, now()));
+    ELSIF t.cron IS NOT NULL AND t.next_run_at < now() THEN
+        IF p_next_cron_slot IS NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', 'resuming needs the next cron slot from the caller (croniter)');
+        END IF;
+        RETURN p_next_cron_slot;
+    END IF;
+    RETURN t.next_run_at;  -- one-shot keeps its time (runs now if it passed while paused)
+END $$;
+
+CREATE FUNCTION pgbeat.pause_task(p_id integer) RETURNS pgbeat.tasks
+LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, '{"paused": true}') $$;
+
+CREATE FUNCTION pgbeat.resume_task(p_id integer, p_next_cron_slot timestamptz DEFAULT NULL)
+RETURNS pgbeat.tasks
+LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, '{"paused": false}', p_next_cron_slot) $$;
+
+-- Delete: future runs stop (the pending one is cancelled), a running one
+-- finishes, and history stays readable (the row is kept, marked deleted).
+CREATE FUNCTION pgbeat.delete_task(p_id integer) RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    t := pgbeat.lock_task(p_id);
+    PERFORM pgbeat.cancel_pending_run(p_id, 'task deleted');
+    UPDATE pgbeat.tasks SET deleted_at = now(), next_run_at = NULL, updated_at = now()
+     WHERE id = p_id RETURNING * INTO t;
+    RETURN t;
+END $$;
+
+-- Run now: the task's pending run is made due now, or a new run is queued for
+-- now (it starts as soon as a running one finishes). Works on paused tasks too:
+-- an explicit request. Returns the pending run.
+CREATE FUNCTION pgbeat.trigger_task(p_id integer) RETURNS pgbeat.runs
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+    r pgbeat.runs;
+BEGIN
+    t := pgbeat.lock_task(p_id);
+    -- A pending run that is not yet due (a retry's backoff) is made due now.
+    UPDATE pgbeat.runs SET due_at = least(due_at, now())
+     WHERE task_id = p_id AND state = 'pending' AND scheduled_for <= now()
+    RETURNING * INTO r;
+    IF FOUND THEN
+        PERFORM pg_notify('pgbeat_worker', '');
+    ELSE
+        INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at)
+        VALUES (p_id, t.kind, now(), now())
+        RETURNING * INTO r;
+    END IF;
+    RETURN r;
+END $$;

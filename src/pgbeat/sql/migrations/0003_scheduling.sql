@@ -1,0 +1,149 @@
+-- depends: 0002_tasks
+--
+-- The scheduler's side: turn due slots into runs and move each task forward.
+-- Many schedulers may call these at once: each task row is locked (SKIP LOCKED)
+-- while its slot fires, and runs_one_per_slot backs that up (rule 1).
+
+-- Fire the due slot of a task the caller has locked.
+--   p_latest  the latest slot that is due now (>= t.next_run_at)
+--   p_next    the first slot after now (NULL: no more slots)
+--   p_missed  due slots before p_latest that were not run (the scheduler was down)
+-- Returns what was decided, one row.
+CREATE FUNCTION pgbeat.fire_slot(t pgbeat.tasks, p_latest timestamptz, p_next timestamptz, p_missed integer,
+    OUT task_id integer, OUT run_id bigint, OUT scheduled_for timestamptz, OUT outcome text,
+    OUT missed integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    pending_id bigint;
+    is_running boolean;
+    folded integer := p_missed;
+BEGIN
+    task_id := t.id; scheduled_for := p_latest; missed := p_missed;
+
+    -- Rule 6: misfires. 'run_once' folds the missed slots into one run now;
+    -- 'skip' records them as one skipped run, and skips the latest slot too when
+    -- it is later than the grace period.
+    IF t.misfire_policy = 'skip' THEN
+        IF now() - p_latest > make_interval(secs => t.misfire_grace) THEN
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
+                                          started_at, finished_at, error)
+            VALUES (t.id, t.kind, p_latest, p_latest, 'skipped', p_missed, now(), now(),
+                    format('misfire: %s slot(s) missed, latest by %s', p_missed + 1, now() - p_latest))
+            ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
+            outcome := 'misfire_skipped';
+            folded := -1;
+        ELSIF p_missed > 0 THEN
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
+                                          started_at, finished_at, error)
+            VALUES (t.id, t.kind, t.next_run_at, t.next_run_at, 'skipped', p_missed - 1, now(), now(),
+                    format('misfire: %s slot(s) missed', p_missed))
+            ON CONFLICT DO NOTHING;
+            folded := 0;
+        END IF;
+    END IF;
+
+    IF folded >= 0 THEN
+        -- Rule 3: at most one pending run; rule 8: the overlap policy.
+        SELECT r.id INTO pending_id FROM pgbeat.runs r
+         WHERE r.task_id = t.id AND r.state = 'pending' FOR UPDATE;
+        is_running := EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'running');
+        IF pending_id IS NOT NULL AND t.overlap_policy = 'queue' THEN
+            UPDATE pgbeat.runs r SET coalesced = r.coalesced + 1 + folded WHERE r.id = pending_id;
+            run_id := pending_id;
+            outcome := 'coalesced';
+        ELSIF pending_id IS NOT NULL OR (is_running AND t.overlap_policy = 'skip') THEN
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
+                                          started_at, finished_at, error)
+            VALUES (t.id, t.kind, p_latest, p_latest, 'skipped', folded, now(), now(),
+                    'overlap: the previous run was still ' || CASE WHEN is_running THEN 'running' ELSE 'pending' END)
+            ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
+            outcome := 'skipped';
+        ELSE
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, coalesced)
+            VALUES (t.id, t.kind, p_latest, p_latest, folded)
+            ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
+            outcome := CASE WHEN run_id IS NULL THEN 'duplicate' ELSE 'queued' END;
+        END IF;
+    END IF;
+
+    -- Move the task forward. Scheduler updates do not wake the other schedulers.
+    PERFORM set_config('pgbeat.quiet', 'on', true);
+    UPDATE pgbeat.tasks
+       SET fired = fired + 1,
+           next_run_at = CASE WHEN p_next > until OR fired + 1 >= max_runs THEN NULL ELSE p_next END
+     WHERE id = t.id;
+    PERFORM set_config('pgbeat.quiet', 'off', true);
+END $$;
+
+-- Materialise the due slots of interval and one-shot tasks, at most p_limit
+-- tasks per call (call again while it returns p_limit rows). Cron tasks go
+-- through due_cron_tasks + fire_cron_slots, because croniter does their maths.
+CREATE FUNCTION pgbeat.materialize_due_runs(p_limit integer DEFAULT 1000)
+RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    t pgbeat.tasks;
+    nxt timestamptz;
+    latest timestamptz;
+BEGIN
+    FOR t IN SELECT * FROM pgbeat.tasks tk
+              WHERE tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NULL
+              ORDER BY tk.next_run_at LIMIT p_limit
+              FOR UPDATE SKIP LOCKED
+    LOOP
+        IF t.every IS NOT NULL THEN
+            nxt := pgbeat.grid_slot_after(t.anchor, t.every, now());
+            latest := nxt - t.every;
+            RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt,
+                round(extract(epoch FROM latest - t.next_run_at) / extract(epoch FROM t.every))::integer);
+        ELSE
+            RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, t.next_run_at, NULL, 0);
+        END IF;
+    END LOOP;
+END $$;
+
+-- Cron tasks that are due: the caller computes their slots with croniter.
+CREATE FUNCTION pgbeat.due_cron_tasks(p_limit integer DEFAULT 1000)
+-- db_now is the database's clock, which the caller's cron maths must use.
+RETURNS TABLE (task_id integer, next_run_at timestamptz, cron text, timezone text, db_now timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT id, next_run_at, cron, timezone, now() FROM pgbeat.tasks
+     WHERE next_run_at <= now() AND NOT paused AND cron IS NOT NULL
+     ORDER BY next_run_at LIMIT p_limit
+$$;
+
+-- Fire cron slots computed by the caller:
+--   p_slots = [{"task_id": 7, "slot": <next_run_at it saw>, "latest": ..., "next": ..., "missed": 0}, ...]
+-- A task whose next_run_at moved meanwhile (another scheduler fired it, or the
+-- user changed it) is left alone: its slot has already been handled.
+CREATE FUNCTION pgbeat.fire_cron_slots(p_slots jsonb)
+RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    s jsonb;
+    t pgbeat.tasks;
+BEGIN
+    FOR s IN SELECT * FROM jsonb_array_elements(p_slots) LOOP
+        SELECT * INTO t FROM pgbeat.tasks tk
+         WHERE tk.id = (s->>'task_id')::integer AND tk.next_run_at = (s->>'slot')::timestamptz
+           AND tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NOT NULL
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        IF (s->>'latest')::timestamptz < t.next_run_at OR (s->>'latest')::timestamptz > now()
+           OR (s->>'next')::timestamptz <= (s->>'latest')::timestamptz THEN
+            RAISE EXCEPTION 'fire_cron_slots: slots for task % are inconsistent: %', t.id, s
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, (s->>'latest')::timestamptz,
+            (s->>'next')::timestamptz, coalesce((s->>'missed')::integer, 0));
+    END LOOP;
+END $$;
+
+-- When the scheduler should wake next: the earliest slot of an active task.
+CREATE FUNCTION pgbeat.next_due_at() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT min(next_run_at) FROM pgbeat.tasks WHERE NOT paused AND next_run_at IS NOT NULL
+$$;

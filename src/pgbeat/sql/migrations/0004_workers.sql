@@ -1,0 +1,294 @@
+-- depends: 0003_scheduling
+--
+-- The workers' side: claim runs under the task's advisory lock, finish them,
+-- release the locks, reap runs whose worker died; the daemon registry; retention.
+--
+-- The lock protocol (rules 2 and 5), all on the worker's own session:
+--   claim_runs          takes pg_try_advisory_lock(task_lock_ns(), task_id) and marks the run running
+--   ...the run executes while the session holds the lock...
+--   finish_runs         commits the outcome (and the counter increment)
+--   release_task_locks  unlocks, after that commit
+-- A worker that dies loses its session, PostgreSQL frees its locks, and a run
+-- still 'running' without its lock is abandoned (reap_abandoned_runs, or the
+-- next claim of that task, whichever comes first).
+
+-- The task locks this session holds now.
+CREATE FUNCTION pgbeat.held_task_locks() RETURNS integer[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(objid::bigint::integer), '{}') FROM pg_locks
+     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+       AND classid = pgbeat.task_lock_ns()::oid AND objsubid = 2
+$$;
+
+-- Queue the next attempt of a run that failed, timed out or was abandoned, if
+-- its task allows retries; backoff doubles each attempt. A task that already
+-- has a pending run needs no retry: that run is next.
+CREATE FUNCTION pgbeat.schedule_retry(r pgbeat.runs) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+    new_id bigint;
+BEGIN
+    SELECT * INTO t FROM pgbeat.tasks WHERE id = r.task_id AND deleted_at IS NULL AND NOT paused;
+    IF NOT FOUND OR r.attempt > t.max_retries OR r.state NOT IN ('failed', 'timed_out', 'abandoned') THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, attempt)
+    VALUES (r.task_id, r.kind, r.scheduled_for,
+            greatest(r.scheduled_for, now() + make_interval(secs => t.retry_backoff * 2 ^ (r.attempt - 1))),
+            r.attempt + 1)
+    ON CONFLICT DO NOTHING
+    RETURNING id INTO new_id;
+    RETURN new_id;
+END $$;
+
+-- Mark the task's running runs abandoned. Only called when the caller knows no
+-- session holds the task's lock for them.
+CREATE FUNCTION pgbeat.abandon_runs(p_run_ids bigint[], p_reason text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    r pgbeat.runs;
+    n integer := 0;
+BEGIN
+    FOR r IN UPDATE pgbeat.runs
+                SET state = 'abandoned', finished_at = greatest(now(), started_at), error = p_reason
+              WHERE id = ANY (p_run_ids) AND state = 'running'
+             RETURNING *
+    LOOP
+        PERFORM pgbeat.schedule_retry(r);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END $$;
+
+-- Claim up to p_limit due pending runs for the calling session's worker.
+-- For each candidate row (locked FOR UPDATE SKIP LOCKED, so two claimers never
+-- look at the same row at once) the task lock is tried in the loop body, never
+-- in a WHERE clause, so a lock is only ever taken for a run this call returns.
+-- Tasks whose lock this session already holds are skipped: locks stack, and a
+-- second claim would let one task overlap itself on one worker.
+CREATE FUNCTION pgbeat.claim_runs(p_daemon_id integer, p_limit integer DEFAULT 1)
+RETURNS TABLE (run_id bigint, task_id integer, kind text, params jsonb, timeout double precision,
+               scheduled_for timestamptz, attempt integer, started_at timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    held integer[] := pgbeat.held_task_locks();
+    c record;
+    orphans bigint[];
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
+    END IF;
+    FOR c IN SELECT r.id, r.task_id FROM pgbeat.runs r
+              WHERE r.state = 'pending' AND r.due_at <= now()
+              ORDER BY r.due_at, r.id
+              FOR UPDATE SKIP LOCKED
+    LOOP
+        CONTINUE WHEN c.task_id = ANY (held);
+        CONTINUE WHEN NOT pg_try_advisory_lock(pgbeat.task_lock_ns(), c.task_id);
+        held := held || c.task_id;
+        -- Holding the lock proves that any run of this task still marked
+        -- running lost its worker (rule 5).
+        orphans := ARRAY(SELECT r.id FROM pgbeat.runs r WHERE r.task_id = c.task_id AND r.state = 'running');
+        IF cardinality(orphans) > 0 THEN
+            PERFORM pgbeat.abandon_runs(orphans, 'worker lost its database session');
+        END IF;
+        -- Re-check the run now that the lock is ours.
+        RETURN QUERY
+        UPDATE pgbeat.runs r
+           SET state = 'running', started_at = clock_timestamp(), daemon_id = p_daemon_id,
+               backend_pid = pg_backend_pid()
+          FROM pgbeat.tasks t
+         WHERE r.id = c.id AND r.state = 'pending' AND t.id = r.task_id
+        RETURNING r.id, r.task_id, r.kind, t.params, t.timeout, r.scheduled_for, r.attempt, r.started_at;
+        IF NOT FOUND THEN
+            PERFORM pg_advisory_unlock(pgbeat.task_lock_ns(), c.task_id);
+            held := array_remove(held, c.task_id);
+            CONTINUE;
+        END IF;
+        p_limit := p_limit - 1;
+        EXIT WHEN p_limit = 0;
+    END LOOP;
+END $$;
+
+-- Finish runs this session claimed, in one transaction: state, result, error,
+-- and for a succeeded counter run the counter increment (rule 4). A run that is
+-- no longer this session's (reaped, or claimed elsewhere) is left alone and
+-- reported with applied = false. Release the task locks only after this commits.
+CREATE FUNCTION pgbeat.finish_runs(p_run_ids bigint[], p_states text[], p_results jsonb[], p_errors text[])
+RETURNS TABLE (run_id bigint, task_id integer, state text, result jsonb, applied boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    r pgbeat.runs;
+    t pgbeat.tasks;
+    res jsonb;
+    counter_name text;
+    counter_value bigint;
+BEGIN
+    IF cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_states)
+       OR cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_results)
+       OR cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_errors) THEN
+        PERFORM pgbeat.raise_invalid('runs', 'ids, states, results and errors must have the same length');
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(p_run_ids), 0) LOOP
+        IF p_states[i] IS NULL OR p_states[i] NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') THEN
+            PERFORM pgbeat.raise_invalid('state', format('%s is not a finished state (succeeded, failed, timed_out, cancelled)',
+                                                          coalesce(p_states[i], 'null')));
+        END IF;
+        IF p_results[i] IS NOT NULL AND jsonb_typeof(p_results[i]) <> 'object' THEN
+            PERFORM pgbeat.raise_invalid('result', 'must be a JSON object');
+        END IF;
+        SELECT * INTO r FROM pgbeat.runs WHERE id = p_run_ids[i] FOR UPDATE;
+        IF NOT FOUND OR r.state <> 'running' OR r.backend_pid <> pg_backend_pid() THEN
+            RETURN QUERY SELECT p_run_ids[i], r.task_id, r.state, r.result, false;
+            CONTINUE;
+        END IF;
+        res := coalesce(p_results[i], '{}');
+        IF r.kind = 'counter' AND p_states[i] = 'succeeded' THEN
+            SELECT * INTO t FROM pgbeat.tasks WHERE id = r.task_id;
+            counter_name := coalesce(t.params->>'counter', 'task:' || r.task_id);
+            INSERT INTO pgbeat.counters AS c (name, value) VALUES (counter_name, (t.params->>'step')::bigint)
+            ON CONFLICT (name) DO UPDATE SET value = c.value + excluded.value, updated_at = now()
+            RETURNING c.value INTO counter_value;
+            res := res || jsonb_build_object('counter', counter_name, 'step', (t.params->>'step')::bigint,
+                                             'value', counter_value);
+        END IF;
+        UPDATE pgbeat.runs
+           SET state = p_states[i], finished_at = greatest(clock_timestamp(), started_at),
+               result = res, error = p_errors[i]
+         WHERE id = r.id
+        RETURNING * INTO r;
+        PERFORM pgbeat.schedule_retry(r);
+        RETURN QUERY SELECT r.id, r.task_id, r.state, r.result, true;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION pgbeat.finish_run(p_run_id bigint, p_state text, p_result jsonb DEFAULT NULL,
+                                  p_error text DEFAULT NULL)
+RETURNS TABLE (run_id bigint, task_id integer, state text, result jsonb, applied boolean)
+LANGUAGE sql AS $$
+    SELECT * FROM pgbeat.finish_runs(ARRAY[p_run_id], ARRAY[p_state], ARRAY[p_result], ARRAY[p_error])
+$$;
+
+-- Release task locks after their runs' outcomes committed, and wake the workers
+-- if one of those tasks has a run waiting (it could not be claimed while locked).
+-- Returns how many locks were released.
+CREATE FUNCTION pgbeat.release_task_locks(p_task_ids integer[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer := 0;
+    tid integer;
+BEGIN
+    FOREACH tid IN ARRAY coalesce(p_task_ids, '{}') LOOP
+        IF pg_advisory_unlock(pgbeat.task_lock_ns(), tid) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM pgbeat.runs WHERE runs.task_id = ANY (p_task_ids) AND state = 'pending'
+                                          AND due_at <= now()) THEN
+        PERFORM pg_notify('pgbeat_worker', '');
+    END IF;
+    RETURN n;
+END $$;
+
+-- Release the task locks this session holds that are not in p_keep: locks left
+-- behind by a claim whose transaction failed (session locks survive rollback).
+CREATE FUNCTION pgbeat.release_stray_task_locks(p_keep integer[]) RETURNS integer
+LANGUAGE sql AS $$
+    SELECT pgbeat.release_task_locks(ARRAY(
+        SELECT unnest(pgbeat.held_task_locks()) EXCEPT SELECT unnest(coalesce(p_keep, '{}'))))
+$$;
+
+-- Abandon every running run whose task lock is not held by the session that
+-- claimed it: that session is gone (rule 5). Safe to call from any number of
+-- daemons at once, and never touches a run whose worker session is alive: a
+-- finish that commits meanwhile changes the row, and the update re-checks it.
+CREATE FUNCTION pgbeat.reap_abandoned_runs() RETURNS integer
+LANGUAGE sql AS $$
+    SELECT pgbeat.abandon_runs(ARRAY(
+        SELECT r.id FROM pgbeat.runs r
+         WHERE r.state = 'running'
+           AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                            WHERE l.locktype = 'advisory' AND l.granted
+                              AND l.classid = pgbeat.task_lock_ns()::oid AND l.objsubid = 2
+                              AND l.objid = r.task_id::oid AND l.pid = r.backend_pid)),
+        'worker lost its database session')
+$$;
+
+-- When the earliest pending run becomes due (a worker sleeps until then).
+CREATE FUNCTION pgbeat.next_pending_due_at() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT min(due_at) FROM pgbeat.runs WHERE state = 'pending'
+$$;
+
+-- Daemon registry. A daemon registers on the session it keeps for its life and
+-- holds the advisory lock (daemon_lock_ns(), id) on it: alive = lock held.
+CREATE FUNCTION pgbeat.register_daemon(p_role text, p_host text, p_pid integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    IF p_role IS NULL OR p_role NOT IN ('scheduler', 'worker', 'api') THEN
+        PERFORM pgbeat.raise_invalid('role', 'must be scheduler, worker or api');
+    END IF;
+    INSERT INTO pgbeat.daemons (role, host, pid, backend_pid)
+    VALUES (p_role, coalesce(p_host, ''), coalesce(p_pid, 0), pg_backend_pid())
+    RETURNING id INTO new_id;
+    PERFORM pg_advisory_lock(pgbeat.daemon_lock_ns(), new_id);
+    RETURN new_id;
+END $$;
+
+CREATE FUNCTION pgbeat.heartbeat_daemon(p_id integer) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE pgbeat.daemons SET heartbeat_at = now() WHERE id = p_id
+$$;
+
+CREATE FUNCTION pgbeat.stop_daemon(p_id integer) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE pgbeat.daemons SET stopped_at = now() WHERE id = p_id AND stopped_at IS NULL;
+    SELECT pg_advisory_unlock(pgbeat.daemon_lock_ns(), p_id);
+$$;
+
+-- Record as stopped the daemons whose lock nobody holds (killed, or lost their session).
+CREATE FUNCTION pgbeat.reap_dead_daemons() RETURNS integer
+LANGUAGE sql AS $$
+    WITH dead AS (
+        UPDATE pgbeat.daemons d SET stopped_at = now()
+         WHERE stopped_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                            WHERE l.locktype = 'advisory' AND l.granted
+                              AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2
+                              AND l.objid = d.id::oid)
+        RETURNING 1)
+    SELECT count(*)::integer FROM dead
+$$;
+
+-- Retention: delete up to p_batch finished runs older than p_retention (oldest
+-- first, through runs_finished), then deleted tasks and stopped daemons with
+-- nothing left that refers to them. Call repeatedly until it returns 0.
+CREATE FUNCTION pgbeat.prune_history(p_retention interval DEFAULT interval '30 days',
+                                     p_batch integer DEFAULT 10000)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF p_retention IS NULL OR p_retention < interval '0' THEN
+        PERFORM pgbeat.raise_invalid('retention', 'must be zero or positive');
+    END IF;
+    IF p_batch IS NULL OR p_batch < 1 THEN
+        PERFORM pgbeat.raise_invalid('batch', 'must be at least 1');
+    END IF;
+    DELETE FROM pgbeat.runs WHERE id IN (
+        SELECT id FROM pgbeat.runs
+         WHERE finished_at < now() - p_retention AND state NOT IN ('pending', 'running')
+         ORDER BY finished_at LIMIT p_batch);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM pgbeat.tasks t
+     WHERE t.deleted_at < now() - p_retention
+       AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id);
+    DELETE FROM pgbeat.daemons WHERE stopped_at < now() - p_retention;
+    RETURN n;
+END $$;
