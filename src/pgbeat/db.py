@@ -39,8 +39,10 @@ def resolve_url(config: Config) -> str:
     """The configured database URL, or an embedded server's."""
     if config.database_url:
         return config.database_url
-    print(f"pgbeat: no PGBEAT_DATABASE_URL; using embedded PostgreSQL in {config.data_dir.resolve()}",
-          flush=True)
+    print(
+        f"pgbeat: no PGBEAT_DATABASE_URL; using embedded PostgreSQL in {config.data_dir.resolve()}",
+        flush=True,
+    )
     return start_embedded(config.data_dir)
 
 

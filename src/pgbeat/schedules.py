@@ -1,0 +1,124 @@
+"""Calendar maths the database leaves to Python: durations as users write them,
+and cron slots (croniter, IANA time zones, DST-correct). The rules that use these
+slots live in the database (sql/migrations/0003_scheduling.sql)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+_UNITS = {
+    "s": 1,
+    "sec": 1,
+    "secs": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "mins": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hr": 3600,
+    "hrs": 3600,
+    "hour": 3600,
+    "hours": 3600,
+    "d": 86400,
+    "day": 86400,
+    "days": 86400,
+    "w": 604800,
+    "week": 604800,
+    "weeks": 604800,
+}
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in '30s', '2m', '1h30m45s', 'every 2 minutes', '1 hour 30 minutes' or a number.
+
+    Raises ValueError with a message suitable for the user.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be a number of seconds or a duration such as '30s' or '1h30m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = value.strip().lower()
+        text = text.removeprefix("every ").strip()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        else:
+            pos, seconds = 0, 0.0
+            for match in _PART.finditer(text):
+                if text[pos : match.start()].strip(" ,and") != "":
+                    break
+                unit = _UNITS.get(match.group(2))
+                if unit is None:
+                    raise ValueError(f"unknown unit {match.group(2)!r} in {value!r}")
+                seconds += float(match.group(1)) * unit
+                pos = match.end()
+            if pos == 0 or text[pos:].strip() != "":
+                raise ValueError(f"{value!r} is not a duration (use e.g. '30s', '2m', '1h30m')")
+    if seconds <= 0:
+        raise ValueError("must be positive")
+    return seconds
+
+
+def check_timezone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {name!r}") from exc
+
+
+def _iter(expr: str, tz: str, start: datetime) -> croniter:
+    # An optional 6th field is seconds, written last (croniter's convention):
+    # '*/5 * * * * 30' fires at second 30 of every fifth minute.
+    local = start.astimezone(check_timezone(tz))
+    fields = expr.split()
+    if len(fields) not in (5, 6):
+        raise ValueError(f"{expr!r} must have 5 fields (or 6 with seconds)")
+    try:
+        return croniter(expr, local)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"{expr!r} is not a valid cron expression: {exc}") from exc
+
+
+def check_cron(expr: str, tz: str = "UTC") -> None:
+    """Raise ValueError naming the problem if expr or tz is not valid."""
+    next_cron_slot(expr, tz, datetime.now(UTC))
+
+
+def next_cron_slot(expr: str, tz: str, after: datetime) -> datetime:
+    """The first slot strictly after `after`, as an aware UTC datetime."""
+    return _iter(expr, tz, after).get_next(datetime).astimezone(UTC)
+
+
+def cron_slots(expr: str, tz: str, after: datetime, count: int) -> list[datetime]:
+    it = _iter(expr, tz, after)
+    return [it.get_next(datetime).astimezone(UTC) for _ in range(count)]
+
+
+def cron_catch_up(
+    expr: str, tz: str, slot: datetime, now: datetime, limit: int = 10_000
+) -> tuple[datetime, datetime, int]:
+    """For a due cron slot: (latest slot <= now, first slot > now, slots missed before latest).
+
+    The count stops at `limit` so a long outage costs bounded work.
+    """
+    it = _iter(expr, tz, slot)
+    latest, missed = slot, 0
+    while missed < limit:
+        candidate = it.get_next(datetime).astimezone(UTC)
+        if candidate > now:
+            return latest, candidate, missed
+        latest, missed = candidate, missed + 1
+    latest = _iter(expr, tz, now).get_prev(datetime).astimezone(UTC)
+    return latest, next_cron_slot(expr, tz, now), missed
+
+
+def interval_slots(first: datetime, every: timedelta, count: int) -> list[datetime]:
+    return [first + every * i for i in range(count)]
