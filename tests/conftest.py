@@ -83,3 +83,12 @@ postgresql = factories.postgresql("pg_template")
 def db_url(postgresql, pg_server: Server) -> str:
     """URL of this test's own migrated database."""
     return pg_server.url(postgresql.info.dbname)
+
+
+@pytest.fixture
+def fleet(db_url: str, tmp_path: Path) -> Iterator:
+    """Real pgbeat processes against this test's database; all stopped at the end."""
+    from pgbeat.fleet import Fleet
+
+    with Fleet(db_url, tmp_path / "logs") as f:
+        yield f
