@@ -1,0 +1,391 @@
+"""`pgbeat worker`: claim pending runs, execute them concurrently, finish them, release their locks.
+
+Who may run what is decided by the database (pgbeat.claim_runs takes the task's
+advisory lock on this worker's own session); this process only executes. All
+claim / finish / release calls go over that one session, because the task locks
+are session locks on it: finish commits first, then the locks are released.
+
+    claim up to the free slots ──> run each as an asyncio task ──> finish the
+    batch of runs that ended (one finish_runs) ──> release their locks
+    (one release_task_locks) ──> claim again, or sleep until a notification,
+    a run ending, the next pending run's due time, or a slow safety poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from pgbeat import daemon, db, kinds
+from pgbeat.config import Config
+
+log = logging.getLogger("pgbeat.worker")
+
+SAFETY_POLL = 15.0  # seconds between claims when nothing wakes the worker
+HEARTBEAT_EVERY = 10.0
+REAP_EVERY = 2.0
+PRUNE_EVERY = 3600.0
+SESSION_CHECK_EVERY = 5.0  # prove the lock-holding session is alive (half-open TCP)
+CLAIM_ERROR_PAUSE = 1.0
+
+# aiohttp's own limits; the task's timeout bounds the whole run on top of them.
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    """A run claim_runs gave this worker: it is `running` and its task is locked on our session."""
+
+    run_id: int
+    task_id: int
+    kind: str
+    params: dict[str, Any]
+    timeout: float
+    scheduled_for: datetime
+    attempt: int
+    started_at: datetime
+
+    @property
+    def lateness_ms(self) -> float:
+        return round((self.started_at - self.scheduled_for).total_seconds() * 1000, 3)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run: ClaimedRun
+    state: str  # succeeded | failed | timed_out | cancelled
+    result: dict[str, Any] | None
+    error: str | None
+    duration_ms: float
+
+
+async def execute(run: ClaimedRun, http: aiohttp.ClientSession) -> Outcome:
+    """Run one claimed run under its task's timeout and say how it ended.
+    Cancellation (shutdown, lost session) propagates: the caller records it."""
+    ctx = kinds.RunContext(run.run_id, run.task_id, run.attempt, run.scheduled_for, run.timeout, http)
+    started = time.monotonic()
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    timeout = asyncio.timeout(run.timeout)
+    try:
+        async with timeout:
+            result = await kinds.get(run.kind)(run.params, ctx)
+        state = "succeeded"
+    except kinds.RunFailed as failed:
+        state, result, error = "failed", failed.result, failed.error
+    except TimeoutError as exc:
+        if not timeout.expired():
+            state, error = "failed", f"{type(exc).__name__}: {exc}".rstrip(": ")
+        else:
+            state, error = "timed_out", f"exceeded the task's timeout of {run.timeout:g}s"
+    except Exception as exc:
+        log.exception("run raised", extra={"event": "run_error", "run_id": run.run_id})
+        state, error = "failed", f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return Outcome(run, state, result, error, round((time.monotonic() - started) * 1000, 3))
+
+
+class Worker:
+    """One worker session's life: the main loop and the runs it has in flight."""
+
+    def __init__(
+        self,
+        session: daemon.DaemonSession,
+        http: aiohttp.ClientSession,
+        config: Config,
+        concurrency: int,
+    ) -> None:
+        self.session = session
+        self.http = http
+        self.config = config
+        self.concurrency = concurrency
+        self.session_lock = asyncio.Lock()  # one call at a time on the lock-holding session
+        self.in_flight: dict[asyncio.Task[Outcome], ClaimedRun] = {}
+        self.ended: list[Outcome] = []  # finished here, not yet recorded
+        self.run_ended = asyncio.Event()
+
+    @property
+    def conn(self) -> asyncpg.Connection:
+        self.session.check()
+        assert self.session.conn is not None
+        return self.session.conn
+
+    @property
+    def free_slots(self) -> int:
+        return self.concurrency - len(self.in_flight)
+
+    async def main(self, stop: asyncio.Event) -> None:
+        """Claim and run until stop; then drain within the grace period. Whatever way
+        this ends, no run task of ours outlives it."""
+        drain_deadline: float | None = None
+        try:
+            while True:
+                self.collect_ended()
+                if self.ended:
+                    await self.finish_ended()
+                    continue
+                if stop.is_set():
+                    if not self.in_flight:
+                        return
+                    if drain_deadline is None:
+                        drain_deadline = time.monotonic() + self.config.shutdown_grace
+                        log.info(
+                            "worker stopping; waiting for runs in flight",
+                            extra={
+                                "event": "worker_draining",
+                                "in_flight": len(self.in_flight),
+                                "grace_s": self.config.shutdown_grace,
+                            },
+                        )
+                    left = drain_deadline - time.monotonic()
+                    if left <= 0:
+                        await self.cancel_in_flight()
+                    else:
+                        await daemon.sleep_until(stop, left, self.run_ended, self.session.lost)
+                        self.session.check()
+                    continue
+                wake_in = await self.claim_and_start() if self.free_slots > 0 else None
+                if wake_in == 0:
+                    continue
+                await self.sleep(stop, wake_in)
+        finally:
+            await self.abandon_in_flight()
+
+    async def sleep(self, stop: asyncio.Event, wake_in: float | None) -> None:
+        """Nothing to do now: wait for a run to end, or (with a free slot) a notification,
+        the next pending run's due time, or the safety poll. Not for stop: draining
+        starts on the next turn anyway, and stop wakes sleep_until."""
+        if self.free_slots > 0:
+            timeout = SAFETY_POLL if wake_in is None else min(SAFETY_POLL, wake_in)
+            await daemon.sleep_until(stop, timeout, self.run_ended, self.session.wake, self.session.lost)
+        else:
+            await daemon.sleep_until(stop, None, self.run_ended, self.session.lost)
+        self.session.check()
+
+    async def claim_and_start(self) -> float | None:
+        """Claim up to the free slots and start them. Returns 0 to claim again at once,
+        else seconds until the next pending run falls due (None: none known)."""
+        limit = self.free_slots
+        self.session.take_payloads()  # clears wake: a notification from now on claims again
+        try:
+            async with self.session_lock:
+                rows = await self.conn.fetch(
+                    "SELECT * FROM pgbeat.claim_runs($1, $2)", self.session.daemon_id, limit
+                )
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, daemon.CONNECTION_ERRORS):
+                raise
+            await self.claim_failed(exc)
+            return CLAIM_ERROR_PAUSE
+        for row in rows:
+            self.start(ClaimedRun(**dict(row)))
+        if len(rows) == limit:
+            return 0  # maybe more: the loop claims again while there are free slots
+        async with self.session_lock:
+            wait = await self.conn.fetchval(
+                "SELECT extract(epoch FROM pgbeat.next_pending_due_at() - clock_timestamp())::float8"
+            )
+        # A pending run already due that we could not claim waits for its task's lock:
+        # the holder's release_task_locks notifies us.
+        return wait if wait is not None and wait > 0 else None
+
+    async def claim_failed(self, exc: asyncpg.PostgresError) -> None:
+        """A claim transaction failed: its row changes rolled back, but advisory locks it took
+        are session locks and survive; release all but the ones our runs hold."""
+        log.error("claim failed", extra={"event": "claim_failed", "error": repr(exc)})
+        held = sorted({run.task_id for run in self.in_flight.values()})
+        async with self.session_lock:
+            released = await self.conn.fetchval("SELECT pgbeat.release_stray_task_locks($1)", held)
+        if released:
+            log.warning(
+                "stray task locks released", extra={"event": "stray_locks_released", "count": released}
+            )
+
+    def start(self, run: ClaimedRun) -> None:
+        log.info(
+            "run started",
+            extra={
+                "event": "run_started",
+                "task_id": run.task_id,
+                "run_id": run.run_id,
+                "kind": run.kind,
+                "slot": run.scheduled_for.isoformat(),
+                "attempt": run.attempt,
+                "lateness_ms": run.lateness_ms,
+                "daemon_id": self.session.daemon_id,
+            },
+        )
+        task = asyncio.create_task(execute(run, self.http), name=f"run-{run.run_id}")
+        task.add_done_callback(lambda _task: self.run_ended.set())
+        self.in_flight[task] = run
+
+    def collect_ended(self) -> None:
+        """Move runs that ended from in_flight to ended (a cancelled one ended `cancelled`)."""
+        self.run_ended.clear()
+        for task in [t for t in self.in_flight if t.done()]:
+            run = self.in_flight.pop(task)
+            if task.cancelled():
+                grace = self.config.shutdown_grace
+                error = f"worker stopped: still running after the shutdown grace of {grace:g}s"
+                duration = (time.time() - run.started_at.timestamp()) * 1000
+                self.ended.append(Outcome(run, "cancelled", None, error, round(duration, 3)))
+            else:
+                self.ended.append(task.result())
+
+    async def finish_ended(self) -> None:
+        """Record every run that has ended in one finish_runs (one transaction), then, after
+        it committed, release their tasks' locks in one release_task_locks."""
+        outcomes, self.ended = self.ended, []
+        async with self.session_lock:
+            try:
+                rows = await self.conn.fetch(
+                    "SELECT * FROM pgbeat.finish_runs($1, $2, $3, $4)",
+                    [o.run.run_id for o in outcomes],
+                    [o.state for o in outcomes],
+                    [o.result for o in outcomes],
+                    [o.error for o in outcomes],
+                )
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, daemon.CONNECTION_ERRORS):
+                    raise
+                rows = await self.finish_one_by_one(outcomes, exc)
+            await self.conn.fetchval(
+                "SELECT pgbeat.release_task_locks($1)", sorted({o.run.task_id for o in outcomes})
+            )
+        recorded = {row["run_id"]: row for row in rows}
+        for o in outcomes:
+            row = recorded.get(o.run.run_id)
+            applied = bool(row and row["applied"])
+            log.log(
+                logging.INFO if applied else logging.WARNING,
+                "run finished" if applied else "run finished, but it was no longer ours to record",
+                extra={
+                    "event": "run_finished",
+                    "task_id": o.run.task_id,
+                    "run_id": o.run.run_id,
+                    "kind": o.run.kind,
+                    "slot": o.run.scheduled_for.isoformat(),
+                    "attempt": o.run.attempt,
+                    "lateness_ms": o.run.lateness_ms,
+                    "duration_ms": o.duration_ms,
+                    "state": o.state if applied else (row["state"] if row else None),
+                    "error": o.error,
+                    "recorded": applied,
+                },
+            )
+
+    async def finish_one_by_one(self, outcomes: list[Outcome], exc: asyncpg.PostgresError) -> list[Any]:
+        """The batch failed (one bad outcome rolls back all): record each alone; one that
+        still fails is recorded failed with the database's error."""
+        log.error("finishing a batch failed", extra={"event": "finish_failed", "error": repr(exc)})
+        rows = []
+        for o in outcomes:
+            attempts = [
+                (o.state, o.result, o.error),
+                ("failed", None, f"could not record the outcome: {exc}"),
+            ]
+            for state, result, error in attempts:
+                try:
+                    rows += await self.conn.fetch(
+                        "SELECT * FROM pgbeat.finish_run($1, $2, $3, $4)", o.run.run_id, state, result, error
+                    )
+                    break
+                except asyncpg.PostgresError as again:
+                    if isinstance(again, daemon.CONNECTION_ERRORS):
+                        raise
+                    exc = again
+        return rows
+
+    async def cancel_in_flight(self) -> None:
+        """The grace period is over: cancel what still runs; it is recorded `cancelled`."""
+        for task in self.in_flight:
+            task.cancel()
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
+
+    async def abandon_in_flight(self) -> None:
+        """We are leaving this session (lost, or failing): its locks are or will be gone, so
+        another worker may start these tasks now. Stop our copies at once; the runs are
+        reaped as abandoned since no one can finish them on a dead session."""
+        if not self.in_flight:
+            return
+        log.warning(
+            "cancelling runs in flight: the worker's session is gone",
+            extra={"event": "runs_cancelled", "run_ids": [r.run_id for r in self.in_flight.values()]},
+        )
+        for task in self.in_flight:
+            task.cancel()
+        await asyncio.gather(*self.in_flight, return_exceptions=True)
+        self.in_flight.clear()
+
+    async def check_session(self) -> None:
+        """A side task: a dead connection (half-open TCP) is noticed even while every slot
+        is busy with long runs and the main loop makes no calls."""
+        async with self.session_lock:
+            try:
+                await self.conn.fetchval("SELECT 1", timeout=SESSION_CHECK_EVERY)
+            except (TimeoutError, *daemon.CONNECTION_ERRORS) as exc:
+                raise daemon.SessionLost(f"worker session check failed: {exc!r}") from exc
+
+
+async def logged(what: str, action: Any) -> None:
+    """Run a side task's action; a failure is logged and retried next time rather than
+    cancelling the runs in flight (the main loop notices a lost session itself)."""
+    try:
+        await action()
+    except (asyncpg.PostgresError, *daemon.CONNECTION_ERRORS) as exc:
+        log.warning(f"{what} failed", extra={"event": f"{what}_failed", "error": repr(exc)})
+
+
+async def run_session(
+    url: str, config: Config, stop: asyncio.Event, concurrency: int, http: aiohttp.ClientSession
+) -> None:
+    """One database session's worth of work: register, run the main loop with its side
+    tasks, unregister. Raises a connection error when the session is lost."""
+    async with daemon.DaemonSession(url, "worker", (db.WORKER_CHANNEL,)) as session:
+        worker = Worker(session, http, config, concurrency)
+        pool = await db.create_pool(url, min_size=1, max_size=2)
+        log.info(
+            "worker ready",
+            extra={"event": "worker_ready", "daemon_id": session.daemon_id, "concurrency": concurrency},
+        )
+
+        async def heartbeat() -> None:
+            await pool.execute("SELECT pgbeat.heartbeat_daemon($1)", session.daemon_id)
+
+        async def reap() -> None:
+            if await daemon.reap(pool):
+                session.wake.set()  # a reaped task may have a pending run no one was told about
+
+        async def prune() -> None:
+            await daemon.prune(pool, config.retention_days)
+
+        # Side tasks end only when main ends (supervise cancels them): they keep going
+        # while the main loop drains after stop.
+        forever = asyncio.Event()
+        try:
+            await daemon.supervise(
+                worker.main(stop),
+                daemon.every(HEARTBEAT_EVERY, forever, lambda: logged("heartbeat", heartbeat)),
+                daemon.every(REAP_EVERY, forever, lambda: logged("reap", reap)),
+                daemon.every(PRUNE_EVERY, forever, lambda: logged("prune", prune)),
+                daemon.every(SESSION_CHECK_EVERY, forever, worker.check_session),
+            )
+        finally:
+            with contextlib.suppress(*daemon.CONNECTION_ERRORS):
+                await pool.close()
+
+
+async def run_worker(url: str, config: Config, stop: asyncio.Event, concurrency: int) -> None:
+    """The worker process: run sessions until stop, reconnecting with backoff."""
+    if concurrency < 1:
+        raise SystemExit("pgbeat worker: --concurrency must be at least 1")
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT, headers={"User-Agent": "pgbeat"}) as http:
+        await daemon.run_forever("worker", stop, lambda: run_session(url, config, stop, concurrency, http))
+    log.info("worker stopped", extra={"event": "worker_stopped"})
