@@ -145,12 +145,14 @@ async def every(interval: float, stop: asyncio.Event, action: Callable[[], Await
         await sleep_until(stop, interval * random.uniform(0.8, 1.2))
 
 
-async def reap(pool: asyncpg.Pool) -> None:
-    """Abandon runs whose worker session is gone; record dead daemons as stopped."""
+async def reap(pool: asyncpg.Pool) -> int:
+    """Abandon runs whose worker session is gone; record dead daemons as stopped.
+    Returns how many runs were abandoned."""
     abandoned = await pool.fetchval("SELECT pgbeat.reap_abandoned_runs()")
     if abandoned:
         log.warning("abandoned runs reaped", extra={"event": "runs_abandoned", "count": abandoned})
     await pool.fetchval("SELECT pgbeat.reap_dead_daemons()")
+    return abandoned
 
 
 async def prune(pool: asyncpg.Pool, retention_days: float) -> None:
