@@ -46,3 +46,38 @@ psql:
 # Run a benchmark scenario: burst, steady, latency, scale, idle or api.
 bench *ARGS:
     {{bin}}/pgbeat bench {{ARGS}}
+
+# --- Deployment (docker compose, kind) -------------------------------------
+
+# docker compose: PostgreSQL, migrations, API on :8000, 2 schedulers, 3 workers (secrets from .env).
+up:
+    docker compose up --build --detach
+    @echo "pgbeat API on http://localhost:8000 (key: PGBEAT_API_KEYS from .env, default pgbeat-dev-key)"
+
+# Stop the compose stack (the database volume stays; `docker compose down -v` drops it).
+down:
+    docker compose down
+
+# Follow the compose stack's logs (all services, or the ones named: just logs worker).
+logs *SERVICES:
+    docker compose logs --follow --tail=100 {{SERVICES}}
+
+# kind: create the cluster, build and load the image, apply k8s/, wait, port-forward the API to :8000.
+kind-up:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    ctx=kind-pgbeat
+    existed=false
+    if kind get clusters | grep -qx pgbeat; then existed=true; else kind create cluster --config k8s/kind-cluster.yaml; fi
+    docker build -t pgbeat:dev .
+    kind load docker-image pgbeat:dev --name pgbeat
+    kubectl --context "$ctx" apply -k k8s
+    if $existed; then kubectl --context "$ctx" -n pgbeat rollout restart deployment/api deployment/scheduler deployment/worker; fi
+    kubectl --context "$ctx" -n pgbeat rollout status statefulset/postgres --timeout=300s
+    for d in api scheduler worker; do kubectl --context "$ctx" -n pgbeat rollout status "deployment/$d" --timeout=300s; done
+    echo "pgbeat API on http://localhost:8000 (Ctrl-C stops the port-forward; the cluster keeps running)"
+    kubectl --context "$ctx" -n pgbeat port-forward service/api 8000:8000
+
+# Delete the kind cluster and everything in it.
+kind-down:
+    kind delete cluster --name pgbeat
