@@ -1,11 +1,757 @@
-"""`pgbeat bench`: benchmarks that print their figures (filled in by the benchmarks work)."""
+"""`pgbeat bench <scenario>`: the benchmarks, run against real pgbeat processes.
+
+Each run creates a fresh database (pgbeat_bench_<random>) on PGBEAT_DATABASE_URL's
+server (or the embedded one), migrates it, measures the hardware floor with pgbench
+(the minimal queue step: claim one pending row FOR UPDATE SKIP LOCKED and mark it
+done), runs the scenario with real `pgbeat scheduler` / `worker` / `api` processes,
+reads the figures from the database itself (runs' timestamps, pg_stat_database) and
+from /proc (RSS, CPU), prints a table, writes the raw figures with --json, and drops
+the database.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from pgbeat import migrations
+from pgbeat.config import Config
+from pgbeat.fleet import Fleet
+
+# ---------------------------------------------------------------- figures
+
+
+@dataclass
+class Floor:
+    """pgbench running the minimal queue step: the most this machine's PostgreSQL does."""
+
+    clients: int
+    seconds: float
+    tps: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float | None
+    unit: str
+    target: str = ""  # ">= 10000", "<= 20": the issue's target, if it sets one
+    floor: str = ""  # what the ratio divides by: "tps", "p50" or "p99" (the floor's latency)
+    ratio: float | None = None
+    met: bool | None = None
+
+    def judge(self, floor: Floor | None) -> None:
+        if self.value is None:
+            return
+        if floor is not None and self.floor:
+            base = {"tps": floor.tps, "p50": floor.latency_p50_ms, "p99": floor.latency_p99_ms}[self.floor]
+            self.ratio = self.value / base if base else None
+        if self.target:
+            op, limit = self.target.split()
+            self.met = self.value >= float(limit) if op == ">=" else self.value <= float(limit)
+
+
+@dataclass
+class Result:
+    scenario: str
+    settings: dict[str, Any]
+    floor: Floor | None
+    figures: list[Figure]
+    processes: dict[str, dict[str, float]] = field(default_factory=dict)
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    machine: str = field(default_factory=lambda: f"{os.cpu_count()} cores, {platform.machine()}")
+
+    def figure(self, name: str) -> Figure:
+        return next(f for f in self.figures if f.name == name)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100), linear between the closest ranks; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def format_value(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def print_result(result: Result) -> None:
+    floor = result.floor
+    print(f"\npgbeat bench {result.scenario} - {result.date}, {result.machine}")
+    print("  " + ", ".join(f"{k}={v}" for k, v in result.settings.items()))
+    if floor:
+        print(
+            f"  floor: pgbench queue step, {floor.clients} client(s): {floor.tps:,.0f} tps, "
+            f"latency p50 {floor.latency_p50_ms:.2f} ms, p99 {floor.latency_p99_ms:.2f} ms"
+        )
+    print(f"  {'figure':<34} {'value':>12} {'unit':<8} {'target':<10} {'vs floor':>9}")
+    for f in result.figures:
+        ratio = f"{f.ratio:.2f}x" if f.ratio is not None else ""
+        verdict = {True: "ok", False: "MISSED", None: ""}[f.met]
+        print(f"  {f.name:<34} {format_value(f.value):>12} {f.unit:<8} {f.target:<10} {ratio:>9} {verdict}")
+    for name, stats in result.processes.items():
+        print(f"  process {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in stats.items()))
+
+
+# ---------------------------------------------------------------- database
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+@contextmanager
+def bench_database(server_url: str) -> Iterator[str]:
+    """A fresh migrated database on server_url's server, dropped at the end."""
+    name = f"pgbeat_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = with_dbname(server_url, name)
+    try:
+        migrations.apply(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def connect(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True)
+
+
+def db_now(conn: psycopg.Connection) -> datetime:
+    return conn.execute("SELECT clock_timestamp()").fetchone()[0]
+
+
+def create_tasks(
+    conn: psycopg.Connection, n: int, kind: str, params: dict, schedule_sql: str, **args: Any
+) -> float:
+    """Create n tasks in one statement through pgbeat.create_task; returns tasks/s.
+    schedule_sql is a jsonb expression of the row number i (0..n-1) and args."""
+    started = time.perf_counter()
+    conn.execute(
+        f"""SELECT count(*) FROM generate_series(0, %(n)s - 1) AS i,
+                 LATERAL pgbeat.create_task(jsonb_build_object(
+                     'name', 'bench-' || i, 'kind', %(kind)s::text, 'params', %(params)s::jsonb,
+                     'schedule', {schedule_sql})) AS t""",
+        {"n": n, "kind": kind, "params": json.dumps(params), **args},
+    )
+    return n / (time.perf_counter() - started)
+
+
+def wait_for(
+    conn: psycopg.Connection, query: str, args: dict, done: Callable[[Any], bool], timeout: float
+) -> Any:
+    """Poll query every 0.25 s until done(value); returns the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = conn.execute(query, args).fetchone()[0]
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.25)
+
+
+def sample_ms(conn: psycopg.Connection, query: str, args: dict) -> list[float]:
+    return [row[0] for row in conn.execute(query, args).fetchall()]
+
+
+# ---------------------------------------------------------------- the floor
+
+FLOOR_SCRIPT = (
+    "UPDATE pgbeat_bench_floor SET state = 'done' WHERE id = (SELECT id FROM pgbeat_bench_floor"
+    " WHERE state = 'pending' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED);\n"
+)
+
+
+def measure_floor(url: str, clients: int, seconds: float) -> Floor:
+    """pgbench -n -M prepared of the minimal queue step on its own table, same database."""
+    pgbench = shutil.which("pgbench") or "/usr/bin/pgbench"
+    with connect(url) as conn:
+        conn.execute(
+            "CREATE TABLE pgbeat_bench_floor (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " state text NOT NULL DEFAULT 'pending')"
+        )
+        conn.execute("CREATE INDEX ON pgbeat_bench_floor (id) WHERE state = 'pending'")
+        conn.execute(
+            "INSERT INTO pgbeat_bench_floor (state) SELECT 'pending' FROM generate_series(1, %s)",
+            (max(50_000, int(20_000 * seconds * clients)),),
+        )
+        conn.execute("VACUUM ANALYZE pgbeat_bench_floor")
+    with tempfile.TemporaryDirectory(prefix="pgbeat-floor-") as tmp:
+        script = Path(tmp) / "queue_step.sql"
+        script.write_text(FLOOR_SCRIPT)
+        cmd = [pgbench, "-n", "-M", "prepared", "-f", str(script), "-c", str(clients), "-j", str(clients)]
+        cmd += ["-T", str(max(1, round(seconds))), "-l", "--log-prefix", f"{tmp}/txn", url]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+        tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
+        latencies = [
+            int(line.split()[2]) / 1000
+            for log in Path(tmp).glob("txn.*")
+            for line in log.read_text().splitlines()
+            if line.strip()
+        ]
+    with connect(url) as conn:
+        conn.execute("DROP TABLE pgbeat_bench_floor")
+    return Floor(clients, seconds, tps, percentile(latencies, 50) or 0.0, percentile(latencies, 99) or 0.0)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def proc_stats(pid: int) -> dict[str, float]:
+    """RSS (MB) and CPU seconds (user + system) of a live process, from /proc."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return {}
+    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+    fields = stat.rsplit(")", 1)[1].split()  # fields from the 3rd (state) on
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime: the 14th and 15th
+    return {"rss_mb": rss_kb / 1024, "cpu_s": ticks / os.sysconf("SC_CLK_TCK")}
+
+
+def fleet_stats(fleet: Fleet) -> dict[str, dict[str, float]]:
+    counts: dict[str, int] = {}
+    stats = {}
+    for p in fleet.processes:
+        n = counts[p.role] = counts.get(p.role, -1) + 1
+        stats[f"{p.role}-{n}"] = proc_stats(p.pid)
+    return stats
+
+
+def cpu_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> float:
+    return sum(after[k].get("cpu_s", 0) - before.get(k, {}).get("cpu_s", 0) for k in after)
+
+
+def start_daemons(fleet: Fleet, url: str, opts: Options, scheduler: bool = True) -> None:
+    """Start the scheduler and worker processes; return once they are registered."""
+    if scheduler:
+        fleet.start("scheduler")
+    for _ in range(opts.workers):
+        fleet.start("worker", "--concurrency", str(opts.concurrency))
+    wanted = opts.workers + (1 if scheduler else 0)
+    deadline = time.monotonic() + 60
+    with connect(url) as conn:
+        while True:
+            for p in fleet.processes:
+                if not p.alive():
+                    raise RuntimeError(f"{p.role} exited with {p.proc.returncode}:\n{p.log()[-3000:]}")
+            live = conn.execute(
+                "SELECT count(*) FROM pgbeat.live_daemons WHERE role IN ('scheduler', 'worker')"
+            ).fetchone()[0]
+            if live >= wanted:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("daemons did not register within 60 s")
+            time.sleep(0.1)
+
+
+def check_alive(fleet: Fleet) -> None:
+    for p in fleet.processes:
+        if not p.alive():
+            raise RuntimeError(f"{p.role} exited with {p.proc.returncode}:\n{p.log()[-3000:]}")
+
+
+# ---------------------------------------------------------------- HTTP load
+
+
+@dataclass
+class Load:
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+    statuses: dict[int, int]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+def http_load(
+    base: str,
+    clients: int,
+    request: Callable[[int], tuple[str, str, dict | None]],
+    *,
+    total: int | None = None,
+    seconds: float | None = None,
+    ok: tuple[int, ...] = (200, 201),
+) -> Load:
+    """`clients` concurrent keep-alive aiohttp clients sending request(i) for i = 0, 1, ...
+    until `total` requests are sent or `seconds` pass."""
+    import aiohttp
+
+    async def main() -> Load:
+        latencies: list[float] = []
+        statuses: dict[int, int] = {}
+        counter = iter(range(total if total is not None else 1 << 62))
+        deadline = time.monotonic() + (seconds if seconds is not None else 3600)
+        connector = aiohttp.TCPConnector(limit=clients, force_close=False)
+        timeout = aiohttp.ClientTimeout(total=30)
+        async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
+
+            async def client() -> None:
+                for i in counter:
+                    if time.monotonic() > deadline:
+                        return
+                    method, path, body = request(i)
+                    t0 = time.perf_counter()
+                    async with session.request(method, path, json=body) as resp:
+                        await resp.read()
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            elapsed = time.perf_counter() - started
+        errors = sum(n for s, n in statuses.items() if s not in ok)
+        return Load(len(latencies), errors, elapsed, latencies, statuses)
+
+    return asyncio.run(main())
+
+
+def task_body(i: int, schedule: dict, params: dict | None = None) -> dict:
+    return {
+        "name": f"bench-api-{i}",
+        "kind": "sleep",
+        "params": params or {"seconds": 0},
+        "schedule": schedule,
+    }
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Options:
+    size: int
+    duration: float
+    concurrency: int = 100
+    workers: int = 1
+    clients: int = 32
+    api_tasks: int | None = None
+    floor_clients: int | None = None
+    floor_seconds: float = 5.0
+
+
+LATENESS_SQL = """
+    SELECT extract(epoch FROM started_at - scheduled_for) * 1000 FROM pgbeat.runs
+     WHERE started_at IS NOT NULL AND attempt = 1 AND state <> 'skipped'
+       AND scheduled_for >= %(start)s AND scheduled_for < %(end)s
+       AND task_id = ANY (%(tasks)s)"""
+
+
+UNFINISHED_SQL = """
+    SELECT count(*) FROM pgbeat.runs WHERE scheduled_for < %(end)s AND state IN ('pending', 'running')"""
+
+
+def task_ids(conn: psycopg.Connection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT id FROM pgbeat.tasks ORDER BY id").fetchall()]
+
+
+def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """N one-shot counter tasks due at the same instant; due -> all runs committed finished."""
+    n = opts.size
+    start_daemons(fleet, url, opts)
+    with connect(url) as conn:
+        due = db_now(conn) + timedelta(seconds=2 + n / 5000)
+        created_per_s = create_tasks(
+            conn, n, "counter", {}, "jsonb_build_object('at', %(due)s::timestamptz)", due=due
+        )
+        start = max(due, db_now(conn))  # runs are due once both due and committed
+        done = wait_for(
+            conn,
+            "SELECT count(*) FROM pgbeat.runs WHERE finished_at IS NOT NULL",
+            {},
+            lambda v: v >= n,
+            timeout=(start - db_now(conn)).total_seconds() + max(60, n / 200),
+        )
+        check_alive(fleet)
+        row = conn.execute(
+            """SELECT count(*) FILTER (WHERE state = 'succeeded'), max(finished_at), max(created_at),
+                      (SELECT coalesce(sum(value), 0) FROM pgbeat.counters),
+                      count(*) FILTER (WHERE backend_pid IS NOT NULL)
+                 FROM pgbeat.runs""",
+        ).fetchone()
+    succeeded, last_finished, last_created, counted, locked = row
+    seconds = (last_finished - start).total_seconds() if last_finished else None
+    figures = [
+        Figure("runs/s (due -> all finished)", n / seconds if seconds else None, "runs/s", ">= 10000", "tps"),
+        Figure("seconds due -> all finished", seconds, "s"),
+        Figure(
+            "seconds due -> all materialised",
+            (last_created - start).total_seconds() if last_created else None,
+            "s",
+        ),
+        Figure("runs finished", done, "runs", f">= {n}"),
+        Figure("runs succeeded", succeeded, "runs", f">= {n}"),
+        Figure("runs started under a task lock", locked, "runs", f">= {n}"),
+        Figure("counter total", counted, "", f">= {n}"),
+        Figure("tasks created via SQL/s", created_per_s, "tasks/s"),
+    ]
+    return figures, {}
+
+
+def steady(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """N tasks every 1 s for D seconds: every slot runs; lateness p50/p99."""
+    n, seconds = opts.size, int(opts.duration)
+    with connect(url) as conn:
+        first = db_now(conn).replace(microsecond=0) + timedelta(seconds=3 + int(n / 5000))
+        create_tasks(
+            conn,
+            n,
+            "sleep",
+            {"seconds": 0},
+            "jsonb_build_object('every', 1, 'start', %(first)s::timestamptz)",
+            first=first,
+        )
+        tasks = task_ids(conn)
+        start_daemons(fleet, url, opts)
+        end = first + timedelta(seconds=seconds)
+        time.sleep(max(0.0, (first - db_now(conn)).total_seconds()))
+        before = fleet_stats(fleet)
+        time.sleep(max(0.0, (end - db_now(conn)).total_seconds()))
+        after = fleet_stats(fleet)
+        window = {"start": first, "end": end, "tasks": tasks}
+        wait_for(
+            conn,
+            UNFINISHED_SQL,
+            window,
+            lambda v: v == 0,
+            timeout=30,
+        )
+        check_alive(fleet)
+        lateness = sample_ms(conn, LATENESS_SQL, window)
+        ran, coalesced, skipped = conn.execute(
+            """SELECT count(*) FILTER (WHERE state = 'succeeded'), coalesce(sum(coalesced), 0),
+                      count(*) FILTER (WHERE state = 'skipped')
+                 FROM pgbeat.runs WHERE scheduled_for >= %(start)s AND scheduled_for < %(end)s
+                  AND attempt = 1""",
+            window,
+        ).fetchone()
+    expected = n * seconds
+    figures = [
+        Figure("slots expected", expected, "slots"),
+        Figure("slots run", ran, "slots", f">= {expected}"),
+        Figure("slots coalesced or skipped", coalesced + skipped, "slots", "<= 0"),
+        Figure("runs/s", ran / seconds, "runs/s", "", "tps"),
+        Figure("lateness p50", percentile(lateness, 50), "ms", "<= 2", "p50"),
+        Figure("lateness p99", percentile(lateness, 99), "ms", "<= 20", "p99"),
+        Figure("lateness max", max(lateness, default=None), "ms"),
+        Figure("daemon CPU s per s", cpu_between(before, after) / seconds, "cores"),
+    ]
+    return figures, {}
+
+
+def latency(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """N tasks on 1 s intervals with staggered phases, plus a trigger_task call every 10 ms."""
+    n, seconds = opts.size, int(opts.duration)
+    trigger_every = 0.010
+    with connect(url) as conn:
+        first = db_now(conn).replace(microsecond=0) + timedelta(seconds=3)
+        create_tasks(
+            conn,
+            n,
+            "sleep",
+            {"seconds": 0},
+            "jsonb_build_object('every', 1, 'start', %(first)s::timestamptz"
+            " + (i %% 100) * interval '10 ms' + (i / 100) * interval '1 ms')",
+            first=first,
+        )
+        scheduled = task_ids(conn)
+        # Tasks only ever run by trigger: their own slot is an hour away.
+        create_tasks(conn, 100, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
+        triggered = [t for t in task_ids(conn) if t not in set(scheduled)]
+        start_daemons(fleet, url, opts)
+        end = first + timedelta(seconds=seconds)
+        time.sleep(max(0.0, (first - db_now(conn)).total_seconds()))
+        calls = 0
+        next_call = time.monotonic()
+        stop_at = next_call + seconds
+        while next_call < stop_at:
+            conn.execute("SELECT (pgbeat.trigger_task(%s)).id", (triggered[calls % len(triggered)],))
+            calls += 1
+            next_call += trigger_every
+            time.sleep(max(0.0, next_call - time.monotonic()))
+        wait_for(
+            conn,
+            UNFINISHED_SQL,
+            {"end": end + timedelta(seconds=1)},
+            lambda v: v == 0,
+            timeout=30,
+        )
+        check_alive(fleet)
+        lateness = sample_ms(conn, LATENESS_SQL, {"start": first, "end": end, "tasks": scheduled})
+        trigger_started = sample_ms(
+            conn,
+            """SELECT extract(epoch FROM started_at - scheduled_for) * 1000 FROM pgbeat.runs
+                WHERE task_id = ANY (%(tasks)s) AND started_at IS NOT NULL""",
+            {"tasks": triggered},
+        )
+    figures = [
+        Figure("scheduled runs", len(lateness), "runs", f">= {n * seconds}"),
+        Figure("lateness p50", percentile(lateness, 50), "ms", "<= 1", "p50"),
+        Figure("lateness p99", percentile(lateness, 99), "ms", "<= 5", "p99"),
+        Figure("trigger calls", calls, "calls"),
+        Figure("triggered runs started", len(trigger_started), "runs"),
+        Figure("trigger -> started p50", percentile(trigger_started, 50), "ms", "<= 3", "p50"),
+        Figure("trigger -> started p99", percentile(trigger_started, 99), "ms", "", "p99"),
+    ]
+    return figures, {}
+
+
+def scale(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """N tasks on 60 s intervals: creation rate (API and SQL), /upcoming p99, lateness p99, RSS."""
+    n, seconds = opts.size, opts.duration
+    via_api = min(n, opts.api_tasks if opts.api_tasks is not None else n // 10)
+    _, base = fleet.start_api()
+    with connect(url) as conn:
+        # Slots spread evenly over the minute after `first`: n/60 runs per second.
+        first = db_now(conn).replace(microsecond=0) + timedelta(seconds=5 + via_api / 1000 + n / 5000)
+        spread_ms = 60_000 / max(n, 1)
+
+        def post(i: int) -> tuple[str, str, dict]:
+            start = first + timedelta(milliseconds=i * spread_ms)
+            return "POST", "/tasks", task_body(i, {"every": 60, "start": start.isoformat()})
+
+        created = http_load(base, opts.clients, post, total=via_api)
+        sql_per_s = create_tasks(
+            conn,
+            n - via_api,
+            "sleep",
+            {"seconds": 0},
+            "jsonb_build_object('every', 60, 'start', %(first)s::timestamptz"
+            " + (%(offset)s + i) * %(spread)s * interval '1 ms')",
+            first=first,
+            offset=via_api,
+            spread=spread_ms,
+        )
+        tasks = task_ids(conn)
+        conn.execute("VACUUM ANALYZE pgbeat.tasks")
+        start_daemons(fleet, url, opts)
+        # Measure once the first minute of slots is under way.
+        window_start = max(first, db_now(conn)) + timedelta(seconds=min(5, seconds / 4))
+        time.sleep(max(0.0, (window_start - db_now(conn)).total_seconds()))
+        before = fleet_stats(fleet)
+        upcoming = http_load(
+            base, 1, lambda i: ("GET", "/upcoming?limit=100", None), seconds=seconds, ok=(200,)
+        )
+        after = fleet_stats(fleet)
+        window_end = db_now(conn)
+        window = {"start": window_start, "end": window_end - timedelta(seconds=1), "tasks": tasks}
+        check_alive(fleet)
+        lateness = sample_ms(conn, LATENESS_SQL, window)
+        slots, coalesced = conn.execute(
+            """SELECT count(*), coalesce(sum(coalesced), 0) FROM pgbeat.runs
+                WHERE scheduled_for >= %(start)s AND scheduled_for < %(end)s""",
+            window,
+        ).fetchone()
+    span = (window["end"] - window_start).total_seconds()
+    figures = [
+        Figure("tasks", len(tasks), "tasks", f">= {n}"),
+        Figure("tasks created via API/s", created.rate, "tasks/s", ">= 2000", "tps"),
+        Figure("API create errors", created.errors, "", "<= 0"),
+        Figure("tasks created via SQL/s", sql_per_s, "tasks/s", "", "tps"),
+        Figure("GET /upcoming p50", percentile(upcoming.latencies_ms, 50), "ms"),
+        Figure("GET /upcoming p99", percentile(upcoming.latencies_ms, 99), "ms", "<= 50", "p99"),
+        Figure("GET /upcoming errors", upcoming.errors, "", "<= 0"),
+        Figure("runs/s", slots / span if span > 0 else None, "runs/s", "", "tps"),
+        Figure("slots coalesced", coalesced, "slots", "<= 0"),
+        Figure("lateness p50", percentile(lateness, 50), "ms", "", "p50"),
+        Figure("lateness p99", percentile(lateness, 99), "ms", "<= 100", "p99"),
+        Figure("daemon CPU s per s", cpu_between(before, after) / seconds, "cores"),
+    ]
+    for name, stats in after.items():
+        if stats and not name.startswith("api"):
+            figures.append(Figure(f"{name} RSS", stats["rss_mb"], "MB"))
+    return figures, {}
+
+
+def idle(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """N hourly tasks, nothing due for D seconds: queries/s of all daemons, and their CPU."""
+    n, seconds = opts.size, opts.duration
+    with connect(url) as conn:
+        create_tasks(
+            conn,
+            n,
+            "sleep",
+            {"seconds": 0},
+            "jsonb_build_object('every', '1h',"
+            " 'start', now() + interval '1 hour' + (i %% 3600) * interval '1 s')",
+        )
+        fleet.start_api()
+        start_daemons(fleet, url, opts)
+        # Statistics reach pg_stat_database up to ~10 s late (PGSTAT_IDLE_INTERVAL): let
+        # the start-up's transactions land before the window opens.
+        time.sleep(min(11.0, max(1.0, seconds / 2)))
+        counted = """SELECT xact_commit + xact_rollback FROM pg_stat_database
+                      WHERE datname = current_database()"""
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        xacts_before = conn.execute(counted).fetchone()[0]
+        before = fleet_stats(fleet)
+        time.sleep(seconds)
+        after = fleet_stats(fleet)
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        xacts_after = conn.execute(counted).fetchone()[0]
+        check_alive(fleet)
+    own = 3  # this session's transactions between the two reads
+    queries = max(0, xacts_after - xacts_before - own)
+    cpu = cpu_between(before, after)
+    figures = [
+        Figure("transactions/s, all daemons", queries / seconds, "xact/s", "<= 1"),
+        Figure("CPU s over the window, all daemons", cpu, "s"),
+        Figure("CPU share, all daemons", cpu / seconds * 100, "%", "<= 1"),
+    ]
+    for name in after:
+        figures.append(
+            Figure(f"{name} CPU share", (after[name]["cpu_s"] - before[name]["cpu_s"]) / seconds * 100, "%")
+        )
+    return figures, {}
+
+
+def api(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """GET /tasks/{id} then POST /tasks from concurrent keep-alive clients, one api process."""
+    n, seconds = opts.size, opts.duration
+    with connect(url) as conn:
+        create_tasks(conn, n, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
+        ids = task_ids(conn)
+    api_proc, base = fleet.start_api()
+    http_load(base, opts.clients, lambda i: ("GET", f"/tasks/{ids[i % len(ids)]}", None), seconds=1)
+    rng = random.Random(6)
+    t0 = time.process_time()
+    cpu0 = proc_stats(api_proc.pid).get("cpu_s", 0.0)
+    gets = http_load(
+        base, opts.clients, lambda i: ("GET", f"/tasks/{rng.choice(ids)}", None), seconds=seconds
+    )
+    posts = http_load(
+        base, opts.clients, lambda i: ("POST", "/tasks", task_body(i, {"every": "1h"})), seconds=seconds
+    )
+    api_cpu = proc_stats(api_proc.pid).get("cpu_s", 0.0) - cpu0
+    client_cpu = time.process_time() - t0
+    figures = [
+        Figure("GET /tasks/{id} req/s", gets.rate, "req/s", ">= 3000", "tps"),
+        Figure("GET /tasks/{id} p50", percentile(gets.latencies_ms, 50), "ms", "", "p50"),
+        Figure("GET /tasks/{id} p99", percentile(gets.latencies_ms, 99), "ms", "", "p99"),
+        Figure("GET errors", gets.errors, "", "<= 0"),
+        Figure("POST /tasks req/s", posts.rate, "req/s", ">= 1500", "tps"),
+        Figure("POST /tasks p50", percentile(posts.latencies_ms, 50), "ms", "", "p50"),
+        Figure("POST /tasks p99", percentile(posts.latencies_ms, 99), "ms", "", "p99"),
+        Figure("POST errors", posts.errors, "", "<= 0"),
+        Figure("api CPU share", api_cpu / (2 * seconds) * 100, "%"),
+        Figure("load generator CPU share", client_cpu / (2 * seconds) * 100, "%"),
+    ]
+    return figures, {"get_statuses": gets.statuses, "post_statuses": posts.statuses}
+
+
+Scenario = Callable[[str, Options, Fleet], tuple[list[Figure], dict[str, Any]]]
+
+# name -> (function, default size, default duration in seconds)
+SCENARIOS: dict[str, tuple[Scenario, int, float]] = {
+    "burst": (burst, 20_000, 0),
+    "steady": (steady, 1_000, 60),
+    "latency": (latency, 100, 30),
+    "scale": (scale, 100_000, 60),
+    "idle": (idle, 10_000, 60),
+    "api": (api, 1_000, 10),
+}
+
+
+def run_scenario(name: str, opts: Options, server_url: str, log_dir: Path | None = None) -> Result:
+    """Run one scenario in a fresh database on server_url's server, floor first."""
+    function = SCENARIOS[name][0]
+    floor_clients = opts.floor_clients or opts.workers
+    with bench_database(server_url) as url:
+        floor = measure_floor(url, floor_clients, opts.floor_seconds) if opts.floor_seconds > 0 else None
+        with tempfile.TemporaryDirectory(prefix=f"pgbeat-bench-{name}-") as tmp:
+            fleet = Fleet(url, log_dir or Path(tmp))
+            with fleet:
+                figures, extra = function(url, opts, fleet)
+                processes = fleet_stats(fleet)
+    for f in figures:
+        f.judge(floor)
+    settings = {k: v for k, v in asdict(opts).items() if v is not None}
+    settings.update(extra)
+    return Result(name, settings, floor, figures, processes)
+
+
+def server_url(config: Config) -> str:
+    from pgbeat import db
+
+    return db.resolve_url(config)
+
+
+def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    url = server_url(config)
+    results = []
+    for name in names:
+        _, size, duration = SCENARIOS[name]
+        opts = Options(
+            size=args.size or size,
+            duration=args.duration if args.duration is not None else duration,
+            concurrency=args.concurrency,
+            workers=args.workers,
+            clients=args.clients,
+            api_tasks=args.api_tasks,
+            floor_clients=args.floor_clients,
+            floor_seconds=args.floor_seconds,
+        )
+        result = run_scenario(name, opts, url, Path(args.logs) if args.logs else None)
+        print_result(result)
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str) + "\n")
+    return 0
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark scenario and print its figures")
-    p.add_argument("scenario", nargs="?", help="burst, steady, latency, scale, idle or api")
-    p.set_defaults(func=lambda args, config: print("no benchmark scenarios yet") or 1)
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark scenario and print its figures",
+        description="Run a benchmark against real pgbeat processes in a fresh database on "
+        "PGBEAT_DATABASE_URL's server (or the embedded one), with the pgbench floor measured first.",
+    )
+    p.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    p.add_argument("--size", type=int, help="tasks (default: the scenario's: burst 20000, steady 1000, ...)")
+    p.add_argument("--duration", type=float, help="seconds measured (default: the scenario's)")
+    p.add_argument("--concurrency", type=int, default=100, help="each worker's --concurrency")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (scale, api)")
+    p.add_argument("--api-tasks", type=int, help="scale: tasks created through the API (default size/10)")
+    p.add_argument("--floor-clients", type=int, help="pgbench clients (default: one per worker)")
+    p.add_argument("--floor-seconds", type=float, default=5.0, help="pgbench run length (0: skip)")
+    p.add_argument("--json", metavar="FILE", help="write the raw figures here")
+    p.add_argument("--logs", metavar="DIR", help="keep the pgbeat processes' logs here")
+    p.set_defaults(func=cmd_bench)
