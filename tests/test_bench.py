@@ -1,0 +1,107 @@
+"""`pgbeat bench` smoke runs: every scenario with tiny sizes, so the bench code cannot rot.
+These check that the figures are produced and sane, not that targets are met."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from pgbeat import bench, cli
+
+pytestmark = pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("pgbeat.scheduler", "pgbeat.worker", "pgbeat.api.app")),
+    reason="the scheduler, worker and api are not there yet",
+)
+
+TINY = {
+    "burst": ["--size", "40"],
+    "steady": ["--size", "10", "--duration", "3"],
+    "latency": ["--size", "10", "--duration", "2"],
+    "scale": ["--size", "300", "--api-tasks", "50", "--duration", "3", "--clients", "4"],
+    "idle": ["--size", "50", "--duration", "2"],
+    "api": ["--size", "20", "--duration", "1", "--clients", "4"],
+}
+
+
+@pytest.fixture
+def server_url(pg_server, monkeypatch) -> str:
+    url = pg_server.url("postgres")
+    monkeypatch.setenv("PGBEAT_DATABASE_URL", url)
+    return url
+
+
+def figures(path: Path) -> dict[str, float | None]:
+    [result] = json.loads(path.read_text())
+    assert result["floor"]["tps"] > 0
+    assert 0 < result["floor"]["latency_p50_ms"] <= result["floor"]["latency_p99_ms"]
+    return {f["name"]: f["value"] for f in result["figures"]}
+
+
+def run(scenario: str, tmp_path: Path) -> dict[str, float | None]:
+    out = tmp_path / "bench.json"
+    args = ["bench", scenario, *TINY[scenario], "--floor-seconds", "1", "--concurrency", "8"]
+    assert cli.main([*args, "--json", str(out), "--logs", str(tmp_path / "logs")]) == 0
+    return figures(out)
+
+
+def test_burst(server_url, tmp_path):
+    f = run("burst", tmp_path)
+    assert f["runs finished"] == f["runs succeeded"] == f["counter total"] == 40
+    assert f["runs started under a task lock"] == 40
+    assert f["runs/s (due -> all finished)"] > 0
+
+
+def test_steady(server_url, tmp_path):
+    f = run("steady", tmp_path)
+    assert f["slots expected"] == 30
+    assert 0 < f["slots run"] <= 30
+    assert 0 <= f["lateness p50"] <= f["lateness p99"] <= f["lateness max"]
+
+
+def test_latency(server_url, tmp_path):
+    f = run("latency", tmp_path)
+    assert f["scheduled runs"] > 0
+    assert 100 <= f["trigger calls"] <= 200
+    assert 0 < f["triggered runs started"] <= f["trigger calls"]
+    assert 0 <= f["trigger -> started p50"] <= f["trigger -> started p99"]
+
+
+def test_scale(server_url, tmp_path):
+    f = run("scale", tmp_path)
+    assert f["tasks"] == 300
+    assert f["API create errors"] == 0 and f["GET /upcoming errors"] == 0
+    assert f["tasks created via API/s"] > 0 and f["tasks created via SQL/s"] > 0
+    assert 0 < f["GET /upcoming p50"] <= f["GET /upcoming p99"]
+    assert f["scheduler-0 RSS"] > 10 and f["worker-0 RSS"] > 10
+
+
+def test_idle(server_url, tmp_path):
+    f = run("idle", tmp_path)
+    assert f["transactions/s, all daemons"] >= 0
+    assert f["CPU s over the window, all daemons"] >= 0
+
+
+def test_api(server_url, tmp_path):
+    f = run("api", tmp_path)
+    assert f["GET errors"] == 0 and f["POST errors"] == 0
+    assert f["GET /tasks/{id} req/s"] > 0 and f["POST /tasks req/s"] > 0
+    assert 0 < f["GET /tasks/{id} p50"] <= f["GET /tasks/{id} p99"]
+
+
+def test_percentile():
+    assert bench.percentile([], 50) is None
+    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert bench.percentile([0.0, 10.0], 99) == pytest.approx(9.9)
+
+
+def test_figure_ratio_and_target():
+    floor = bench.Floor(1, 1, tps=2000, latency_p50_ms=0.5, latency_p99_ms=2)
+    f = bench.Figure("runs/s", 10_000, "runs/s", ">= 10000", "tps")
+    f.judge(floor)
+    assert f.ratio == 5 and f.met is True
+    g = bench.Figure("lateness p99", 30, "ms", "<= 20", "p99")
+    g.judge(floor)
+    assert g.ratio == 15 and g.met is False
