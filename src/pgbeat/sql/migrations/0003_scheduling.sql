@@ -19,6 +19,19 @@ DECLARE
     is_running boolean;
     folded integer := p_missed;
 BEGIN
+    -- Nothing runs after `until`, even when the scheduler was down across it.
+    -- (Interval tasks arrive with the last slot before until already computed;
+    -- for cron the first missed slot is the one known to be before it.)
+    IF p_latest > t.until THEN
+        IF t.next_run_at > t.until THEN
+            PERFORM set_config('pgbeat.quiet', 'on', true);
+            UPDATE pgbeat.tasks SET next_run_at = NULL WHERE id = t.id;
+            PERFORM set_config('pgbeat.quiet', 'off', true);
+            task_id := t.id; missed := 0; outcome := 'expired';
+            RETURN;
+        END IF;
+        p_latest := t.next_run_at; p_missed := 0; folded := 0;
+    END IF;
     task_id := t.id; scheduled_for := p_latest; missed := p_missed;
 
     -- Rule 6: misfires. 'run_once' folds the missed slots into one run now;
@@ -96,6 +109,9 @@ BEGIN
         IF t.every IS NOT NULL THEN
             nxt := pgbeat.grid_slot_after(t.anchor, t.every, now());
             latest := nxt - t.every;
+            IF latest > t.until THEN
+                latest := greatest(t.next_run_at, pgbeat.grid_slot_after(t.anchor, t.every, t.until) - t.every);
+            END IF;
             RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt,
                 round(extract(epoch FROM latest - t.next_run_at) / extract(epoch FROM t.every))::integer);
         ELSE

@@ -1,0 +1,315 @@
+"""The scheduler's rules in the database: one run per slot, bounded backlog,
+fixed-rate grid, misfire and overlap policies, limits, cron slots."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+from sqlsupport import claim, connect, create_task, finish, make_due, materialize, race, release, runs, task
+
+HOUR = {"every": "1h"}
+
+
+def test_sessions_racing_to_materialise_one_slot_make_exactly_one_run(db_url):
+    setup = connect(db_url)
+    ids = [create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"] for _ in range(20)]
+    slots = {i: make_due(setup, i, 1.0) for i in ids}
+    conns = [connect(db_url) for _ in range(4)]
+    try:
+        for rnd in range(3):
+            results = race(4, lambda i: materialize(conns[i]))
+            fired = [row for result in results for row in result]
+            # Every due task fired once, by exactly one of the schedulers.
+            assert sorted(r["task_id"] for r in fired) == sorted(ids)
+            assert {r["outcome"] for r in fired} == {"queued" if rnd == 0 else "coalesced"}
+            for i in ids:
+                (run,) = runs(setup, i)
+                assert run["scheduled_for"] == slots[i] and run["state"] == "pending"
+                assert task(setup, i)["next_run_at"] == slots[i] + timedelta(hours=1)
+            # Next round: the same slots again must not make a second run.
+            for i in ids:
+                setup.execute(
+                    "UPDATE pgbeat.tasks SET next_run_at = %s, fired = 0 WHERE id = %s", (slots[i], i)
+                )
+        # The re-fired slots were folded into the pending run (coalesced), never a second run.
+        assert setup.execute("SELECT count(*) AS n FROM pgbeat.runs").fetchone()["n"] == len(ids)
+        assert setup.execute("SELECT sum(coalesced) AS n FROM pgbeat.runs").fetchone()["n"] == 2 * len(ids)
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_racing_schedulers_on_a_duplicate_slot_insert_nothing(db_url):
+    """The unique (task, slot, attempt) constraint backs the row lock up: a slot
+    that already has a finished run is reported as a duplicate, never run twice."""
+    setup = connect(db_url)
+    tid = create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"]
+    slot = make_due(setup, tid, 1.0)
+    materialize(setup)
+    (run,) = claim(setup)
+    finish(setup, run["run_id"])
+    release(setup, [tid])
+    setup.execute("UPDATE pgbeat.tasks SET next_run_at = %s WHERE id = %s", (slot, tid))
+    conns = [connect(db_url) for _ in range(3)]
+    results = race(3, lambda i: materialize(conns[i]))
+    outcomes = [r["outcome"] for result in results for r in result]
+    assert outcomes == ["duplicate"]
+    assert len(runs(setup, tid)) == 1
+
+
+def test_queue_policy_keeps_one_pending_run_and_counts_coalesced_slots(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    first = make_due(conn, tid, 10)
+    assert [r["outcome"] for r in materialize(conn)] == ["queued"]
+    for ago in (9, 8, 7):
+        make_due(conn, tid, ago)
+        assert [r["outcome"] for r in materialize(conn)] == ["coalesced"]
+    (pending,) = runs(conn, tid)
+    assert pending["state"] == "pending" and pending["coalesced"] == 3 and pending["scheduled_for"] == first
+
+    # While it runs, the next slot queues one new pending run; later slots coalesce into that.
+    (claimed,) = claim(conn)
+    make_due(conn, tid, 6)
+    assert [r["outcome"] for r in materialize(conn)] == ["queued"]
+    make_due(conn, tid, 5)
+    assert [r["outcome"] for r in materialize(conn)] == ["coalesced"]
+    states = [(r["state"], r["coalesced"]) for r in runs(conn, tid)]
+    assert states == [("running", 3), ("pending", 1)]
+    # The pending run waits for the running one: the task lock is held.
+    other = connect(db_url)
+    assert claim(other) == []
+    finish(conn, claimed["run_id"])
+    release(conn, [tid])
+    assert [r["task_id"] for r in claim(other)] == [tid]
+    assert conn.execute(
+        "SELECT coalesced_slots, runs FROM pgbeat.task_stats WHERE task_id = %s", (tid,)
+    ).fetchone() == {"coalesced_slots": 4, "runs": 2}
+
+
+def test_skip_policy_records_a_skipped_run_for_each_overlapping_slot(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR, "overlap": "skip"})["id"]
+    make_due(conn, tid, 10)
+    assert [r["outcome"] for r in materialize(conn)] == ["queued"]
+    make_due(conn, tid, 9)
+    assert [r["outcome"] for r in materialize(conn)] == ["skipped"]  # the first is still pending
+    (claimed,) = claim(conn)
+    make_due(conn, tid, 8)
+    assert [r["outcome"] for r in materialize(conn)] == ["skipped"]  # the first is running
+    finish(conn, claimed["run_id"])
+    release(conn, [tid])
+    make_due(conn, tid, 7)
+    assert [r["outcome"] for r in materialize(conn)] == ["queued"]
+    got = [(r["state"], r["error"]) for r in runs(conn, tid)]
+    assert got == [
+        ("succeeded", None),
+        ("skipped", "overlap: the previous run was still pending"),
+        ("skipped", "overlap: the previous run was still running"),
+        ("pending", None),
+    ]
+    # Skipped runs are finished history rows, visible in run_history.
+    assert (
+        conn.execute(
+            "SELECT count(*) AS n FROM pgbeat.run_history WHERE task_id = %s AND state = 'skipped'", (tid,)
+        ).fetchone()["n"]
+        == 2
+    )
+
+
+def test_interval_slots_stay_on_the_grid_when_materialised_late(db_url):
+    conn = connect(db_url)
+    t = create_task(conn, {"kind": "sleep", "schedule": {"every": "0.2s"}})
+    anchor, every = t["anchor"], t["every"]
+    deadline = time.monotonic() + 2.5
+    delays = [0.05, 0.31, 0.13, 0.47, 0.2, 0.07, 0.26]
+    i = 0
+    while time.monotonic() < deadline:
+        materialize(conn)
+        # a worker drains what is pending, so each slot makes its own run or is coalesced
+        for c in claim(conn, 10):
+            finish(conn, c["run_id"])
+            release(conn, [c["task_id"]])
+        time.sleep(delays[i % len(delays)])
+        i += 1
+    slots = [r["scheduled_for"] for r in runs(conn, t["id"])]
+    assert len(slots) >= 4
+    for s in slots:
+        k = (s - anchor) / every
+        assert k == int(k), f"slot {s} is off the grid ({k} intervals from the anchor)"
+    assert slots == sorted(set(slots))
+    # Every slot up to now is accounted for: run once, or folded into a run.
+    fired = conn.execute(
+        "SELECT count(*) + sum(coalesced) AS n FROM pgbeat.runs WHERE task_id = %s", (t["id"],)
+    ).fetchone()["n"]
+    last_k = round((slots[-1] - anchor) / every)
+    assert fired == last_k + 1
+    nxt = task(conn, t["id"])["next_run_at"]
+    assert (nxt - anchor) / every == last_k + 1
+
+
+def test_misfire_run_once_folds_missed_slots_into_one_run_and_keeps_the_grid(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": {"every": "60s"}})["id"]
+    # The scheduler was down: the grid's slot 0 was 630 s ago, so slots 0..10 are due.
+    anchor = conn.execute(
+        """UPDATE pgbeat.tasks SET anchor = now() - interval '630 s', next_run_at = now() - interval '630 s'
+            WHERE id = %s RETURNING anchor""",
+        (tid,),
+    ).fetchone()["anchor"]
+    (fired,) = materialize(conn)
+    assert fired["outcome"] == "queued" and fired["missed"] == 10
+    (run,) = runs(conn, tid)
+    assert run["scheduled_for"] == anchor + timedelta(seconds=600) and run["coalesced"] == 10
+    assert task(conn, tid)["next_run_at"] == anchor + timedelta(seconds=660)
+    assert materialize(conn) == []  # nothing more is due
+
+
+@pytest.mark.parametrize("grace, expect", [(60, "late_slot_runs"), (10, "all_skipped")])
+def test_misfire_skip_records_missed_slots_and_honours_the_grace(db_url, grace, expect):
+    conn = connect(db_url)
+    tid = create_task(
+        conn, {"kind": "sleep", "schedule": {"every": "60s"}, "misfire": "skip", "misfire_grace": grace}
+    )["id"]
+    anchor = conn.execute(
+        """UPDATE pgbeat.tasks SET anchor = now() - interval '630 s', next_run_at = now() - interval '630 s'
+            WHERE id = %s RETURNING anchor""",
+        (tid,),
+    ).fetchone()["anchor"]
+    latest = anchor + timedelta(seconds=600)  # 30 s late
+    (fired,) = materialize(conn)
+    got = [(r["state"], r["scheduled_for"], r["coalesced"]) for r in runs(conn, tid)]
+    if expect == "late_slot_runs":
+        # 10 missed slots as one skipped run (the first, plus 9 folded), the latest runs.
+        assert got == [("skipped", anchor, 9), ("pending", latest, 0)]
+        assert fired["outcome"] == "queued"
+    else:
+        # The latest slot is later than the grace too: all 11 recorded as skipped.
+        assert got == [("skipped", latest, 10)]
+        assert fired["outcome"] == "misfire_skipped"
+    assert task(conn, tid)["next_run_at"] == anchor + timedelta(seconds=660)
+
+
+def test_max_runs_completes_the_task(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR, "max_runs": 2})["id"]
+    make_due(conn, tid, 5)
+    materialize(conn)
+    assert task(conn, tid)["next_run_at"] is not None
+    make_due(conn, tid, 4)
+    materialize(conn)
+    t = task(conn, tid)
+    assert t["next_run_at"] is None and t["fired"] == 2
+    assert materialize(conn) == []
+    status = conn.execute("SELECT status FROM pgbeat.task_status WHERE id = %s", (tid,)).fetchone()
+    assert status["status"] == "active"  # its last run is still pending
+    (c,) = claim(conn)
+    finish(conn, c["run_id"])
+    release(conn, [tid])
+    status = conn.execute("SELECT status FROM pgbeat.task_status WHERE id = %s", (tid,)).fetchone()
+    assert status["status"] == "complete"
+
+
+def test_until_completes_the_task_and_no_slot_after_it_runs(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": {"every": "60s"}, "until": "2999-01-01T00:00:00Z"})[
+        "id"
+    ]
+    # The scheduler was down across `until`: slots 0..10 are due, only 0..4 are before until.
+    anchor = conn.execute(
+        """UPDATE pgbeat.tasks SET anchor = now() - interval '630 s', next_run_at = now() - interval '630 s',
+                  until = now() - interval '350 s' WHERE id = %s RETURNING anchor""",
+        (tid,),
+    ).fetchone()["anchor"]
+    materialize(conn)
+    (run,) = runs(conn, tid)
+    assert run["scheduled_for"] == anchor + timedelta(seconds=240)  # the last slot before until
+    assert run["coalesced"] == 4
+    assert task(conn, tid)["next_run_at"] is None
+
+    # In the normal case the slot after until is never set.
+    t2 = create_task(conn, {"kind": "sleep", "schedule": {"every": "60s"}, "until": "2999-01-01T00:00:00Z"})
+    conn.execute("UPDATE pgbeat.tasks SET until = next_run_at + interval '30 s' WHERE id = %s", (t2["id"],))
+    conn.execute(
+        "UPDATE pgbeat.tasks SET next_run_at = next_run_at - interval '60 s',"
+        " anchor = anchor - interval '60 s', until = until - interval '60 s' WHERE id = %s",
+        (t2["id"],),
+    )
+    (fired,) = materialize(conn)
+    assert fired["outcome"] == "queued" and task(conn, t2["id"])["next_run_at"] is None
+
+
+def test_one_shot_runs_once_and_completes(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": {"in": 3600}})["id"]
+    at = conn.execute(
+        "UPDATE pgbeat.tasks SET run_at = now() - interval '1 s', next_run_at = now() - interval '1 s'"
+        " WHERE id = %s RETURNING run_at",
+        (tid,),
+    ).fetchone()["run_at"]
+    assert [r["outcome"] for r in materialize(conn)] == ["queued"]
+    assert [r["scheduled_for"] for r in runs(conn, tid)] == [at]
+    assert task(conn, tid)["next_run_at"] is None
+    assert materialize(conn) == []
+
+
+def test_fire_cron_slots_fires_once_and_ignores_a_stale_slot(db_url):
+    conn = connect(db_url)
+    t = create_task(
+        conn,
+        {"kind": "sleep", "schedule": {"cron": "*/5 * * * *", "timezone": "Europe/Paris"}},
+        first_slot="2999-01-01T00:00:00Z",
+    )
+    seen = conn.execute(
+        "UPDATE pgbeat.tasks SET next_run_at = date_trunc('minute', now()) - interval '10 min'"
+        " WHERE id = %s RETURNING next_run_at",
+        (t["id"],),
+    ).fetchone()["next_run_at"]
+    (due,) = conn.execute("SELECT * FROM pgbeat.due_cron_tasks()").fetchall()
+    assert due["task_id"] == t["id"] and due["timezone"] == "Europe/Paris"
+    slot = {
+        "task_id": t["id"],
+        "slot": seen.isoformat(),
+        "latest": (seen + timedelta(minutes=5)).isoformat(),
+        "next": (seen + timedelta(minutes=15)).isoformat(),
+        "missed": 1,
+    }
+    conns = [connect(db_url) for _ in range(3)]
+    results = race(
+        3, lambda i: conns[i].execute("SELECT * FROM pgbeat.fire_cron_slots(%s)", (Jsonb([slot]),)).fetchall()
+    )
+    fired = [r for result in results for r in result]
+    assert len(fired) == 1 and fired[0]["outcome"] == "queued" and fired[0]["missed"] == 1
+    (run,) = runs(conn, t["id"])
+    assert run["scheduled_for"] == seen + timedelta(minutes=5) and run["coalesced"] == 1
+    assert task(conn, t["id"])["next_run_at"] == seen + timedelta(minutes=15)
+    # The same (now stale) slot again does nothing.
+    assert conn.execute("SELECT * FROM pgbeat.fire_cron_slots(%s)", (Jsonb([slot]),)).fetchall() == []
+    assert conn.execute("SELECT * FROM pgbeat.due_cron_tasks()").fetchall() == []
+
+
+def test_next_due_at_is_the_earliest_active_slot(db_url):
+    conn = connect(db_url)
+    a = create_task(conn, {"kind": "sleep", "schedule": {"every": "10m"}})
+    b = create_task(conn, {"kind": "sleep", "schedule": {"every": "5m"}})
+    create_task(conn, {"kind": "sleep", "schedule": {"every": "1m"}, "paused": True})
+    assert conn.execute("SELECT pgbeat.next_due_at() AS t").fetchone()["t"] == b["next_run_at"]
+    conn.execute("SELECT pgbeat.delete_task(%s)", (b["id"],))
+    assert conn.execute("SELECT pgbeat.next_due_at() AS t").fetchone()["t"] == a["next_run_at"]
+
+
+def test_paused_and_deleted_tasks_never_fire(db_url):
+    conn = connect(db_url)
+    paused = create_task(conn, {"kind": "sleep", "schedule": HOUR, "paused": True})["id"]
+    deleted = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    make_due(conn, paused, 5)
+    make_due(conn, deleted, 5)
+    conn.execute("SELECT pgbeat.delete_task(%s)", (deleted,))
+    assert materialize(conn) == []
+    with pytest.raises(psycopg.errors.CheckViolation):
+        # a deleted task cannot be given a slot again: the row says so
+        conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() WHERE id = %s", (deleted,))
