@@ -5,7 +5,9 @@ slots live in the database (sql/migrations/0003_scheduling.sql)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
@@ -92,14 +94,38 @@ def check_cron(expr: str, tz: str = "UTC") -> None:
     next_cron_slot(expr, tz, datetime.now(UTC))
 
 
+def _is_repeated_wall_time(slot: datetime, zone: ZoneInfo) -> bool:
+    """True when slot is the second occurrence of its local wall time (the hour that
+    repeats when the clocks go back)."""
+    local = slot.astimezone(zone)
+    return local.fold == 1 and local.replace(fold=0).astimezone(UTC) != slot
+
+
+def _slots(expr: str, tz: str, after: datetime) -> Iterator[datetime]:
+    """Cron slots strictly after `after`, in UTC, DST-correct (as Vixie cron does it):
+
+    * spring forward: slots in the skipped hour run once, at the first instant after it;
+    * fall back: a job with fixed hours (hour field not starting with '*') runs once in
+      the repeated hour (its first occurrence); a job with a wildcard hour ('*', '*/2')
+      keeps its real-time rhythm and runs in both occurrences.
+    """
+    zone = check_timezone(tz)
+    it = _iter(expr, tz, after)
+    fixed_hours = not expr.split()[1].startswith("*")
+    while True:
+        slot = it.get_next(datetime).astimezone(UTC)
+        if slot <= after or (fixed_hours and _is_repeated_wall_time(slot, zone)):
+            continue
+        yield slot
+
+
 def next_cron_slot(expr: str, tz: str, after: datetime) -> datetime:
     """The first slot strictly after `after`, as an aware UTC datetime."""
-    return _iter(expr, tz, after).get_next(datetime).astimezone(UTC)
+    return next(_slots(expr, tz, after))
 
 
 def cron_slots(expr: str, tz: str, after: datetime, count: int) -> list[datetime]:
-    it = _iter(expr, tz, after)
-    return [it.get_next(datetime).astimezone(UTC) for _ in range(count)]
+    return list(islice(_slots(expr, tz, after), count))
 
 
 def cron_catch_up(
@@ -109,14 +135,14 @@ def cron_catch_up(
 
     The count stops at `limit` so a long outage costs bounded work.
     """
-    it = _iter(expr, tz, slot)
+    slots = _slots(expr, tz, slot)
     latest, missed = slot, 0
     while missed < limit:
-        candidate = it.get_next(datetime).astimezone(UTC)
+        candidate = next(slots)
         if candidate > now:
             return latest, candidate, missed
         latest, missed = candidate, missed + 1
-    latest = _iter(expr, tz, now).get_prev(datetime).astimezone(UTC)
+    latest = max(slot, _iter(expr, tz, now).get_prev(datetime).astimezone(UTC))
     return latest, next_cron_slot(expr, tz, now), missed
 
 

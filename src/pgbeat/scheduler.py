@@ -1,0 +1,282 @@
+"""The scheduler daemon (`pgbeat scheduler`).
+
+It sleeps until the earliest due slot of an active task, a notification on the
+schedulers' channel, or a slow safety poll, whichever comes first; then it asks
+the database to turn every due slot into a run (materialize_due_runs for
+interval and one-shot tasks; due_cron_tasks + fire_cron_slots for cron tasks,
+whose calendar maths is croniter's). Which slot becomes which run, misfires,
+coalescing and overlap are the database's decisions (sql/migrations/0003_scheduling.sql);
+this loop only decides when to ask. Any number of schedulers may run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from pgbeat import daemon, db, schedules
+from pgbeat.config import Config
+
+log = logging.getLogger("pgbeat.scheduler")
+
+BATCH = 500  # tasks fired per call of a stored function
+SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds)
+QUERY_TIMEOUT = 30.0  # a query slower than this means the connection is gone
+RETRY_AFTER_ERROR = 1.0  # pause after a database error that is not a lost connection
+HEARTBEAT_EVERY = 10.0
+REAP_EVERY = 2.0
+PRUNE_EVERY = 3600.0
+# Something is due but a pass fired nothing (another scheduler holds the task
+# row, or its cron maths failed): wait this long, doubling up to the cap, rather than spin.
+HOLD_OFF_FIRST, HOLD_OFF_CAP = 0.005, 1.0
+# How long before a deadline asyncio hands over to a precise thread sleep (seconds).
+WAKE_EARLY = 0.001
+
+
+class DatabaseClock:
+    """Maps database timestamps to this process's monotonic clock, so sleeps are
+    computed from the database's time (the one its `now()` compares slots with),
+    whatever this machine's wall clock says."""
+
+    def __init__(self, db_now: datetime, sent_at: float, received_at: float) -> None:
+        # The database read its clock somewhere in the round trip; take the middle.
+        self.db_ref = db_now
+        self.mono_ref = (sent_at + received_at) / 2
+
+    def monotonic_at(self, db_time: datetime) -> float:
+        return self.mono_ref + (db_time - self.db_ref).total_seconds()
+
+
+def earliest_in(payloads: list[str]) -> tuple[datetime | None, bool]:
+    """The earliest next_run_at announced by notifications, and whether every payload
+    was understood (if not, the caller should ask the database)."""
+    earliest: datetime | None = None
+    understood = True
+    for payload in payloads:
+        try:
+            value = json.loads(payload)["next_run_at"]
+            at = None if value is None else datetime.fromisoformat(value)
+        except (ValueError, KeyError, TypeError):
+            understood = False
+            continue
+        if at is not None and (earliest is None or at < earliest):
+            earliest = at
+    return earliest, understood
+
+
+def log_decisions(rows: list[asyncpg.Record]) -> None:
+    """One structured event per scheduling decision."""
+    for row in rows:
+        lateness_ms = (row["decided_at"] - row["scheduled_for"]).total_seconds() * 1000
+        log.info(
+            "slot %s",
+            row["outcome"],
+            extra={
+                "event": "slot_fired",
+                "task_id": row["task_id"],
+                "run_id": row["run_id"],
+                "slot": row["scheduled_for"].isoformat(),
+                "outcome": row["outcome"],
+                "missed": row["missed"],
+                "lateness_ms": round(lateness_ms, 3),
+            },
+        )
+
+
+class Scheduler:
+    """The wake-up loop on one daemon session (which LISTENs on the schedulers' channel)."""
+
+    def __init__(self, session: daemon.DaemonSession, stop: asyncio.Event) -> None:
+        self.session = session
+        self.stop = stop
+        self.hold_off = HOLD_OFF_FIRST
+        self.clock: DatabaseClock | None = None
+
+    @property
+    def conn(self) -> asyncpg.Connection:
+        assert self.session.conn is not None
+        return self.session.conn
+
+    async def run(self) -> None:
+        # The scheduler's commits need not wait for the WAL flush: WAL is replayed in
+        # order, so a run a worker has claimed (a synchronous commit, later in the WAL)
+        # is always durable, and a decision lost in a crash is simply made again.
+        await self.conn.execute("SET synchronous_commit = off", timeout=QUERY_TIMEOUT)
+        while not self.stop.is_set():
+            self.session.check()
+            try:
+                fired = await self.fire_due_slots()
+                deadline = await self.next_wake(fired)
+            except daemon.CONNECTION_ERRORS:
+                raise
+            except asyncpg.PostgresError as exc:
+                log.error(
+                    "scheduling pass failed; retrying",
+                    extra={"event": "scheduler_error", "error": repr(exc)},
+                )
+                await daemon.sleep_until(self.stop, RETRY_AFTER_ERROR)
+                continue
+            await self.sleep_until(deadline)
+
+    async def fire_due_slots(self) -> int:
+        """Materialise every due slot; returns how many decisions the database made."""
+        fired = 0
+        while True:
+            rows = await self.conn.fetch(
+                "SELECT *, clock_timestamp() AS decided_at FROM pgbeat.materialize_due_runs($1)",
+                BATCH,
+                timeout=QUERY_TIMEOUT,
+            )
+            log_decisions(rows)
+            fired += len(rows)
+            if len(rows) < BATCH:
+                break
+        while True:
+            due = await self.conn.fetch(
+                "SELECT * FROM pgbeat.due_cron_tasks($1)", BATCH, timeout=QUERY_TIMEOUT
+            )
+            if not due:
+                break
+            rows = await self.conn.fetch(
+                "SELECT *, clock_timestamp() AS decided_at FROM pgbeat.fire_cron_slots($1)",
+                cron_slots(due),
+                timeout=QUERY_TIMEOUT,
+            )
+            log_decisions(rows)
+            fired += len(rows)
+            if len(due) < BATCH or not rows:
+                break
+        return fired
+
+    async def next_wake(self, fired: int) -> float | None:
+        """Monotonic time of the earliest due slot (None: nothing scheduled)."""
+        sent_at = time.monotonic()
+        row = await self.conn.fetchrow(
+            "SELECT pgbeat.next_due_at() AS due_at, clock_timestamp() AS db_now", timeout=QUERY_TIMEOUT
+        )
+        assert row is not None
+        self.clock = DatabaseClock(row["db_now"], sent_at, time.monotonic())
+        if row["due_at"] is None:
+            return None
+        deadline = self.clock.monotonic_at(row["due_at"])
+        if deadline <= time.monotonic() and not fired:
+            # Due, yet nothing fired: another scheduler is firing it right now (its
+            # row is locked), or its cron maths failed. Do not spin.
+            deadline = time.monotonic() + self.hold_off
+            self.hold_off = min(HOLD_OFF_CAP, self.hold_off * 2)
+        else:
+            self.hold_off = HOLD_OFF_FIRST
+        return deadline
+
+    async def sleep_until(self, deadline: float | None) -> None:
+        """Sleep until deadline, or until a notification announces an earlier slot
+        (or one we cannot read), the session is lost, or stop."""
+        while not self.stop.is_set() and not self.session.lost.is_set():
+            if deadline is None:
+                timeout = SAFETY_POLL
+            else:
+                timeout = min(SAFETY_POLL, deadline - time.monotonic() - WAKE_EARLY)
+            if timeout > 0:
+                await daemon.sleep_until(self.stop, timeout, self.session.wake)
+                if self.session.wake.is_set():
+                    earliest, understood = earliest_in(self.session.take_payloads())
+                    if not understood:
+                        return
+                    if earliest is not None and self.clock is not None:
+                        announced = self.clock.monotonic_at(earliest)
+                        deadline = announced if deadline is None else min(deadline, announced)
+                    continue
+                if deadline is None or deadline - time.monotonic() > WAKE_EARLY:
+                    return  # the safety poll, or stop
+            # asyncio's timers are as coarse as epoll's milliseconds: the last fraction
+            # of a millisecond before the deadline is slept by this thread (not a spin).
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)  # noqa: ASYNC251  (under WAKE_EARLY, on purpose)
+            return
+
+
+def cron_slots(due: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    """fire_cron_slots' argument: each due cron task's latest slot, next slot and missed
+    count, computed by croniter against the database's clock."""
+    slots = []
+    for task in due:
+        try:
+            latest, following, missed = schedules.cron_catch_up(
+                task["cron"], task["timezone"], task["next_run_at"], task["db_now"]
+            )
+        except (ValueError, KeyError) as exc:
+            log.error(
+                "cron slot could not be computed",
+                extra={"event": "cron_error", "task_id": task["task_id"], "error": str(exc)},
+            )
+            continue
+        slots.append(
+            {
+                "task_id": task["task_id"],
+                "slot": task["next_run_at"].isoformat(),
+                "latest": latest.isoformat(),
+                "next": following.isoformat(),
+                "missed": missed,
+            }
+        )
+    return slots
+
+
+def logged_errors(name: str, action: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+    """A side task's action that logs database errors instead of ending the daemon
+    (a lost connection still propagates, so the daemon reconnects)."""
+
+    async def guarded() -> None:
+        try:
+            await action()
+        except daemon.CONNECTION_ERRORS:
+            raise
+        except asyncpg.PostgresError as exc:
+            log.error("%s failed", name, extra={"event": f"{name}_failed", "error": repr(exc)})
+
+    return guarded
+
+
+async def close_pool(pool: asyncpg.Pool) -> None:
+    try:
+        await asyncio.wait_for(pool.close(), timeout=5)
+    except (*daemon.CONNECTION_ERRORS, asyncpg.PostgresError):
+        pool.terminate()
+
+
+async def run_scheduler(url: str, config: Config, stop: asyncio.Event) -> None:
+    """Run the scheduler until stop, reconnecting (and catching up) whenever the database goes away."""
+
+    async def session_main() -> None:
+        async with daemon.DaemonSession(url, "scheduler", (db.SCHEDULER_CHANNEL,)) as session:
+            pool = await db.create_pool(url, min_size=1, max_size=2)
+            daemon_id = session.daemon_id
+
+            async def heartbeat() -> None:
+                await pool.execute("SELECT pgbeat.heartbeat_daemon($1)", daemon_id, timeout=QUERY_TIMEOUT)
+
+            try:
+                await daemon.supervise(
+                    Scheduler(session, stop).run(),
+                    daemon.every(HEARTBEAT_EVERY, stop, logged_errors("heartbeat", heartbeat)),
+                    daemon.every(REAP_EVERY, stop, logged_errors("reap", lambda: daemon.reap(pool))),
+                    daemon.every(
+                        PRUNE_EVERY,
+                        stop,
+                        logged_errors("prune", lambda: daemon.prune(pool, config.retention_days)),
+                    ),
+                )
+            finally:
+                await close_pool(pool)
+
+    log.info("scheduler starting", extra={"event": "scheduler_starting"})
+    await daemon.run_forever("scheduler", stop, session_main)
+    log.info("scheduler stopped", extra={"event": "scheduler_stopped"})
