@@ -142,7 +142,8 @@ def cron_catch_up(
         if candidate > now:
             return latest, candidate, missed
         latest, missed = candidate, missed + 1
-    latest = max(slot, _iter(expr, tz, now).get_prev(datetime).astimezone(UTC))
+    just_after_now = now + timedelta(microseconds=1)  # get_prev is strict: latest may equal now
+    latest = max(slot, _iter(expr, tz, just_after_now).get_prev(datetime).astimezone(UTC))
     return latest, next_cron_slot(expr, tz, now), missed
 
 

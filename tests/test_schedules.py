@@ -1,0 +1,155 @@
+"""Calendar maths of pgbeat.schedules: durations, cron slots with a seconds field,
+time zones across DST changes, and catching up after downtime."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pgbeat import schedules
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30),
+        ("2m", 120),
+        ("1h30m", 5400),
+        ("1h30m45s", 5445),
+        ("every 2 minutes", 120),
+        ("1 hour 30 minutes", 5400),
+        ("90", 90),
+        (1.5, 1.5),
+        (10, 10),
+    ],
+)
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert schedules.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "5 fortnights", "-3s", 0, -1, True, "1h garbage"])
+def test_parse_duration_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        schedules.parse_duration(bad)  # type: ignore[arg-type]
+
+
+def test_cron_seconds_field_is_the_sixth() -> None:
+    slots = schedules.cron_slots("* * * * * */2", "UTC", utc(2026, 1, 1, 12, 0, 0), 4)
+    assert slots == [utc(2026, 1, 1, 12, 0, s) for s in (2, 4, 6, 8)]
+    slots = schedules.cron_slots("*/5 * * * * 30", "UTC", utc(2026, 1, 1, 12, 0, 0), 2)
+    assert slots == [utc(2026, 1, 1, 12, 0, 30), utc(2026, 1, 1, 12, 5, 30)]
+
+
+def test_next_cron_slot_is_strictly_after() -> None:
+    assert schedules.next_cron_slot("0 * * * *", "UTC", utc(2026, 1, 1, 12)) == utc(2026, 1, 1, 13)
+    assert schedules.next_cron_slot("0 * * * *", "UTC", utc(2026, 1, 1, 12, 0, 1)) == utc(2026, 1, 1, 13)
+
+
+def test_cron_in_a_time_zone() -> None:
+    # 09:00 in New York is 14:00 UTC in winter (EST) and 13:00 UTC in summer (EDT).
+    assert schedules.next_cron_slot("0 9 * * *", "America/New_York", utc(2026, 1, 10)) == utc(2026, 1, 10, 14)
+    assert schedules.next_cron_slot("0 9 * * *", "America/New_York", utc(2026, 7, 10)) == utc(2026, 7, 10, 13)
+
+
+# Europe/Berlin: spring forward on 2026-03-29 at 02:00 CET (01:00 UTC) to 03:00 CEST;
+# fall back on 2026-10-25 at 03:00 CEST (01:00 UTC) to 02:00 CET.
+
+
+def test_dst_spring_forward_daily_job_in_the_skipped_hour_runs_once_after_it() -> None:
+    slots = schedules.cron_slots("30 2 * * *", "Europe/Berlin", utc(2026, 3, 27, 12), 3)
+    assert slots == [
+        utc(2026, 3, 28, 1, 30),  # 02:30 CET
+        utc(2026, 3, 29, 1, 0),  # 02:30 does not exist: 03:00 CEST, right after the jump
+        utc(2026, 3, 30, 0, 30),  # 02:30 CEST
+    ]
+
+
+def test_dst_spring_forward_hourly_job_skips_the_missing_hour() -> None:
+    slots = schedules.cron_slots("0 * * * *", "Europe/Berlin", utc(2026, 3, 28, 23, 30), 4)
+    # 01:00 CET, 03:00 CEST, 04:00 CEST, 05:00 CEST: one slot per real hour.
+    assert slots == [utc(2026, 3, 29, 0), utc(2026, 3, 29, 1), utc(2026, 3, 29, 2), utc(2026, 3, 29, 3)]
+
+
+def test_dst_fall_back_daily_job_runs_once_in_the_repeated_hour() -> None:
+    slots = schedules.cron_slots("30 2 * * *", "Europe/Berlin", utc(2026, 10, 24, 12), 3)
+    assert slots == [
+        utc(2026, 10, 25, 0, 30),  # 02:30 CEST, the first 02:30; not again at 02:30 CET
+        utc(2026, 10, 26, 1, 30),  # 02:30 CET
+        utc(2026, 10, 27, 1, 30),
+    ]
+
+
+def test_dst_fall_back_hourly_job_keeps_its_real_time_rhythm() -> None:
+    slots = schedules.cron_slots("0 * * * *", "Europe/Berlin", utc(2026, 10, 24, 23, 30), 4)
+    # 02:00 CEST, 02:00 CET, 03:00 CET, 04:00 CET: every real hour, the repeated one too.
+    assert slots == [utc(2026, 10, 25, 0), utc(2026, 10, 25, 1), utc(2026, 10, 25, 2), utc(2026, 10, 25, 3)]
+    every_20 = schedules.cron_slots("*/20 * * * *", "Europe/Berlin", utc(2026, 10, 25, 0, 50), 4)
+    assert every_20 == [
+        utc(2026, 10, 25, 1),
+        utc(2026, 10, 25, 1, 20),
+        utc(2026, 10, 25, 1, 40),
+        utc(2026, 10, 25, 2),
+    ]
+
+
+def test_dst_fall_back_fixed_hours_from_inside_the_repeated_hour() -> None:
+    # Starting inside the second 02:xx (CET), a fixed-hour job waits for its next real slot.
+    assert schedules.next_cron_slot("*/30 2-4 * * *", "Europe/Berlin", utc(2026, 10, 25, 1, 10)) == utc(
+        2026, 10, 25, 2
+    )
+
+
+def test_cron_catch_up_counts_missed_slots() -> None:
+    # Every minute, due at 12:00, the scheduler comes back at 12:07:30: 12:07 is the
+    # latest slot, the 7 before it (12:00 to 12:06) were missed, 12:08 is next.
+    latest, following, missed = schedules.cron_catch_up(
+        "* * * * *", "UTC", utc(2026, 1, 1, 12), utc(2026, 1, 1, 12, 7, 30)
+    )
+    assert (latest, following, missed) == (utc(2026, 1, 1, 12, 7), utc(2026, 1, 1, 12, 8), 7)
+
+
+def test_cron_catch_up_on_time() -> None:
+    slot = utc(2026, 1, 1, 12, 0, 4)
+    latest, following, missed = schedules.cron_catch_up(
+        "* * * * * */2", "UTC", slot, slot + timedelta(milliseconds=1)
+    )
+    assert (latest, following, missed) == (slot, utc(2026, 1, 1, 12, 0, 6), 0)
+
+
+def test_cron_catch_up_after_a_long_outage_is_bounded() -> None:
+    slot = utc(2026, 1, 1)
+    latest, following, missed = schedules.cron_catch_up(
+        "* * * * * *", "UTC", slot, utc(2026, 1, 2), limit=100
+    )
+    assert missed == 100
+    assert latest == utc(2026, 1, 2) and following == utc(2026, 1, 2, 0, 0, 1)
+
+
+def test_cron_catch_up_across_fall_back_counts_the_repeated_hour_once() -> None:
+    latest, following, missed = schedules.cron_catch_up(
+        "0 2 * * *", "Europe/Berlin", utc(2026, 10, 24, 0), utc(2026, 10, 26, 12)
+    )
+    assert latest == utc(2026, 10, 26, 1)  # 02:00 CET on the 26th
+    assert following == utc(2026, 10, 27, 1)
+    assert missed == 2  # the 24th, and 02:00 CEST on the 25th (not 02:00 CET as well)
+
+
+@pytest.mark.parametrize(
+    ("expr", "tz"),
+    [("* * * *", "UTC"), ("61 * * * *", "UTC"), ("* * * * *", "Mars/Olympus"), ("a b c d e", "UTC")],
+)
+def test_check_cron_rejects(expr: str, tz: str) -> None:
+    with pytest.raises(ValueError):
+        schedules.check_cron(expr, tz)
+
+
+def test_interval_slots_lie_on_a_grid() -> None:
+    first = utc(2026, 1, 1, 0, 0, 0, 123456)
+    assert schedules.interval_slots(first, timedelta(seconds=1), 3) == [
+        first,
+        first + timedelta(seconds=1),
+        first + timedelta(seconds=2),
+    ]
