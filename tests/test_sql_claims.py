@@ -1,0 +1,384 @@
+"""The workers' rules in the database: claims under the task's advisory lock,
+no lock leaks or stacking, finish before unlock, reaping by lock absence,
+exactly-once counters, retries and retention."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import psycopg
+import pytest
+from sqlsupport import (
+    backend_pid,
+    claim,
+    connect,
+    create_task,
+    finish,
+    race,
+    release,
+    runs,
+    task_locks_of,
+)
+
+HOUR = {"every": "1h"}
+
+
+def trigger(conn: psycopg.Connection, task_id: int) -> dict:
+    return conn.execute("SELECT * FROM pgbeat.trigger_task(%s)", (task_id,)).fetchone()
+
+
+def wait_gone(conn: psycopg.Connection, pid: int) -> None:
+    """Wait until the session `pid` has ended (its locks are then released)."""
+    for _ in range(200):
+        if not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchall():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"session {pid} did not end")
+
+
+def test_sessions_racing_to_claim_each_win_distinct_tasks_and_leak_no_lock(db_url):
+    setup = connect(db_url)
+    ids = [create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"] for _ in range(12)]
+    for i in ids:
+        trigger(setup, i)
+    conns = [connect(db_url) for _ in range(4)]
+    pids = [backend_pid(c) for c in conns]
+    results = [[] for _ in conns]
+
+    def worker(i: int) -> None:
+        while True:
+            got = claim(conns[i], limit=2)
+            if not got:
+                return
+            results[i].extend(got)
+
+    race(4, worker)
+    claimed = [r["task_id"] for result in results for r in result]
+    assert sorted(claimed) == sorted(ids)  # each run claimed once, by one session
+    for c, pid, result in zip(conns, pids, results, strict=True):
+        # A session holds exactly the locks of the runs it got: none leaked.
+        assert task_locks_of(setup, pid) == sorted(r["task_id"] for r in result)
+        for r in result:
+            assert finish(c, r["run_id"])["applied"] is True
+        assert release(c, [r["task_id"] for r in result]) == len(result)
+        assert task_locks_of(setup, pid) == []
+    assert setup.execute("SELECT count(*) AS n FROM pgbeat.task_locks").fetchone()["n"] == 0
+
+
+def test_a_claim_of_a_task_locked_elsewhere_gets_nothing_for_it_and_takes_no_lock(db_url):
+    a, b, watcher = connect(db_url), connect(db_url), connect(db_url)
+    busy = create_task(a, {"kind": "sleep", "schedule": HOUR})["id"]
+    free = create_task(a, {"kind": "sleep", "schedule": HOUR})["id"]
+    trigger(a, busy)
+    (first,) = claim(a)
+    assert first["task_id"] == busy
+    trigger(a, busy)  # the next run of the busy task waits behind the running one
+    trigger(a, free)
+    # The busy task's pending run is first in line, but its lock is A's.
+    got = claim(b, limit=5)
+    assert [r["task_id"] for r in got] == [free]
+    assert task_locks_of(watcher, backend_pid(b)) == [free]
+    assert task_locks_of(watcher, backend_pid(a)) == [busy]
+    # A cannot take the busy task's lock twice either (locks stack).
+    assert claim(a, limit=5) == []
+    assert [r["state"] for r in runs(watcher, busy)] == ["running", "pending"]
+    finish(a, first["run_id"])
+    assert release(a, [busy]) == 1
+    assert task_locks_of(watcher, backend_pid(a)) == []  # one release frees it: it never stacked
+    (second,) = claim(b)
+    assert second["task_id"] == busy and second["attempt"] == 1
+
+
+def test_a_session_never_stacks_a_lock_it_already_holds(db_url):
+    conn, watcher = connect(db_url), connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    # The lock is held (e.g. a run is executing), and a run of the task is pending.
+    conn.execute("SELECT pg_advisory_lock(pgbeat.task_lock_ns(), %s)", (tid,))
+    trigger(conn, tid)
+    for _ in range(3):
+        assert claim(conn, limit=3) == []
+    assert conn.execute("SELECT pg_advisory_unlock(pgbeat.task_lock_ns(), %s) AS ok", (tid,)).fetchone()["ok"]
+    assert task_locks_of(watcher, backend_pid(conn)) == []
+
+
+def test_a_failed_claim_transaction_leaves_no_lock_after_release_stray_task_locks(db_url):
+    conn, watcher = connect(db_url), connect(db_url)
+    kept = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    stray = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    trigger(conn, kept)
+    (running,) = claim(conn)
+    trigger(conn, stray)
+    with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
+        (c,) = claim(conn)
+        assert c["task_id"] == stray
+        conn.execute("SELECT 1 / 0")
+    # The run is pending again, but the session lock survived the rollback.
+    assert [r["state"] for r in runs(watcher, stray)] == ["pending"]
+    assert task_locks_of(watcher, backend_pid(conn)) == [kept, stray]
+    assert conn.execute("SELECT pgbeat.release_stray_task_locks(%s) AS n", ([kept],)).fetchone()["n"] == 1
+    assert task_locks_of(watcher, backend_pid(conn)) == [kept]
+    assert finish(conn, running["run_id"])["applied"]
+    assert conn.execute("SELECT pgbeat.release_stray_task_locks('{}') AS n").fetchone()["n"] == 1
+    assert task_locks_of(watcher, backend_pid(conn)) == []
+    assert [r["task_id"] for r in claim(watcher)] == [stray]
+
+
+@pytest.mark.parametrize("how", ["close", "terminate"])
+def test_a_run_whose_session_ended_is_abandoned_and_a_live_one_is_not(db_url, how):
+    reaper, live = connect(db_url), connect(db_url)
+    dead_task = create_task(reaper, {"kind": "sleep", "schedule": HOUR, "max_retries": 1})["id"]
+    live_task = create_task(reaper, {"kind": "sleep", "schedule": HOUR})["id"]
+    trigger(reaper, dead_task)
+    doomed = connect(db_url)
+    (lost,) = claim(doomed)
+    trigger(reaper, live_task)
+    (kept,) = claim(live)
+    assert reaper.execute("SELECT pgbeat.reap_abandoned_runs() AS n").fetchone()["n"] == 0
+    pid = backend_pid(doomed)
+    if how == "close":
+        doomed.close()
+    else:
+        assert reaper.execute("SELECT pg_terminate_backend(%s) AS ok", (pid,)).fetchone()["ok"]
+    wait_gone(reaper, pid)
+    assert reaper.execute("SELECT pgbeat.reap_abandoned_runs() AS n").fetchone()["n"] == 1
+    first, retry = runs(reaper, dead_task)
+    assert first["id"] == lost["run_id"] and first["state"] == "abandoned"
+    assert first["error"] == "worker lost its database session" and first["finished_at"] is not None
+    assert retry["state"] == "pending" and retry["attempt"] == 2  # max_retries = 1
+    (still,) = runs(reaper, live_task)
+    assert still["state"] == "running"
+    assert reaper.execute("SELECT pgbeat.reap_abandoned_runs() AS n").fetchone()["n"] == 0
+    assert finish(live, kept["run_id"])["applied"]
+
+
+def test_the_claim_that_wins_a_lock_abandons_the_orphan_it_finds(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    trigger(conn, tid)
+    doomed = connect(db_url)
+    (lost,) = claim(doomed)
+    pid = backend_pid(doomed)
+    trigger(conn, tid)  # the next run waits behind the (dead) running one
+    doomed.close()
+    wait_gone(conn, pid)
+    (c,) = claim(conn)
+    states = {r["id"]: r["state"] for r in runs(conn, tid)}
+    assert states == {lost["run_id"]: "abandoned", c["run_id"]: "running"}
+
+
+def test_live_runs_are_never_reaped_by_racing_reapers(db_url):
+    setup = connect(db_url)
+    ids = [create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"] for _ in range(6)]
+    for i in ids:
+        trigger(setup, i)
+    stop = threading.Event()
+    reaped: list[int] = []
+    finished = [0, 0]
+
+    def worker(i: int) -> None:
+        conn = connect(db_url)
+        while not stop.is_set():
+            got = claim(conn, limit=2)
+            for r in got:
+                assert finish(conn, r["run_id"])["applied"], "a live worker's run was taken from it"
+            release(conn, [r["task_id"] for r in got])
+            for r in got:
+                trigger(conn, r["task_id"])
+            finished[i] += len(got)
+        conn.close()
+
+    def reaper(_: int) -> None:
+        conn = connect(db_url)
+        while not stop.is_set():
+            reaped.append(conn.execute("SELECT pgbeat.reap_abandoned_runs() AS n").fetchone()["n"])
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    threads += [threading.Thread(target=reaper, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert min(finished) > 20, finished  # both workers really raced the reapers
+    assert len(reaped) > 20 and sum(reaped) == 0
+    states = setup.execute("SELECT state, count(*) AS n FROM pgbeat.runs GROUP BY state").fetchall()
+    assert {r["state"] for r in states} <= {"succeeded", "pending"}
+
+
+def test_counter_equals_succeeded_runs_after_concurrent_finishes(db_url):
+    setup = connect(db_url)
+    specs = (
+        [{"kind": "counter", "params": {"counter": "shared", "step": 3}}] * 4
+        + [{"kind": "counter", "params": {"step": 1}}] * 3
+        + [{"kind": "counter", "params": {"counter": "down", "step": -2}}] * 2
+    )
+    tasks = [create_task(setup, {**s, "schedule": HOUR}) for s in specs]
+    for t in tasks:
+        trigger(setup, t["id"])
+    rounds = 15
+    stop_after = rounds * len(tasks)
+    done = [0]
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        rng = random.Random(i)
+        conn = connect(db_url)
+        while True:
+            with lock:
+                if done[0] >= stop_after:
+                    break
+            got = claim(conn, limit=3)
+            if not got:
+                time.sleep(0.005)
+                continue
+            states = [rng.choice(["succeeded", "succeeded", "failed"]) for _ in got]
+            conn.execute(
+                "SELECT * FROM pgbeat.finish_runs(%s, %s, %s, %s)",
+                ([r["run_id"] for r in got], states, [None] * len(got), [None] * len(got)),
+            )
+            release(conn, [r["task_id"] for r in got])
+            for r in got:
+                trigger(conn, r["task_id"])
+            with lock:
+                done[0] += len(got)
+        conn.close()
+
+    race(4, worker, timeout=60)
+    expected = setup.execute(
+        """SELECT coalesce(t.params->>'counter', 'task:' || t.id) AS name,
+                  sum((t.params->>'step')::bigint) FILTER (WHERE r.state = 'succeeded') AS value
+             FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
+            GROUP BY 1 ORDER BY 1"""
+    ).fetchall()
+    got = setup.execute("SELECT name, value FROM pgbeat.counters ORDER BY name").fetchall()
+    assert got == expected
+    assert {r["name"] for r in got} == {"shared", "down"} | {f"task:{t['id']}" for t in tasks[4:7]}
+    n_succeeded = setup.execute("SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'succeeded'").fetchone()
+    assert n_succeeded["n"] > 50
+    # Each succeeded counter run recorded the value it produced; the last one of
+    # the shared counter saw its final value.
+    last = setup.execute(
+        """SELECT result FROM pgbeat.runs WHERE state = 'succeeded' AND result->>'counter' = 'shared'
+            ORDER BY finished_at DESC LIMIT 1"""
+    ).fetchone()
+    shared = next(r["value"] for r in got if r["name"] == "shared")
+    assert last["result"] == {"counter": "shared", "step": 3, "value": shared}
+
+
+def test_finish_by_another_session_or_twice_is_not_applied(db_url):
+    a, b = connect(db_url), connect(db_url)
+    tid = create_task(a, {"kind": "counter", "schedule": HOUR})["id"]
+    trigger(a, tid)
+    (c,) = claim(a)
+    assert finish(b, c["run_id"])["applied"] is False  # not B's run
+    assert finish(a, 10**9)["applied"] is False  # no such run
+    assert finish(a, c["run_id"], result={"x": 1})["applied"] is True
+    again = finish(a, c["run_id"], "failed")
+    assert again["applied"] is False and again["state"] == "succeeded"
+    assert a.execute("SELECT value FROM pgbeat.counters").fetchone()["value"] == 1
+    (run,) = runs(a, tid)
+    assert run["result"] == {"x": 1, "counter": f"task:{tid}", "step": 1, "value": 1}
+
+
+def test_failed_runs_are_retried_with_backoff(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR, "max_retries": 2, "retry_backoff": 10})["id"]
+    trigger(conn, tid)
+
+    def run_and_end(state: str) -> None:
+        (c,) = claim(conn)
+        finish(conn, c["run_id"], state, error="boom")
+        release(conn, [tid])
+
+    run_and_end("failed")
+    first, second = runs(conn, tid)
+    assert (second["state"], second["attempt"]) == ("pending", 2)
+    assert second["scheduled_for"] == first["scheduled_for"]
+    backoff = (second["due_at"] - first["finished_at"]).total_seconds()
+    assert 9 <= backoff <= 11
+    assert claim(conn) == []  # not due yet
+    conn.execute("UPDATE pgbeat.runs SET due_at = scheduled_for WHERE id = %s", (second["id"],))
+    run_and_end("timed_out")
+    third = runs(conn, tid)[2]
+    assert third["attempt"] == 3
+    assert 19 <= (third["due_at"] - runs(conn, tid)[1]["finished_at"]).total_seconds() <= 21  # doubled
+    conn.execute("UPDATE pgbeat.runs SET due_at = scheduled_for WHERE id = %s", (third["id"],))
+    run_and_end("failed")
+    assert [(r["state"], r["attempt"]) for r in runs(conn, tid)] == [
+        ("failed", 1),
+        ("timed_out", 2),
+        ("failed", 3),  # max_retries reached: no attempt 4
+    ]
+    # Succeeded and cancelled runs are never retried.
+    for state in ("succeeded", "cancelled"):
+        trigger(conn, tid)
+        run_and_end(state)
+    assert (
+        conn.execute(
+            "SELECT count(*) AS n FROM pgbeat.runs WHERE task_id = %s AND state = 'pending'", (tid,)
+        ).fetchone()["n"]
+        == 0
+    )
+
+
+def test_prune_history_deletes_only_old_finished_runs_in_batches(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    gone = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    for t in [tid] * 9 + [gone]:
+        trigger(conn, t)
+        (c,) = claim(conn)
+        finish(conn, c["run_id"], "failed" if c["run_id"] % 3 else "succeeded")
+        release(conn, [t])
+    # 7 runs (one of them the deleted task's only run) finished 40 days ago, 3 recently.
+    old = conn.execute(
+        """UPDATE pgbeat.runs SET scheduled_for = scheduled_for - interval '40 days',
+                  due_at = due_at - interval '40 days', started_at = started_at - interval '40 days',
+                  finished_at = finished_at - interval '40 days'
+            WHERE id IN (SELECT id FROM pgbeat.runs WHERE task_id = %s ORDER BY id LIMIT 6) OR task_id = %s
+            RETURNING id""",
+        (tid, gone),
+    ).fetchall()
+    assert len(old) == 7
+    conn.execute("SELECT pgbeat.delete_task(%s)", (gone,))
+    conn.execute("UPDATE pgbeat.tasks SET deleted_at = now() - interval '40 days' WHERE id = %s", (gone,))
+    # A pending and a running run are never pruned, however old.
+    trigger(conn, tid)
+    (running,) = claim(conn)
+    trigger(conn, tid)
+    conn.execute(
+        "UPDATE pgbeat.runs SET scheduled_for = scheduled_for - interval '90 days',"
+        " due_at = due_at - interval '90 days' WHERE task_id = %s AND state = 'pending'",
+        (tid,),
+    )
+    d = conn.execute("SELECT pgbeat.register_daemon('worker', 'h', 1) AS id").fetchone()["id"]
+    conn.execute("SELECT pgbeat.stop_daemon(%s)", (d,))
+    conn.execute("UPDATE pgbeat.daemons SET stopped_at = now() - interval '40 days'")
+
+    batches = [conn.execute("SELECT pgbeat.prune_history(interval '30 days', 3) AS n").fetchone()["n"]]
+    while batches[-1]:
+        batches.append(
+            conn.execute("SELECT pgbeat.prune_history(interval '30 days', 3) AS n").fetchone()["n"]
+        )
+    assert batches == [3, 3, 1, 0]
+    left = runs(conn, tid)
+    assert sorted(r["state"] for r in left if r["finished_at"] is None) == ["pending", "running"]
+    assert len([r for r in left if r["finished_at"] is not None]) == 3  # the recent ones
+    assert {r["id"] for r in old}.isdisjoint(r["id"] for r in runs(conn, tid))
+    assert running["run_id"] in [r["id"] for r in runs(conn, tid)]
+    assert conn.execute("SELECT count(*) AS n FROM pgbeat.tasks WHERE id = %s", (gone,)).fetchone()["n"] == 0
+    assert conn.execute("SELECT count(*) AS n FROM pgbeat.daemons").fetchone()["n"] == 0
+    # The default keeps 30 days.
+    assert conn.execute("SELECT pgbeat.prune_history() AS n").fetchone()["n"] == 0
+
+
+def test_next_pending_due_at_is_the_earliest_pending_run(db_url):
+    conn = connect(db_url)
+    assert conn.execute("SELECT pgbeat.next_pending_due_at() AS t").fetchone()["t"] is None
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    r = trigger(conn, tid)
+    assert conn.execute("SELECT pgbeat.next_pending_due_at() AS t").fetchone()["t"] == r["due_at"]
