@@ -1,0 +1,392 @@
+"""The worker as real `pgbeat worker` processes against a real database.
+
+Timing assertions are loose on purpose: the machine is small and shared.
+"""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgbeat.fleet import Fleet, Process
+
+T = TypeVar("T")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        cur = conn.execute(sql, args)
+        return cur.fetchall() if cur.description else []
+
+
+def create_task(url: str, spec: dict[str, Any]) -> int:
+    return query(url, "SELECT (pgbeat.create_task(%s)).id", Jsonb(spec))[0]["id"]
+
+
+def trigger(url: str, *task_ids: int) -> None:
+    """Make the tasks due now, in one transaction (so at the same moment)."""
+    with psycopg.connect(url) as conn:
+        for task_id in task_ids:
+            conn.execute("SELECT pgbeat.trigger_task(%s)", (task_id,))
+
+
+def runs_of(url: str, task_id: int) -> list[dict[str, Any]]:
+    return query(
+        url,
+        "SELECT r.*, d.pid AS worker_pid FROM pgbeat.runs r LEFT JOIN pgbeat.daemons d ON d.id = r.daemon_id"
+        " WHERE r.task_id = %s ORDER BY r.id",
+        task_id,
+    )
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 30, every: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def start_workers(fleet: Fleet, n: int, *args: str, env: dict[str, str] | None = None) -> list[Process]:
+    """Start n workers and wait until each has registered (holds its daemon lock)."""
+    before = len(query(fleet.database_url, "SELECT id FROM pgbeat.live_daemons WHERE role = 'worker'"))
+    workers = [fleet.start("worker", *args, env=env) for _ in range(n)]
+
+    def ready() -> bool:
+        for w in workers:
+            assert w.alive(), f"worker exited with {w.proc.returncode}:\n{w.log()}"
+        live = query(fleet.database_url, "SELECT id FROM pgbeat.live_daemons WHERE role = 'worker'")
+        return len(live) >= before + n
+
+    wait_for("workers to register", ready)
+    return workers
+
+
+@contextmanager
+def materializing(url: str, every: float = 0.05) -> Iterator[None]:
+    """Turn due slots into runs while the block runs (what `pgbeat scheduler` does)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.is_set():
+                conn.execute("SELECT * FROM pgbeat.materialize_due_runs()")
+                stop.wait(every)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
+def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
+    events = []
+    for line in process.log().splitlines():
+        if line.startswith("{"):
+            doc = json.loads(line)
+            if doc.get("event") == event:
+                events.append(doc)
+    return events
+
+
+def assert_no_overlap(runs: list[dict[str, Any]]) -> None:
+    started = sorted((r for r in runs if r["started_at"] is not None), key=lambda r: r["started_at"])
+    for a, b in itertools.pairwise(started):
+        assert a["finished_at"] is not None and a["finished_at"] <= b["started_at"], (
+            f"run {a['id']} [{a['started_at']}, {a['finished_at']}] overlaps run {b['id']}"
+        )
+
+
+class HttpTarget:
+    """An HTTP server on 127.0.0.1 in a thread: /status/<code>, /flaky/<n> (500 for the
+    first n requests, then 200), /slow/<seconds>."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                _, what, arg = self.path.split("/", 2)
+                status = 200
+                if what == "status":
+                    status = int(arg)
+                elif what == "flaky":
+                    status = 500 if server.hits[self.path] <= int(arg) else 200
+                elif what == "slow":
+                    time.sleep(float(arg))
+                body = b"pgbeat test\n"
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def http_server() -> Iterator[HttpTarget]:
+    server = HttpTarget()
+    yield server
+    server.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_sleep_3_every_1s_on_three_workers_never_overlaps_and_coalesces(db_url, fleet):
+    workers = start_workers(fleet, 3, "--concurrency", "4")
+    task_id = create_task(db_url, {"kind": "sleep", "params": {"seconds": 3}, "schedule": {"every": 1}})
+    with materializing(db_url):
+        time.sleep(11)
+    for w in workers:
+        assert w.terminate() == 0  # drains: the running one finishes
+
+    runs = runs_of(db_url, task_id)
+    done = [r for r in runs if r["state"] == "succeeded"]
+    assert len(done) >= 2
+    assert {r["state"] for r in runs} <= {"succeeded", "pending"}
+    assert_no_overlap(runs)
+    for r in done:
+        assert 2.9 <= (r["finished_at"] - r["started_at"]).total_seconds() < 6
+        assert 2.9 <= r["result"]["slept_s"] < 6
+    # Slots that fell due while a run was pending were folded into it, and counted:
+    # every fired slot is either a run or counted in one.
+    fired = query(db_url, "SELECT fired FROM pgbeat.tasks WHERE id = %s", task_id)[0]["fired"]
+    assert sum(r["coalesced"] for r in runs) >= len(done)
+    assert sum(1 + r["coalesced"] for r in runs) >= fired
+    # The next run starts as soon as the previous one released the lock.
+    gaps = [(b["started_at"] - a["finished_at"]).total_seconds() for a, b in itertools.pairwise(done)]
+    assert max(gaps) < 1.5, gaps
+    first = logged_events(next(w for w in workers if logged_events(w, "run_started")), "run_started")[0]
+    assert {"task_id", "run_id", "slot", "lateness_ms"} <= set(first)
+
+
+def test_two_tasks_due_at_the_same_moment_run_concurrently(db_url, fleet):
+    (worker,) = start_workers(fleet, 1, "--concurrency", "4")
+    spec = {"kind": "sleep", "params": {"seconds": 2}, "schedule": {"every": "1h"}}
+    a, b = create_task(db_url, spec), create_task(db_url, spec)
+    trigger(db_url, a, b)
+    ra, rb = (
+        wait_for("both runs", lambda t=t: [r for r in runs_of(db_url, t) if r["finished_at"]]) for t in (a, b)
+    )
+    ra, rb = ra[0], rb[0]
+    assert ra["state"] == rb["state"] == "succeeded"
+    assert max(ra["started_at"], rb["started_at"]) < min(ra["finished_at"], rb["finished_at"])
+    assert abs((ra["started_at"] - rb["started_at"]).total_seconds()) < 0.5
+    finished = logged_events(worker, "run_finished")
+    assert {e["run_id"] for e in finished} == {ra["id"], rb["id"]}
+    assert all(e["state"] == "succeeded" and e["duration_ms"] >= 1900 for e in finished)
+
+
+def test_kill_9_mid_run_is_abandoned_and_the_next_slot_runs_on_another_worker(db_url, fleet):
+    workers = start_workers(fleet, 2, "--concurrency", "2")
+    task_id = create_task(
+        db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
+    )
+    with materializing(db_url):
+        running = wait_for(
+            "a running run", lambda: [r for r in runs_of(db_url, task_id) if r["state"] == "running"]
+        )[0]
+        time.sleep(1)  # well into the run; the next slot is pending behind it
+        victim = next(w for w in workers if w.pid == running["worker_pid"])
+        survivor = next(w for w in workers if w is not victim)
+        killed_at = time.time()
+        victim.kill()
+
+        def abandoned() -> dict | None:
+            run = next(r for r in runs_of(db_url, task_id) if r["id"] == running["id"])
+            return run if run["state"] == "abandoned" else None
+
+        run = wait_for("the killed run to be abandoned", abandoned, timeout=20)
+        reap_s = run["finished_at"].timestamp() - killed_at
+        nxt = wait_for(
+            "the next slot to start",
+            lambda: [r for r in runs_of(db_url, task_id) if r["id"] > running["id"] and r["started_at"]],
+            timeout=20,
+        )[0]
+        next_s = nxt["started_at"].timestamp() - killed_at
+    print(f"\nkill -9: run abandoned after {reap_s:.2f}s, next slot started after {next_s:.2f}s")
+    assert run["error"] == "worker lost its database session"
+    assert reap_s < 8
+    assert nxt["worker_pid"] == survivor.pid and nxt["state"] == "running"
+    assert next_s < 10
+    assert survivor.alive()
+
+
+def test_sigterm_drains_the_run_in_flight_and_exits_0(db_url, fleet):
+    (worker,) = start_workers(fleet, 1, "--concurrency", "2")
+    spec = {"kind": "sleep", "params": {"seconds": 2}, "schedule": {"every": "1h"}}
+    task_id = create_task(db_url, spec)
+    trigger(db_url, task_id)
+    wait_for("the run to start", lambda: runs_of(db_url, task_id)[0]["state"] == "running")
+    worker.proc.send_signal(15)
+    time.sleep(0.3)
+    late = create_task(db_url, spec)  # due while draining: must not be claimed
+    trigger(db_url, late)
+    assert worker.terminate(timeout=20) == 0
+    (run,) = runs_of(db_url, task_id)
+    assert run["state"] == "succeeded" and run["result"]["slept_s"] >= 1.9
+    assert runs_of(db_url, late)[0]["state"] == "pending"
+    daemon = query(db_url, "SELECT stopped_at FROM pgbeat.daemons WHERE pid = %s", worker.pid)[0]
+    assert daemon["stopped_at"] is not None
+    assert query(db_url, "SELECT * FROM pgbeat.task_locks") == []
+
+
+def test_sigterm_cancels_a_run_longer_than_the_grace(db_url, fleet):
+    (worker,) = start_workers(fleet, 1, env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    task_id = create_task(db_url, {"kind": "sleep", "params": {"seconds": 60}, "schedule": {"every": "1h"}})
+    trigger(db_url, task_id)
+    wait_for("the run to start", lambda: runs_of(db_url, task_id)[0]["state"] == "running")
+    started = time.monotonic()
+    assert worker.terminate(timeout=20) == 0
+    assert time.monotonic() - started < 8
+    (run,) = runs_of(db_url, task_id)
+    assert run["state"] == "cancelled"
+    assert "shutdown grace of 1s" in run["error"]
+    assert query(db_url, "SELECT * FROM pgbeat.task_locks") == []
+
+
+def test_a_run_over_its_timeout_is_timed_out(db_url, fleet):
+    start_workers(fleet, 1)
+    task_id = create_task(
+        db_url, {"kind": "sleep", "params": {"seconds": 30}, "timeout": 1, "schedule": {"every": "1h"}}
+    )
+    trigger(db_url, task_id)
+    run = wait_for(
+        "the run to end", lambda: runs_of(db_url, task_id)[0]["finished_at"] and runs_of(db_url, task_id)[0]
+    )
+    assert run["state"] == "timed_out"
+    assert run["error"] == "exceeded the task's timeout of 1s"
+    assert 0.9 <= (run["finished_at"] - run["started_at"]).total_seconds() < 5
+    assert query(db_url, "SELECT * FROM pgbeat.task_locks") == []
+
+
+def test_http_kind_success_non_2xx_and_unreachable(db_url, fleet, http_server):
+    start_workers(fleet, 1, "--concurrency", "8")
+    base = http_server.base
+
+    def http_task(params: dict[str, Any]) -> int:
+        return create_task(
+            db_url, {"kind": "http", "params": params, "timeout": 20, "schedule": {"every": "1h"}}
+        )
+
+    ok = http_task({"url": f"{base}/status/200"})
+    server_error = http_task({"url": f"{base}/status/503"})
+    expected_404 = http_task({"url": f"{base}/status/404", "expect_status": 404})
+    wrong_status = http_task({"url": f"{base}/status/200", "expect_status": 201})
+    unreachable = http_task({"url": f"http://127.0.0.1:{closed_port()}/"})
+    tasks = [ok, server_error, expected_404, wrong_status, unreachable]
+    trigger(db_url, *tasks)
+
+    def all_done() -> dict[int, dict] | None:
+        done = {t: runs_of(db_url, t)[0] for t in tasks}
+        return done if all(r["finished_at"] for r in done.values()) else None
+
+    runs = wait_for("the http runs", all_done)
+    assert runs[ok]["state"] == "succeeded"
+    assert runs[ok]["result"]["status"] == 200 and runs[ok]["result"]["response_ms"] > 0
+    assert runs[server_error]["state"] == "failed"
+    assert runs[server_error]["result"]["status"] == 503
+    assert runs[server_error]["error"] == "HTTP 503 (expected 2xx)"
+    assert runs[expected_404]["state"] == "succeeded"
+    assert runs[wrong_status]["state"] == "failed" and runs[wrong_status]["result"]["status"] == 200
+    assert runs[unreachable]["state"] == "failed"
+    assert runs[unreachable]["error"].startswith("ClientConnectorError")
+    assert "status" not in runs[unreachable]["result"]
+
+
+def test_a_failed_run_is_retried_after_its_backoff(db_url, fleet, http_server):
+    start_workers(fleet, 1)
+    task_id = create_task(
+        db_url,
+        {
+            "kind": "http",
+            "params": {"url": f"{http_server.base}/flaky/1"},
+            "max_retries": 2,
+            "retry_backoff": 1,
+            "schedule": {"every": "1h"},
+        },
+    )
+    trigger(db_url, task_id)
+    runs = wait_for(
+        "the retry to succeed",
+        lambda: (rs := runs_of(db_url, task_id)) and rs[-1]["state"] == "succeeded" and rs,
+        timeout=30,
+    )
+    first, retry = runs
+    assert (first["state"], first["attempt"], first["result"]["status"]) == ("failed", 1, 500)
+    assert (retry["attempt"], retry["scheduled_for"]) == (2, first["scheduled_for"])
+    # The worker slept until the retry fell due (not until its 15 s safety poll).
+    assert retry["due_at"] >= first["finished_at"]
+    lateness = (retry["started_at"] - retry["due_at"]).total_seconds()
+    print(f"\nretry started {lateness * 1000:.0f} ms after it fell due")
+    assert lateness < 2
+
+
+def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fleet):
+    workers = start_workers(fleet, 3, "--concurrency", "2")
+    specs = [
+        {"kind": "counter", "params": {"step": 1}},
+        {"kind": "counter", "params": {"step": 5}},
+        {"kind": "counter", "params": {"counter": "shared", "step": 2}},
+        {"kind": "counter", "params": {"counter": "shared", "step": 7}},
+    ]
+    for spec in specs:
+        create_task(db_url, {**spec, "schedule": {"every": 0.2}})
+    with materializing(db_url):
+        time.sleep(4)
+        workers[0].kill()  # chaos: a worker dies at an arbitrary moment
+        workers.append(fleet.start("worker", "--concurrency", "2"))
+        time.sleep(4)
+    for w in workers[1:]:
+        assert w.terminate() == 0
+
+    expected = query(
+        db_url,
+        """SELECT coalesce(t.params->>'counter', 'task:' || t.id) AS name,
+                  sum((t.params->>'step')::bigint) FILTER (WHERE r.state = 'succeeded') AS value,
+                  count(*) FILTER (WHERE r.state = 'succeeded') AS succeeded
+             FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id GROUP BY 1 ORDER BY 1""",
+    )
+    actual = query(db_url, "SELECT name, value FROM pgbeat.counters ORDER BY name")
+    assert [(e["name"], e["value"]) for e in expected] == [(a["name"], a["value"]) for a in actual]
+    assert all(e["succeeded"] >= 10 for e in expected), expected
+    assert query(db_url, "SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'running'")[0]["n"] == 0
