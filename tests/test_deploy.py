@@ -207,6 +207,14 @@ def test_every_container_has_resources_and_runs_as_non_root(docs):
             assert security.get("runAsNonRoot") is True, where
             assert security.get("runAsUser", 1) != 0, where
             assert security.get("allowPrivilegeEscalation") is False, where
+            # The rest of the "restricted" Pod Security Standard the namespace enforces.
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert security.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+
+
+def test_namespace_enforces_restricted_pod_security(docs):
+    labels = find(docs, "Namespace", "pgbeat")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
 def test_every_role_migrates_before_it_starts(docs):
