@@ -390,3 +390,31 @@ def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fle
     assert [(e["name"], e["value"]) for e in expected] == [(a["name"], a["value"]) for a in actual]
     assert all(e["succeeded"] >= 10 for e in expected), expected
     assert query(db_url, "SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'running'")[0]["n"] == 0
+
+
+def test_lost_session_cancels_runs_in_flight_and_the_worker_reconnects(db_url, fleet):
+    (worker,) = start_workers(fleet, 1, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    task_id = create_task(
+        db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
+    )
+    with materializing(db_url):
+        running = wait_for(
+            "a running run", lambda: [r for r in runs_of(db_url, task_id) if r["state"] == "running"]
+        )[0]
+        # The session holding the task lock dies under the worker (as on a database restart
+        # or a network cut); the process itself lives on.
+        query(db_url, "SELECT pg_terminate_backend(%s)", running["backend_pid"])
+        cut_at = time.time()
+        nxt = wait_for(
+            "a run on the new session",
+            lambda: [r for r in runs_of(db_url, task_id) if r["id"] > running["id"] and r["started_at"]],
+            timeout=20,
+        )[0]
+    lost = next(r for r in runs_of(db_url, task_id) if r["id"] == running["id"])
+    print(f"\nsession lost: next run started {nxt['started_at'].timestamp() - cut_at:.2f}s after the cut")
+    assert lost["state"] == "abandoned"
+    assert nxt["backend_pid"] != running["backend_pid"] and nxt["worker_pid"] == worker.pid
+    # Our copy of the lost run was cancelled at once, not left running beside the new one.
+    assert any(running["id"] in e["run_ids"] for e in logged_events(worker, "runs_cancelled"))
+    assert logged_events(worker, "reconnecting")
+    assert worker.alive() and worker.terminate() == 0
