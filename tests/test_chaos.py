@@ -1,0 +1,300 @@
+"""The chaos run's invariant checker, tested against healthy and broken histories,
+and the 60-second chaos run itself (marked `chaos`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from pgbeat import chaos
+
+COUNTER_STEP = 2
+SLOTS = 29  # the healthy task ran slots 1..29 of its 1 s grid
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db_url, autocommit=True) as c:
+        yield c
+
+
+def db_now(conn: psycopg.Connection) -> datetime:
+    return conn.execute("SELECT now()").fetchone()[0]
+
+
+def create_task(conn: psycopg.Connection, spec: dict, created_ago: float = 30) -> int:
+    """A task created `created_ago` seconds ago (its grid and timestamps moved back too)."""
+    task_id = conn.execute("SELECT id FROM pgbeat.create_task(%s)", [Jsonb(spec)]).fetchone()[0]
+    conn.execute(
+        """UPDATE pgbeat.tasks
+              SET created_at = created_at - make_interval(secs => %(ago)s),
+                  updated_at = created_at - make_interval(secs => %(ago)s),
+                  anchor = anchor - make_interval(secs => %(ago)s),
+                  run_at = run_at - make_interval(secs => %(ago)s),
+                  next_run_at = next_run_at - make_interval(secs => %(ago)s)
+            WHERE id = %(id)s""",
+        {"ago": created_ago, "id": task_id},
+    )
+    return task_id
+
+
+def insert_run(conn: psycopg.Connection, task_id: int, slot: datetime, **columns: object) -> int:
+    """A run of the task for `slot`; by default it succeeded, started 10 ms late, took 40 ms."""
+    row = {
+        "task_id": task_id,
+        "kind": conn.execute("SELECT kind FROM pgbeat.tasks WHERE id = %s", [task_id]).fetchone()[0],
+        "scheduled_for": slot,
+        "due_at": slot,
+        "state": "succeeded",
+        "daemon_id": 1,
+        "backend_pid": 1,
+        "started_at": slot + timedelta(milliseconds=10),
+        "finished_at": slot + timedelta(milliseconds=50),
+        **columns,
+    }
+    if isinstance(row.get("result"), dict):
+        row["result"] = Jsonb(row["result"])
+    names = ", ".join(row)
+    values = ", ".join(f"%({k})s" for k in row)
+    return conn.execute(f"INSERT INTO pgbeat.runs ({names}) VALUES ({values}) RETURNING id", row).fetchone()[
+        0
+    ]
+
+
+@pytest.fixture
+def healthy(conn: psycopg.Connection) -> tuple[int, chaos.ChaosRecord]:
+    """A counter task on a 1 s grid that ran every slot for 30 s, its counter exact,
+    and the record of a run that stopped its load now. Returns (task id, record)."""
+    task_id = create_task(
+        conn,
+        {"kind": "counter", "params": {"counter": "c1", "step": COUNTER_STEP}, "schedule": {"every": 1}},
+    )
+    anchor = conn.execute("SELECT anchor FROM pgbeat.tasks WHERE id = %s", [task_id]).fetchone()[0]
+    for k in range(SLOTS):
+        value = COUNTER_STEP * (k + 1)
+        insert_run(
+            conn,
+            task_id,
+            anchor + timedelta(seconds=k),
+            result={"counter": "c1", "step": COUNTER_STEP, "value": value},
+        )
+    conn.execute(
+        "INSERT INTO pgbeat.counters (name, value) VALUES ('c1', %s)",
+        [COUNTER_STEP * SLOTS],
+    )
+    conn.execute(
+        "UPDATE pgbeat.tasks SET next_run_at = anchor + make_interval(secs => %s), fired = %s WHERE id = %s",
+        [SLOTS, SLOTS, task_id],
+    )
+    now = db_now(conn)
+    record = chaos.ChaosRecord(since=now - timedelta(hours=1), load_stopped_at=now)
+    return task_id, record
+
+
+def slot(conn: psycopg.Connection, task_id: int, k: int) -> datetime:
+    return conn.execute(
+        "SELECT anchor + make_interval(secs => %s) FROM pgbeat.tasks WHERE id = %s", [k, task_id]
+    ).fetchone()[0]
+
+
+def run_at_slot(conn: psycopg.Connection, task_id: int, k: int) -> int:
+    return conn.execute(
+        "SELECT id FROM pgbeat.runs WHERE task_id = %s AND scheduled_for = %s",
+        [task_id, slot(conn, task_id, k)],
+    ).fetchone()[0]
+
+
+def test_healthy_history_has_no_violations(conn, healthy):
+    _, record = healthy
+    assert chaos.check(conn, record) == {name: [] for name in chaos.INVARIANTS}
+
+
+def test_overlapping_runs_are_reported(conn, healthy):
+    task_id, record = healthy
+    # Run 5 ends after run 6 has started.
+    conn.execute(
+        "UPDATE pgbeat.runs SET finished_at = finished_at + interval '1.5 s' WHERE id = %s",
+        [run_at_slot(conn, task_id, 5)],
+    )
+    violations = chaos.check(conn, record)["1 no self-overlap"]
+    assert len(violations) == 1 and f"run {run_at_slot(conn, task_id, 6)} " in violations[0]
+
+
+def test_a_running_run_is_open_ended(conn, healthy):
+    task_id, record = healthy
+    conn.execute(
+        "UPDATE pgbeat.runs SET state = 'running', finished_at = NULL, result = NULL WHERE id = %s",
+        [run_at_slot(conn, task_id, 3)],
+    )
+    violations = chaos.check(conn, record)["1 no self-overlap"]
+    assert len(violations) == SLOTS - 4
+
+
+def test_two_runs_of_one_slot_are_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute("ALTER TABLE pgbeat.runs DROP CONSTRAINT runs_one_per_slot")
+    s = slot(conn, task_id, 7)
+    insert_run(
+        conn, task_id, s, state="skipped", daemon_id=None, backend_pid=None, started_at=s, finished_at=s
+    )
+    violations = chaos.check(conn, record)["2 one run per slot"]
+    assert len(violations) == 1 and "has 2 runs" in violations[0]
+
+
+def test_a_counter_off_by_one_is_reported(conn, healthy):
+    _, record = healthy
+    conn.execute("UPDATE pgbeat.counters SET value = value + 1 WHERE name = 'c1'")
+    violations = chaos.check(conn, record)["3 counters exact"]
+    assert violations == [
+        f"counter c1 is {COUNTER_STEP * SLOTS + 1}, its succeeded runs add up to {COUNTER_STEP * SLOTS}"
+    ]
+
+
+def test_a_lost_increment_and_a_missing_counter_are_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute("UPDATE pgbeat.runs SET result = '{}' WHERE id = %s", [run_at_slot(conn, task_id, 2)])
+    private = create_task(conn, {"kind": "counter", "schedule": {"every": 1}})
+    insert_run(conn, private, slot(conn, task_id, 40), result={"counter": f"task:{private}", "step": 1})
+    violations = chaos.check(conn, record)["3 counters exact"]
+    assert any("records no counter increment" in v for v in violations)
+    assert any(f"counter task:{private} is 0, its succeeded runs add up to 1" in v for v in violations)
+
+
+def test_stuck_runs_are_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute(
+        "UPDATE pgbeat.runs SET state = 'running', finished_at = NULL, result = NULL WHERE id = %s",
+        [run_at_slot(conn, task_id, SLOTS - 1)],
+    )
+    other = create_task(conn, {"kind": "sleep", "schedule": {"every": 60}})
+    s = slot(conn, task_id, 10)
+    insert_run(
+        conn, other, s, state="pending", daemon_id=None, backend_pid=None, started_at=None, finished_at=None
+    )
+    violations = chaos.check(conn, record)["4 nothing stuck, abandoned only by the killed"]
+    assert len(violations) == 2
+    assert "is still running" in violations[0] and "is still pending" in violations[1]
+
+
+def test_abandoned_runs_must_belong_to_killed_daemons(conn, healthy):
+    task_id, record = healthy
+    conn.execute(
+        "UPDATE pgbeat.runs SET state = 'abandoned', daemon_id = 7 WHERE id = %s",
+        [run_at_slot(conn, task_id, 4)],
+    )
+    name = "4 nothing stuck, abandoned only by the killed"
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
+    assert chaos.check(conn, record)[name] == [
+        f"task {task_id}: run {run_at_slot(conn, task_id, 4)} was abandoned by daemon 7, which was not killed"
+    ]
+    record.killed_daemon_ids = [3, 7]
+    assert chaos.check(conn, record)[name] == []
+
+
+def test_a_task_whose_slots_stopped_firing_is_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() - interval '20 s' WHERE id = %s", [task_id])
+    violations = chaos.check(conn, record)["5 no schedule lost"]
+    assert len(violations) == 1 and "stopped firing" in violations[0]
+
+
+def test_a_task_that_did_not_run_again_after_a_fault_is_reported(conn, healthy):
+    task_id, record = healthy
+    # A fault from slot 10 to slot 12, then nothing ran until slot 20 (slots coalesced).
+    conn.execute(
+        "DELETE FROM pgbeat.runs WHERE task_id = %s AND scheduled_for > %s AND scheduled_for < %s",
+        [task_id, slot(conn, task_id, 12), slot(conn, task_id, 20)],
+    )
+    conn.execute("UPDATE pgbeat.runs SET coalesced = 7 WHERE id = %s", [run_at_slot(conn, task_id, 12)])
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [7 * COUNTER_STEP])
+    record.fault_windows = [(slot(conn, task_id, 10), slot(conn, task_id, 12) + timedelta(milliseconds=100))]
+    violations = chaos.check(conn, record)["5 no schedule lost"]
+    assert len(violations) == 1 and "no run started within 6.0 s after the fault window" in violations[0]
+
+
+def test_a_slot_that_vanished_is_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute("DELETE FROM pgbeat.runs WHERE id = %s", [run_at_slot(conn, task_id, 15)])
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
+    violations = chaos.check(conn, record)["5 no schedule lost"]
+    assert len(violations) == 1
+    assert f"task {task_id}: {SLOTS} grid slots from " in violations[0]
+    assert violations[0].endswith(f"but runs account for {SLOTS - 1}")
+    # Coalesced into its predecessor, the slot is accounted for.
+    conn.execute("UPDATE pgbeat.runs SET coalesced = 1 WHERE id = %s", [run_at_slot(conn, task_id, 14)])
+    assert chaos.check(conn, record)["5 no schedule lost"] == []
+
+
+def test_a_one_shot_that_never_ran_is_reported(conn, healthy):
+    _, record = healthy
+    one_shot = create_task(conn, {"kind": "sleep", "schedule": {"in": "20s"}})
+    violations = chaos.check(conn, record)["5 no schedule lost"]
+    assert len(violations) == 1
+    assert violations[0].startswith(f"task {one_shot}: one-shot at ") and violations[0].endswith("never ran")
+
+
+def test_runs_after_delete_or_pause_are_reported(conn, healthy):
+    _, record = healthy
+    deleted = create_task(conn, {"kind": "sleep", "params": {"seconds": 0}, "schedule": {"every": 1}})
+    conn.execute("SELECT pgbeat.delete_task(%s)", [deleted])
+    paused = create_task(conn, {"kind": "sleep", "params": {"seconds": 0}, "schedule": {"every": 1}})
+    conn.execute("SELECT pgbeat.pause_task(%s)", [paused])
+    after = db_now(conn) + timedelta(seconds=1)
+    before = db_now(conn) - timedelta(seconds=1)
+    insert_run(conn, deleted, before)  # ran before its deletion: fine
+    insert_run(conn, deleted, after)
+    insert_run(conn, paused, after)
+    record.load_stopped_at = after + timedelta(seconds=1)
+    violations = chaos.check(conn, record)["5 no schedule lost"]
+    assert sorted(violations)[0].startswith(f"task {deleted}: run ")
+    assert len(violations) == 2
+    assert "after the task was deleted" in violations[0] + violations[1]
+    assert "after the task was paused" in violations[0] + violations[1]
+
+
+def test_late_runs_outside_fault_windows_are_reported(conn, healthy):
+    task_id, record = healthy
+    late = run_at_slot(conn, task_id, SLOTS - 1)
+    conn.execute(
+        """UPDATE pgbeat.runs SET started_at = scheduled_for + interval '6 s',
+                                  finished_at = scheduled_for + interval '6.1 s' WHERE id = %s""",
+        [late],
+    )
+    name = "6 lateness bounded outside faults"
+    violations = chaos.check(conn, record)[name]
+    assert len(violations) == 1 and f"run {late} started 6.000 s after" in violations[0]
+    # Inside a fault window (or its recovery margin) it is expected.
+    s = slot(conn, task_id, SLOTS - 3)
+    record.fault_windows = [(s, s + timedelta(seconds=1))]
+    assert chaos.check(conn, record)[name] == []
+
+
+def test_a_high_p99_reports_every_run_over_the_bound(conn, healthy):
+    _, record = healthy
+    slow = create_task(conn, {"kind": "sleep", "params": {"seconds": 0}, "schedule": {"every": 10}})
+    anchor = conn.execute("SELECT anchor FROM pgbeat.tasks WHERE id = %s", [slow]).fetchone()[0]
+    for k in range(3):
+        s = anchor + timedelta(seconds=10 * k)
+        insert_run(
+            conn, slow, s, started_at=s + timedelta(seconds=1.5), finished_at=s + timedelta(seconds=1.6)
+        )
+    violations = chaos.check(conn, record)["6 lateness bounded outside faults"]
+    assert len(violations) == 3 and all("started 1.500 s after it was ready" in v for v in violations)
+    assert "while p99 is" in violations[0]
+
+
+def test_waiting_behind_the_previous_run_is_not_lateness(conn, healthy):
+    task_id, record = healthy
+    sleeper = create_task(conn, {"kind": "sleep", "params": {"seconds": 3}, "schedule": {"every": 1}})
+    s = slot(conn, task_id, 5)
+    first = s + timedelta(milliseconds=10)
+    insert_run(conn, sleeper, s, started_at=first, finished_at=first + timedelta(seconds=3), coalesced=0)
+    second = first + timedelta(seconds=3, milliseconds=20)
+    insert_run(
+        conn, sleeper, s + timedelta(seconds=1), started_at=second, finished_at=second + timedelta(seconds=3)
+    )
+    assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []
