@@ -1,0 +1,150 @@
+"""Request and response bodies of the REST API (DESIGN §5), as msgspec Structs.
+
+Request bodies are validated by msgspec (types, unknown fields); everything else
+(kinds, params, ranges, past times) by the stored functions, which name the field.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Struct, UnsetType
+
+# A timestamp with a UTC offset ("2027-08-08T17:35:00Z"); naive ones are refused.
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+# A duration: seconds, or text such as "30s", "2m", "1h30m", "every 2 minutes".
+Duration = float | str
+
+
+class ScheduleIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Exactly one of every, at, in or cron (the database checks which)."""
+
+    every: Duration | UnsetType = UNSET
+    at: Timestamp | UnsetType = UNSET
+    in_: Duration | UnsetType = msgspec.field(default=UNSET, name="in")
+    cron: str | UnsetType = UNSET
+    timezone: str | UnsetType = UNSET
+    start: Timestamp | UnsetType = UNSET  # every: the grid's first slot (default: one interval from now)
+
+
+class TaskChanges(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """PATCH /tasks/{id}: only the fields given change; null clears until and max_runs."""
+
+    name: str | UnsetType = UNSET
+    kind: str | UnsetType = UNSET
+    params: dict[str, Any] | UnsetType = UNSET
+    schedule: ScheduleIn | UnsetType = UNSET
+    timeout: float | UnsetType = UNSET
+    paused: bool | UnsetType = UNSET
+    until: Timestamp | UnsetType | None = UNSET
+    max_runs: int | UnsetType | None = UNSET
+    overlap: Literal["queue", "skip"] | UnsetType = UNSET
+    misfire: Literal["run_once", "skip"] | UnsetType = UNSET
+    misfire_grace: float | UnsetType = UNSET
+    max_retries: int | UnsetType = UNSET
+    retry_backoff: float | UnsetType = UNSET
+
+
+class TaskSpec(TaskChanges, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+    """POST /tasks: kind and schedule are required."""
+
+    kind: str
+    schedule: ScheduleIn
+
+
+class ScheduleOut(Struct, omit_defaults=True):
+    every: str | None = None
+    start: datetime | None = None
+    at: datetime | None = None
+    cron: str | None = None
+    timezone: str | None = None
+
+
+class Task(Struct):
+    id: int
+    name: str
+    kind: str
+    params: dict[str, Any]
+    schedule: ScheduleOut
+    timeout: float
+    paused: bool
+    next_run_at: datetime | None
+    until: datetime | None
+    max_runs: int | None
+    fired: int
+    overlap: str
+    misfire: str
+    max_retries: int
+    retry_backoff: float
+    status: Literal["active", "paused", "complete", "deleted"]
+    created_at: datetime
+    updated_at: datetime
+
+
+class Run(Struct):
+    id: int
+    task_id: int
+    task_name: str
+    kind: str
+    scheduled_for: datetime
+    due_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    state: str
+    attempt: int
+    coalesced: int
+    result: dict[str, Any] | None
+    error: str | None
+    duration_ms: float | None
+    lateness_ms: float | None
+    worker_host: str | None
+
+
+class TaskDetails(Task, kw_only=True):
+    """GET /tasks/{id}: the task with its last run and the run waiting for a worker."""
+
+    last_run: Run | None = None
+    pending_run: Run | None = None
+
+
+class TaskPage(Struct):
+    items: list[Task]
+    next_cursor: str | None
+
+
+class RunPage(Struct):
+    items: list[Run]
+    next_cursor: str | None
+
+
+class UpcomingRun(Struct):
+    task_id: int
+    task_name: str
+    kind: str
+    scheduled_for: datetime
+    source: Literal["pending", "scheduled"]  # pending: already a run waiting for a worker
+    run_id: int | None = None
+
+
+class UpcomingRuns(Struct):
+    items: list[UpcomingRun]
+
+
+class Error(Struct, omit_defaults=True):
+    """Every error response: status_code and detail; field names the bad input when there is one."""
+
+    status_code: int
+    detail: str
+    field: str | None = None
+
+
+class Health(Struct):
+    status: str
+
+
+class Readiness(Struct, omit_defaults=True):
+    status: Literal["ready", "not ready"]
+    detail: str | None = None
+    pending_migrations: list[str] | None = None

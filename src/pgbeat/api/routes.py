@@ -1,0 +1,396 @@
+"""The task, run and upcoming endpoints: each validates, calls one stored function
+(sql/migrations/0007_api.sql wraps those of 0002) and shapes the rows it returns."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import msgspec
+from litestar import Controller, Response, delete, get, patch, post
+from litestar.datastructures import State
+from litestar.exceptions import NotFoundException
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.params import Body, Parameter
+
+from pgbeat import schedules
+from pgbeat.api.errors import BadInput
+from pgbeat.api.models import (
+    Error,
+    Run,
+    RunPage,
+    ScheduleIn,
+    ScheduleOut,
+    Task,
+    TaskChanges,
+    TaskDetails,
+    TaskPage,
+    TaskSpec,
+    UpcomingRun,
+    UpcomingRuns,
+)
+
+MAX_INT4 = 2**31 - 1
+MAX_INT8 = 2**63 - 1
+TaskId = Annotated[int, Parameter(ge=1, le=MAX_INT4, description="task id")]
+RunId = Annotated[int, Parameter(ge=1, le=MAX_INT8, description="run id")]
+PageLimit = Annotated[int, Parameter(ge=1, le=500, description="page size (at most 500)")]
+Cursor = Annotated[str | None, Parameter(description="next_cursor of the previous page")]
+RunState = Literal[
+    "pending", "running", "succeeded", "failed", "timed_out", "abandoned", "cancelled", "skipped"
+]
+TaskStatus = Literal["active", "paused", "complete", "deleted"]
+
+# Durations are stored as PostgreSQL intervals; beyond this they overflow (the
+# database's own limit, 10 years, is lower and reported as such).
+MAX_DURATION_SECONDS = 1e12
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    what = {
+        400: "malformed request or parameter (field named in detail)",
+        401: "missing or wrong API key",
+        404: "unknown id",
+        409: "the task's state forbids it",
+        413: "request body too large",
+        422: "invalid input (field named in detail)",
+        429: "rate limit exceeded",
+    }
+    return {code: ResponseSpec(Error, description=what[code]) for code in (400, 401, 429, *codes)}
+
+
+TASK_EXAMPLE = {
+    "name": "ping",
+    "kind": "http",
+    "params": {"url": "https://httpbin.org/status/200"},
+    "schedule": {"every": "30s"},
+    "timeout": 10,
+}
+
+
+# ---------------------------------------------------------------- shaping rows
+
+
+def task_from_row(row: asyncpg.Record, cls: type[Task] = Task) -> Task:
+    values = {name: row[name] for name in cls.__struct_fields__ if name not in ("last_run", "pending_run")}
+    values["schedule"] = msgspec.convert(row["schedule"], ScheduleOut)
+    return cls(**values)
+
+
+def task_details_from_row(row: asyncpg.Record) -> TaskDetails:
+    task = task_from_row(row, TaskDetails)
+    assert isinstance(task, TaskDetails)
+    task.last_run = msgspec.convert(row["last_run"], Run | None)
+    task.pending_run = msgspec.convert(row["pending_run"], Run | None)
+    return task
+
+
+def run_from_row(row: asyncpg.Record) -> Run:
+    return Run(**{name: row[name] for name in Run.__struct_fields__})
+
+
+def parse_cursor(cursor: str | None, maximum: int) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit() or not 0 < int(cursor) <= maximum:
+        raise BadInput("cursor", f"{cursor!r} is not a cursor (pass next_cursor of the previous page)")
+    return int(cursor)
+
+
+def next_cursor(rows: list[Any], limit: int) -> str | None:
+    return str(rows[-1]["id"]) if len(rows) == limit else None
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """Query-string times without an offset are taken as UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _seconds(field: str, value: float | str) -> float:
+    try:
+        seconds = schedules.parse_duration(value)
+    except ValueError as exc:
+        raise BadInput(field, str(exc)) from None
+    if seconds > MAX_DURATION_SECONDS:
+        raise BadInput(field, "is too large")
+    return seconds
+
+
+def schedule_for_sql(schedule: ScheduleIn) -> tuple[dict[str, Any], datetime | None]:
+    """The schedule as the stored functions take it (durations in seconds) and, for
+    cron, its first slot (croniter's maths; the database does not do calendars)."""
+    doc = msgspec.to_builtins(schedule)
+    forms = [form for form in ("every", "at", "in", "cron") if form in doc]
+    if len(forms) != 1:
+        return doc, None  # the database says what is wrong with it
+    first_slot = None
+    if "every" in doc:
+        doc["every"] = _seconds("schedule.every", doc["every"])
+    elif "in" in doc:
+        doc["in"] = _seconds("schedule.in", doc["in"])
+    elif "cron" in doc:
+        first_slot = first_cron_slot(doc["cron"], doc.get("timezone", "UTC"))
+    return doc, first_slot
+
+
+def first_cron_slot(cron: str, timezone: str) -> datetime:
+    try:
+        schedules.check_timezone(timezone)
+    except ValueError as exc:
+        raise BadInput("schedule.timezone", str(exc)) from None
+    try:
+        return schedules.next_cron_slot(cron, timezone, datetime.now(UTC))
+    except ValueError as exc:
+        raise BadInput("schedule.cron", str(exc)) from None
+    except Exception as exc:  # croniter raises assorted errors for odd expressions
+        raise BadInput("schedule.cron", f"{cron!r} is not a valid cron expression: {exc}") from None
+
+
+def spec_for_sql(spec: TaskChanges) -> tuple[dict[str, Any], datetime | None]:
+    doc = msgspec.to_builtins(spec)
+    first_slot = None
+    if isinstance(spec.schedule, ScheduleIn):
+        doc["schedule"], first_slot = schedule_for_sql(spec.schedule)
+    return doc, first_slot
+
+
+async def resume_cron_slot(conn: asyncpg.Connection, task_id: int) -> datetime | None:
+    """Lock the task (P0002 when unknown) and, for a cron task, compute where it resumes."""
+    row = await conn.fetchrow("SELECT cron, timezone FROM pgbeat.lock_task($1)", task_id)
+    if row["cron"] is None:
+        return None
+    return schedules.next_cron_slot(row["cron"], row["timezone"], datetime.now(UTC))
+
+
+# ---------------------------------------------------------------- upcoming
+
+
+def _cron_times(cron: str, timezone: str, first: datetime) -> Iterator[datetime]:
+    yield first
+    after, chunk = first, 8
+    while True:
+        batch = schedules.cron_slots(cron, timezone, after, chunk)
+        yield from batch
+        after, chunk = batch[-1], min(chunk * 2, 256)
+
+
+def _slot_times(row: asyncpg.Record) -> Iterator[datetime]:
+    first = row["scheduled_for"]
+    if row["every_seconds"] is not None:
+        every = timedelta(seconds=row["every_seconds"])
+        return (first + every * i for i in itertools.count())
+    if row["cron"] is not None:
+        return _cron_times(row["cron"], row["timezone"], first)
+    return iter([first])
+
+
+def upcoming_of(row: asyncpg.Record, until: datetime | None) -> Iterator[UpcomingRun]:
+    """The executions one row of pgbeat.upcoming_slots stands for, soonest first."""
+    bounds = [b for b in (row["until"], until) if b is not None]
+    last = min(bounds) if bounds else None
+    times = _slot_times(row)
+    if row["remaining"] is not None:
+        times = itertools.islice(times, max(row["remaining"], 0))
+    for moment in times:
+        if last is not None and moment > last:
+            return
+        yield UpcomingRun(row["task_id"], row["task_name"], row["kind"], moment, row["source"], row["run_id"])
+
+
+def soonest(rows: list[asyncpg.Record], limit: int, until: datetime | None) -> list[UpcomingRun]:
+    merged = heapq.merge(*(upcoming_of(row, until) for row in rows), key=lambda u: u.scheduled_for)
+    return list(itertools.islice(merged, limit))
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+class TaskController(Controller):
+    path = "/tasks"
+    tags = ["tasks"]
+
+    @post(
+        status_code=201,
+        summary="Schedule a task",
+        responses=_errors(413, 422),
+    )
+    async def create_task(
+        self,
+        state: State,
+        data: Annotated[TaskSpec, Body(examples=[Example(value=TASK_EXAMPLE)])],
+    ) -> Response[Task]:
+        doc, first_slot = spec_for_sql(data)
+        row = await state.pool.fetchrow("SELECT * FROM pgbeat.api_create_task($1, $2)", doc, first_slot)
+        task = task_from_row(row)
+        return Response(task, status_code=201, headers={"Location": f"/tasks/{task.id}"})
+
+    @get(summary="List tasks (oldest first, keyset pagination)", responses=_errors())
+    async def list_tasks(
+        self,
+        state: State,
+        kind: str | None = None,
+        status: TaskStatus | None = None,
+        paused: bool | None = None,
+        name: Annotated[str | None, Parameter(description="part of the name, any case")] = None,
+        limit: PageLimit = 100,
+        cursor: Cursor = None,
+    ) -> TaskPage:
+        after = parse_cursor(cursor, MAX_INT4)
+        rows = await state.pool.fetch(
+            "SELECT * FROM pgbeat.list_tasks($1, $2, $3, $4, $5, $6)",
+            kind,
+            status,
+            paused,
+            name,
+            after,
+            limit,
+        )
+        return TaskPage([task_from_row(row) for row in rows], next_cursor(rows, limit))
+
+    @get("/{task_id:int}", summary="One task, with its last run and pending run", responses=_errors(404))
+    async def get_task(self, state: State, task_id: TaskId) -> TaskDetails:
+        row = await state.pool.fetchrow("SELECT * FROM pgbeat.get_task($1)", task_id)
+        if row is None:
+            raise NotFoundException(f"task {task_id} not found")
+        return task_details_from_row(row)
+
+    @patch(
+        "/{task_id:int}",
+        summary="Change schedule, params, timeout, name, paused...",
+        responses=_errors(404, 409, 413, 422),
+    )
+    async def update_task(self, state: State, task_id: TaskId, data: TaskChanges) -> Task:
+        doc, first_slot = spec_for_sql(data)
+        async with state.pool.acquire() as conn:
+            if data.paused is False and not isinstance(data.schedule, ScheduleIn):
+                async with conn.transaction():
+                    first_slot = await resume_cron_slot(conn, task_id)
+                    row = await conn.fetchrow(
+                        "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
+                    )
+            else:
+                row = await conn.fetchrow(
+                    "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
+                )
+        return task_from_row(row)
+
+    @delete("/{task_id:int}", summary="Delete: future runs stop, history stays", responses=_errors(404))
+    async def delete_task(self, state: State, task_id: TaskId) -> None:
+        await state.pool.fetchval("SELECT id FROM pgbeat.delete_task($1)", task_id)
+
+    @post(
+        "/{task_id:int}/pause",
+        status_code=200,
+        summary="Pause (a pending run is cancelled)",
+        responses=_errors(404, 409),
+    )
+    async def pause_task(self, state: State, task_id: TaskId) -> Task:
+        row = await state.pool.fetchrow("SELECT * FROM pgbeat.api_pause_task($1)", task_id)
+        return task_from_row(row)
+
+    @post(
+        "/{task_id:int}/resume",
+        status_code=200,
+        summary="Resume at the next slot",
+        responses=_errors(404, 409),
+    )
+    async def resume_task(self, state: State, task_id: TaskId) -> Task:
+        async with state.pool.acquire() as conn, conn.transaction():
+            slot = await resume_cron_slot(conn, task_id)
+            row = await conn.fetchrow("SELECT * FROM pgbeat.api_resume_task($1, $2)", task_id, slot)
+        return task_from_row(row)
+
+    @post(
+        "/{task_id:int}/trigger",
+        status_code=202,
+        summary="Run now (returns the pending run)",
+        responses=_errors(404, 409),
+    )
+    async def trigger_task(self, state: State, task_id: TaskId) -> Run:
+        row = await state.pool.fetchrow("SELECT * FROM pgbeat.api_trigger_task($1)", task_id)
+        return run_from_row(row)
+
+    @get("/{task_id:int}/runs", summary="A task's runs, newest first", responses=_errors(404))
+    async def task_runs(
+        self,
+        state: State,
+        task_id: TaskId,
+        run_state: Annotated[RunState | None, Parameter(query="state")] = None,
+        limit: PageLimit = 100,
+        cursor: Cursor = None,
+    ) -> RunPage:
+        before = parse_cursor(cursor, MAX_INT8)
+        rows = await state.pool.fetch(
+            "SELECT * FROM pgbeat.task_runs($1, $2, $3, $4)", task_id, run_state, before, limit
+        )
+        return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
+
+    @get("/{task_id:int}/upcoming", summary="A task's next executions", responses=_errors(404))
+    async def task_upcoming(
+        self, state: State, task_id: TaskId, count: Annotated[int, Parameter(ge=1, le=500)] = 10
+    ) -> UpcomingRuns:
+        rows = await state.pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, NULL, $2)", count, task_id)
+        return UpcomingRuns(soonest(rows, count, None))
+
+
+class RunController(Controller):
+    path = "/runs"
+    tags = ["runs"]
+
+    @get(summary="All runs, newest first (keyset pagination)", responses=_errors())
+    async def list_runs(
+        self,
+        state: State,
+        task_id: Annotated[int | None, Parameter(ge=1, le=MAX_INT4)] = None,
+        run_state: Annotated[RunState | None, Parameter(query="state")] = None,
+        kind: str | None = None,
+        since: Annotated[datetime | None, Parameter(description="scheduled_for >= since")] = None,
+        until: Annotated[datetime | None, Parameter(description="scheduled_for < until")] = None,
+        limit: PageLimit = 100,
+        cursor: Cursor = None,
+    ) -> RunPage:
+        before = parse_cursor(cursor, MAX_INT8)
+        rows = await state.pool.fetch(
+            "SELECT * FROM pgbeat.list_runs($1, $2, $3, $4, $5, $6, $7)",
+            task_id,
+            run_state,
+            kind,
+            as_utc(since),
+            as_utc(until),
+            before,
+            limit,
+        )
+        return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
+
+    @get("/{run_id:int}", summary="One run", responses=_errors(404))
+    async def get_run(self, state: State, run_id: RunId) -> Run:
+        row = await state.pool.fetchrow("SELECT * FROM pgbeat.get_run($1)", run_id)
+        if row is None:
+            raise NotFoundException(f"run {run_id} not found")
+        return run_from_row(row)
+
+
+@get(
+    "/upcoming",
+    tags=["runs"],
+    summary="The next executions across all tasks, soonest first",
+    responses=_errors(),
+)
+async def upcoming(
+    state: State,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 20,
+    until: Annotated[datetime | None, Parameter(description="only executions up to this time")] = None,
+) -> UpcomingRuns:
+    until = as_utc(until)
+    rows = await state.pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, $2)", limit, until)
+    return UpcomingRuns(soonest(rows, limit, until))
