@@ -36,6 +36,13 @@ BEGIN
     IF p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN
         PERFORM pgbeat.raise_invalid(p_field, 'is required');
     ELSIF jsonb_typeof(p_value) = 'number' THEN
+        -- Range-checked as numeric first: a huge JSON number must not overflow
+        -- double precision or interval (22003/22008) instead of saying what is wrong.
+        IF (p_value #>> '{}')::numeric <= 0 THEN
+            PERFORM pgbeat.raise_invalid(p_field, 'must be positive');
+        ELSIF (p_value #>> '{}')::numeric > 3660 * 86400 THEN
+            PERFORM pgbeat.raise_invalid(p_field, 'must be at most 10 years');
+        END IF;
         v := make_interval(secs => (p_value #>> '{}')::double precision);
     ELSIF jsonb_typeof(p_value) = 'string' THEN
         BEGIN
@@ -81,19 +88,19 @@ CREATE FUNCTION pgbeat.parse_number(p_field text, p_value jsonb, p_min double pr
 RETURNS double precision
 LANGUAGE plpgsql AS $$
 DECLARE
-    v double precision;
+    v numeric;  -- JSON numbers are numeric: checked as such, so 1e400 is "out of range", not an overflow
 BEGIN
     IF jsonb_typeof(p_value) IS DISTINCT FROM 'number' THEN
         PERFORM pgbeat.raise_invalid(p_field, 'must be a number');
     END IF;
-    v := (p_value #>> '{}')::double precision;
+    v := (p_value #>> '{}')::numeric;
     IF p_integer AND v <> trunc(v) THEN
         PERFORM pgbeat.raise_invalid(p_field, 'must be an integer');
     END IF;
-    IF v < p_min OR v > p_max THEN
+    IF v < p_min::numeric OR v > p_max::numeric THEN
         PERFORM pgbeat.raise_invalid(p_field, format('must be between %s and %s', p_min, p_max));
     END IF;
-    RETURN v;
+    RETURN v::double precision;
 END $$;
 
 CREATE FUNCTION pgbeat.parse_text(p_field text, p_value jsonb, p_max_length integer) RETURNS text
@@ -151,8 +158,9 @@ BEGIN
         IF p_params ? 'counter' THEN
             PERFORM pgbeat.parse_text('params.counter', p_params->'counter', 200);
         END IF;
-        PERFORM pgbeat.parse_number('params.step', coalesce(p_params->'step', '1'), -1e9, 1e9, true);
-        RETURN p_params || jsonb_build_object('step', coalesce(p_params->'step', '1'));
+        -- Stored as an integer (2.0 -> 2): finishing a run casts it to bigint.
+        RETURN p_params || jsonb_build_object('step',
+            pgbeat.parse_number('params.step', coalesce(p_params->'step', '1'), -1e9, 1e9, true)::bigint);
     WHEN 'http' THEN
         PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['url', 'method', 'expect_status']);
         url := pgbeat.parse_text('params.url', coalesce(p_params->'url', '"https://httpbin.org/status/200"'), 2048);
@@ -164,7 +172,8 @@ BEGIN
             PERFORM pgbeat.raise_invalid('params.method', 'must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS');
         END IF;
         IF p_params ? 'expect_status' THEN
-            PERFORM pgbeat.parse_number('params.expect_status', p_params->'expect_status', 100, 599, true);
+            p_params := p_params || jsonb_build_object('expect_status',
+                pgbeat.parse_number('params.expect_status', p_params->'expect_status', 100, 599, true)::integer);
         END IF;
         RETURN p_params || jsonb_build_object('url', url, 'method', upper(coalesce(p_params->>'method', 'GET')));
     ELSE
@@ -183,6 +192,29 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         (extract(epoch FROM p_after - p_anchor) * 1000000)::numeric
         / (extract(epoch FROM p_every) * 1000000)::numeric) + 1)
 $$;
+
+-- An IANA time zone name as the tz database spells it ('europe/paris' ->
+-- 'Europe/Paris'), because croniter (zoneinfo) is case-sensitive; POSIX specs
+-- such as 'UTC+3', which PostgreSQL accepts but zoneinfo does not, are refused.
+CREATE FUNCTION pgbeat.canonical_time_zone(p_field text, p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    saved text := current_setting('timezone');
+    canonical text;
+BEGIN
+    BEGIN
+        PERFORM set_config('timezone', p_name, true);
+        canonical := current_setting('timezone');
+    EXCEPTION WHEN invalid_parameter_value THEN
+        canonical := NULL;
+    END;
+    PERFORM set_config('timezone', saved, true);
+    IF canonical IS NULL OR canonical !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$' THEN
+        PERFORM pgbeat.raise_invalid(p_field, format('unknown time zone %s (use an IANA name such as "Europe/Paris")',
+                                                     to_jsonb(p_name)));
+    END IF;
+    RETURN canonical;
+END $$;
 
 -- Apply a schedule object ({"every"} | {"at"} | {"in"} | {"cron","timezone"})
 -- to a task row in memory: sets every/anchor/run_at/cron/timezone/next_run_at.
@@ -236,12 +268,8 @@ BEGIN
             PERFORM pgbeat.raise_invalid('schedule.cron', format('%s has characters cron does not use', to_jsonb(t.cron)));
         END IF;
         IF p_schedule ? 'timezone' THEN
-            t.timezone := pgbeat.parse_text('schedule.timezone', p_schedule->'timezone', 64);
-            BEGIN
-                PERFORM now() AT TIME ZONE t.timezone;
-            EXCEPTION WHEN invalid_parameter_value THEN
-                PERFORM pgbeat.raise_invalid('schedule.timezone', format('unknown time zone %s', p_schedule->'timezone'));
-            END;
+            t.timezone := pgbeat.canonical_time_zone('schedule.timezone',
+                pgbeat.parse_text('schedule.timezone', p_schedule->'timezone', 64));
         END IF;
         IF p_first_slot IS NULL THEN
             PERFORM pgbeat.raise_invalid('schedule.cron', 'the first slot must be computed by the caller (croniter)');
@@ -336,6 +364,10 @@ BEGIN
         PERFORM pgbeat.raise_invalid('schedule', 'is required');
     END IF;
     t := pgbeat.apply_schedule(t, p_spec->'schedule', p_first_slot);
+    IF t.next_run_at IS NULL THEN
+        -- A task that could never run is a mistake, not a task.
+        PERFORM pgbeat.raise_invalid('until', format('%s is before the first slot', p_spec->'until'));
+    END IF;
     INSERT INTO pgbeat.tasks (name, kind, params, every, run_at, cron, timezone, anchor, until, max_runs,
                               timeout, paused, next_run_at, overlap_policy, misfire_policy, misfire_grace,
                               max_retries, retry_backoff)

@@ -101,6 +101,9 @@ DECLARE
     nxt timestamptz;
     latest timestamptz;
 BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
+    END IF;
     FOR t IN SELECT * FROM pgbeat.tasks tk
               WHERE tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NULL
               ORDER BY tk.next_run_at LIMIT p_limit
@@ -124,11 +127,16 @@ END $$;
 CREATE FUNCTION pgbeat.due_cron_tasks(p_limit integer DEFAULT 1000)
 -- db_now is the database's clock, which the caller's cron maths must use.
 RETURNS TABLE (task_id integer, next_run_at timestamptz, cron text, timezone text, db_now timestamptz)
-LANGUAGE sql STABLE AS $$
-    SELECT id, next_run_at, cron, timezone, now() FROM pgbeat.tasks
-     WHERE next_run_at <= now() AND NOT paused AND cron IS NOT NULL
-     ORDER BY next_run_at LIMIT p_limit
-$$;
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
+    END IF;
+    RETURN QUERY
+    SELECT tk.id, tk.next_run_at, tk.cron, tk.timezone, now() FROM pgbeat.tasks tk
+     WHERE tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NOT NULL
+     ORDER BY tk.next_run_at LIMIT p_limit;
+END $$;
 
 -- Fire cron slots computed by the caller:
 --   p_slots = [{"task_id": 7, "slot": <next_run_at it saw>, "latest": ..., "next": ..., "missed": 0}, ...]
@@ -141,20 +149,42 @@ LANGUAGE plpgsql AS $$
 DECLARE
     s jsonb;
     t pgbeat.tasks;
+    i integer := -1;
+    f text;
+    tid integer;
+    slot timestamptz;
+    latest timestamptz;
+    nxt timestamptz;
+    n_missed integer;
 BEGIN
+    IF p_slots IS NULL OR jsonb_typeof(p_slots) <> 'array' THEN
+        PERFORM pgbeat.raise_invalid('slots', 'must be a JSON array');
+    END IF;
     FOR s IN SELECT * FROM jsonb_array_elements(p_slots) LOOP
+        i := i + 1;
+        f := format('slots[%s]', i);
+        IF jsonb_typeof(s) <> 'object' THEN
+            PERFORM pgbeat.raise_invalid(f, 'must be an object');
+        END IF;
+        PERFORM pgbeat.reject_unknown_keys(f, s, ARRAY['task_id', 'slot', 'latest', 'next', 'missed']);
+        tid := pgbeat.parse_number(f || '.task_id', s->'task_id', 1, 2147483647, true);
+        slot := pgbeat.parse_timestamp(f || '.slot', s->'slot');
+        latest := pgbeat.parse_timestamp(f || '.latest', s->'latest');
+        nxt := pgbeat.parse_timestamp(f || '.next', s->'next');
+        n_missed := pgbeat.parse_number(f || '.missed', coalesce(s->'missed', '0'), 0, 2147483647, true);
+        IF slot IS NULL OR latest IS NULL THEN
+            PERFORM pgbeat.raise_invalid(f || CASE WHEN slot IS NULL THEN '.slot' ELSE '.latest' END, 'is required');
+        ELSIF latest < slot OR latest > now() THEN
+            PERFORM pgbeat.raise_invalid(f || '.latest', 'must be between the slot and now');
+        ELSIF nxt <= latest THEN
+            PERFORM pgbeat.raise_invalid(f || '.next', 'must be after latest (or null: no more slots)');
+        END IF;
         SELECT * INTO t FROM pgbeat.tasks tk
-         WHERE tk.id = (s->>'task_id')::integer AND tk.next_run_at = (s->>'slot')::timestamptz
+         WHERE tk.id = tid AND tk.next_run_at = slot
            AND tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NOT NULL
         FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
-        IF (s->>'latest')::timestamptz < t.next_run_at OR (s->>'latest')::timestamptz > now()
-           OR (s->>'next')::timestamptz <= (s->>'latest')::timestamptz THEN
-            RAISE EXCEPTION 'fire_cron_slots: slots for task % are inconsistent: %', t.id, s
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-        RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, (s->>'latest')::timestamptz,
-            (s->>'next')::timestamptz, coalesce((s->>'missed')::integer, 0));
+        RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt, n_missed);
     END LOOP;
 END $$;
 

@@ -67,6 +67,7 @@ END $$;
 -- in a WHERE clause, so a lock is only ever taken for a run this call returns.
 -- Tasks whose lock this session already holds are skipped: locks stack, and a
 -- second claim would let one task overlap itself on one worker.
+-- The loop only takes locks; the runs are then marked running in one statement.
 CREATE FUNCTION pgbeat.claim_runs(p_daemon_id integer, p_limit integer DEFAULT 1)
 RETURNS TABLE (run_id bigint, task_id integer, kind text, params jsonb, timeout double precision,
                scheduled_for timestamptz, attempt integer, started_at timestamptz)
@@ -75,7 +76,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     held integer[] := pgbeat.held_task_locks();
     c record;
+    run_ids bigint[] := '{}';
+    task_ids integer[] := '{}';
     orphans bigint[];
+    claimed integer;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
         PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
@@ -88,28 +92,36 @@ BEGIN
         CONTINUE WHEN c.task_id = ANY (held);
         CONTINUE WHEN NOT pg_try_advisory_lock(pgbeat.task_lock_ns(), c.task_id);
         held := held || c.task_id;
-        -- Holding the lock proves that any run of this task still marked
-        -- running lost its worker (rule 5).
-        orphans := ARRAY(SELECT r.id FROM pgbeat.runs r WHERE r.task_id = c.task_id AND r.state = 'running');
-        IF cardinality(orphans) > 0 THEN
-            PERFORM pgbeat.abandon_runs(orphans, 'worker lost its database session');
-        END IF;
-        -- Re-check the run now that the lock is ours.
-        RETURN QUERY
+        run_ids := run_ids || c.id;
+        task_ids := task_ids || c.task_id;
+        EXIT WHEN cardinality(run_ids) = p_limit;
+    END LOOP;
+    IF cardinality(run_ids) = 0 THEN
+        RETURN;
+    END IF;
+    -- Holding the locks proves that any run of these tasks still marked
+    -- running lost its worker (rule 5).
+    orphans := ARRAY(SELECT r.id FROM pgbeat.runs r WHERE r.task_id = ANY (task_ids) AND r.state = 'running');
+    IF cardinality(orphans) > 0 THEN
+        PERFORM pgbeat.abandon_runs(orphans, 'worker lost its database session');
+    END IF;
+    -- Re-check the runs now that the locks are ours; return them in claim order.
+    RETURN QUERY
+    WITH started AS (
         UPDATE pgbeat.runs r
            SET state = 'running', started_at = clock_timestamp(), daemon_id = p_daemon_id,
                backend_pid = pg_backend_pid()
           FROM pgbeat.tasks t
-         WHERE r.id = c.id AND r.state = 'pending' AND t.id = r.task_id
-        RETURNING r.id, r.task_id, r.kind, t.params, t.timeout, r.scheduled_for, r.attempt, r.started_at;
-        IF NOT FOUND THEN
-            PERFORM pg_advisory_unlock(pgbeat.task_lock_ns(), c.task_id);
-            held := array_remove(held, c.task_id);
-            CONTINUE;
-        END IF;
-        p_limit := p_limit - 1;
-        EXIT WHEN p_limit = 0;
-    END LOOP;
+         WHERE r.id = ANY (run_ids) AND r.state = 'pending' AND t.id = r.task_id
+        RETURNING r.id, r.task_id, r.kind, t.params, t.timeout, r.scheduled_for, r.attempt, r.started_at)
+    SELECT * FROM started ORDER BY array_position(run_ids, started.id);
+    GET DIAGNOSTICS claimed = ROW_COUNT;
+    IF claimed < cardinality(run_ids) THEN
+        -- A run that changed before we held its lock: keep no lock for it.
+        PERFORM pg_advisory_unlock(pgbeat.task_lock_ns(), r.task_id)
+           FROM pgbeat.runs r
+          WHERE r.id = ANY (run_ids) AND (r.state <> 'running' OR r.backend_pid <> pg_backend_pid());
+    END IF;
 END $$;
 
 -- Finish runs this session claimed, in one transaction: state, result, error,
@@ -121,48 +133,75 @@ RETURNS TABLE (run_id bigint, task_id integer, state text, result jsonb, applied
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    bad integer;
+    done_ids bigint[];
+    done pgbeat.runs[];
     r pgbeat.runs;
-    t pgbeat.tasks;
-    res jsonb;
-    counter_name text;
-    counter_value bigint;
 BEGIN
     IF cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_states)
        OR cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_results)
        OR cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_errors) THEN
         PERFORM pgbeat.raise_invalid('runs', 'ids, states, results and errors must have the same length');
     END IF;
-    FOR i IN 1 .. coalesce(cardinality(p_run_ids), 0) LOOP
-        IF p_states[i] IS NULL OR p_states[i] NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') THEN
+    -- Every outcome is checked before anything is written; the first bad one is reported.
+    SELECT i INTO bad FROM generate_subscripts(p_run_ids, 1) AS i
+     WHERE p_states[i] IS NULL OR p_states[i] NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled')
+        OR (p_results[i] IS NOT NULL AND jsonb_typeof(p_results[i]) <> 'object')
+     ORDER BY i LIMIT 1;
+    IF bad IS NOT NULL THEN
+        IF p_states[bad] IS NULL OR p_states[bad] NOT IN ('succeeded', 'failed', 'timed_out', 'cancelled') THEN
             PERFORM pgbeat.raise_invalid('state', format('%s is not a finished state (succeeded, failed, timed_out, cancelled)',
-                                                          coalesce(p_states[i], 'null')));
+                                                          coalesce(p_states[bad], 'null')));
         END IF;
-        IF p_results[i] IS NOT NULL AND jsonb_typeof(p_results[i]) <> 'object' THEN
-            PERFORM pgbeat.raise_invalid('result', 'must be a JSON object');
+        PERFORM pgbeat.raise_invalid('result', 'must be a JSON object');
+    END IF;
+    -- Lock the runs in id order (finishers never deadlock), then finish in one
+    -- statement those still running on this session. A repeated id is finished by
+    -- its first occurrence. Counters are incremented in name order, once per
+    -- counter, and each run's result shows the value its own increment reached.
+    PERFORM 1 FROM pgbeat.runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE;
+    WITH mine AS (
+        SELECT DISTINCT ON (u.id) u.id, u.state, coalesce(u.result, '{}') AS result, u.error, u.ord,
+               CASE WHEN rn.kind = 'counter' AND u.state = 'succeeded'
+                    THEN coalesce(t.params->>'counter', 'task:' || rn.task_id) END AS counter_name,
+               (t.params->>'step')::bigint AS step
+          FROM unnest(p_run_ids, p_states, p_results, p_errors) WITH ORDINALITY AS u(id, state, result, error, ord)
+          JOIN pgbeat.runs rn ON rn.id = u.id
+          JOIN pgbeat.tasks t ON t.id = rn.task_id
+         WHERE rn.state = 'running' AND rn.backend_pid = pg_backend_pid()
+         ORDER BY u.id, u.ord
+    ), counted AS (
+        INSERT INTO pgbeat.counters AS c (name, value)
+        SELECT m.counter_name, sum(m.step)::bigint FROM mine m
+         WHERE m.counter_name IS NOT NULL GROUP BY m.counter_name ORDER BY m.counter_name
+        ON CONFLICT (name) DO UPDATE SET value = c.value + excluded.value, updated_at = now()
+        RETURNING c.name, c.value
+    ), outcomes AS (
+        SELECT m.*, CASE WHEN m.counter_name IS NULL THEN m.result
+                         ELSE m.result || jsonb_build_object('counter', m.counter_name, 'step', m.step,
+                             'value', k.value - coalesce(sum(m.step) OVER (PARTITION BY m.counter_name ORDER BY m.ord
+                                                 ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING), 0)) END AS final
+          FROM mine m LEFT JOIN counted k ON k.name = m.counter_name
+    ), finished AS (
+        UPDATE pgbeat.runs rn
+           SET state = o.state, finished_at = greatest(clock_timestamp(), rn.started_at),
+               result = o.final, error = o.error
+          FROM outcomes o
+         WHERE rn.id = o.id
+        RETURNING rn.id, rn
+    )
+    SELECT array_agg(f.id), array_agg(f.rn) INTO done_ids, done FROM finished f;
+    FOREACH r IN ARRAY coalesce(done, '{}') LOOP
+        IF r.state IN ('failed', 'timed_out') THEN
+            PERFORM pgbeat.schedule_retry(r);
         END IF;
-        SELECT * INTO r FROM pgbeat.runs WHERE id = p_run_ids[i] FOR UPDATE;
-        IF NOT FOUND OR r.state <> 'running' OR r.backend_pid <> pg_backend_pid() THEN
-            RETURN QUERY SELECT p_run_ids[i], r.task_id, r.state, r.result, false;
-            CONTINUE;
-        END IF;
-        res := coalesce(p_results[i], '{}');
-        IF r.kind = 'counter' AND p_states[i] = 'succeeded' THEN
-            SELECT * INTO t FROM pgbeat.tasks WHERE id = r.task_id;
-            counter_name := coalesce(t.params->>'counter', 'task:' || r.task_id);
-            INSERT INTO pgbeat.counters AS c (name, value) VALUES (counter_name, (t.params->>'step')::bigint)
-            ON CONFLICT (name) DO UPDATE SET value = c.value + excluded.value, updated_at = now()
-            RETURNING c.value INTO counter_value;
-            res := res || jsonb_build_object('counter', counter_name, 'step', (t.params->>'step')::bigint,
-                                             'value', counter_value);
-        END IF;
-        UPDATE pgbeat.runs
-           SET state = p_states[i], finished_at = greatest(clock_timestamp(), started_at),
-               result = res, error = p_errors[i]
-         WHERE id = r.id
-        RETURNING * INTO r;
-        PERFORM pgbeat.schedule_retry(r);
-        RETURN QUERY SELECT r.id, r.task_id, r.state, r.result, true;
     END LOOP;
+    RETURN QUERY
+    SELECT u.id, rn.task_id, rn.state, rn.result,
+           coalesce(u.id = ANY (done_ids) AND u.ord = min(u.ord) OVER (PARTITION BY u.id), false)
+      FROM unnest(p_run_ids) WITH ORDINALITY AS u(id, ord)
+      LEFT JOIN pgbeat.runs rn ON rn.id = u.id
+     ORDER BY u.ord;
 END $$;
 
 CREATE FUNCTION pgbeat.finish_run(p_run_id bigint, p_state text, p_result jsonb DEFAULT NULL,
@@ -241,15 +280,29 @@ BEGIN
 END $$;
 
 CREATE FUNCTION pgbeat.heartbeat_daemon(p_id integer) RETURNS void
-LANGUAGE sql AS $$
-    UPDATE pgbeat.daemons SET heartbeat_at = now() WHERE id = p_id
-$$;
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE pgbeat.daemons SET heartbeat_at = now() WHERE id = p_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'daemon % not found', p_id USING ERRCODE = 'no_data_found';
+    END IF;
+END $$;
 
+-- Stopping twice is harmless; the lock is released only if this session holds it.
 CREATE FUNCTION pgbeat.stop_daemon(p_id integer) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM pgbeat.daemons WHERE id = p_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'daemon % not found', p_id USING ERRCODE = 'no_data_found';
+    END IF;
     UPDATE pgbeat.daemons SET stopped_at = now() WHERE id = p_id AND stopped_at IS NULL;
-    SELECT pg_advisory_unlock(pgbeat.daemon_lock_ns(), p_id);
-$$;
+    IF EXISTS (SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_backend_pid()
+                  AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2 AND l.objid = p_id::oid) THEN
+        PERFORM pg_advisory_unlock(pgbeat.daemon_lock_ns(), p_id);
+    END IF;
+END $$;
 
 -- Record as stopped the daemons whose lock nobody holds (killed, or lost their session).
 CREATE FUNCTION pgbeat.reap_dead_daemons() RETURNS integer
