@@ -49,6 +49,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     r pgbeat.runs;
     n integer := 0;
+    task_ids integer[] := '{}';
 BEGIN
     FOR r IN UPDATE pgbeat.runs
                 SET state = 'abandoned', finished_at = greatest(now(), started_at), error = p_reason
@@ -56,8 +57,15 @@ BEGIN
              RETURNING *
     LOOP
         PERFORM pgbeat.schedule_retry(r);
+        task_ids := task_ids || r.task_id;
         n := n + 1;
     END LOOP;
+    -- A run that waited behind an abandoned one (coalesced slots send no
+    -- notification) can start now: wake the workers, as release_task_locks does.
+    IF EXISTS (SELECT 1 FROM pgbeat.runs WHERE runs.task_id = ANY (task_ids) AND state = 'pending'
+                                          AND due_at <= now()) THEN
+        PERFORM pg_notify('pgbeat_worker', '');
+    END IF;
     RETURN n;
 END $$;
 
