@@ -1,0 +1,317 @@
+"""The scheduler as real `pgbeat scheduler` processes (with real `pgbeat worker`s) against
+a real PostgreSQL: the fixed grid and its lateness, one-shots, cron with seconds,
+wake-up by notification, no polling when idle, several schedulers at once.
+
+Timing assertions are loose on purpose: the machine is small and shared. The
+figures measured are printed (pytest -s) and written to the test's log directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from pgbeat import schedules
+from pgbeat.fleet import Fleet, Process
+
+T = TypeVar("T")
+
+
+# --- helpers (also used by test_recovery.py and test_serve.py) -----------------------------------
+
+
+def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        cur = conn.execute(sql, args)
+        return cur.fetchall() if cur.description else []
+
+
+def create_task(url: str, spec: dict[str, Any], first_cron_slot: datetime | None = None) -> dict[str, Any]:
+    return query(url, "SELECT * FROM pgbeat.create_task(%s, %s)", Jsonb(spec), first_cron_slot)[0]
+
+
+def runs_of(url: str, task_id: int) -> list[dict[str, Any]]:
+    return query(url, "SELECT * FROM pgbeat.runs WHERE task_id = %s ORDER BY scheduled_for, attempt", task_id)
+
+
+def task(url: str, task_id: int) -> dict[str, Any]:
+    return query(url, "SELECT * FROM pgbeat.tasks WHERE id = %s", task_id)[0]
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 30, every: float = 0.1) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def live_daemons(url: str, role: str) -> list[dict[str, Any]]:
+    return query(url, "SELECT * FROM pgbeat.live_daemons WHERE role = %s", role)
+
+
+def start(fleet: Fleet, role: str, n: int = 1, *args: str) -> list[Process]:
+    """Start n processes of a role and wait until each has registered."""
+    before = len(live_daemons(fleet.database_url, role))
+    procs = [fleet.start(role, *args) for _ in range(n)]
+
+    def ready() -> bool:
+        for p in procs:
+            assert p.alive(), f"{role} exited with {p.proc.returncode}:\n{p.log()}"
+        return len(live_daemons(fleet.database_url, role)) >= before + n
+
+    wait_for(f"{n} {role}(s) to register", ready)
+    return procs
+
+
+def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
+    events = []
+    for line in process.log().splitlines():
+        if line.startswith("{"):
+            doc = json.loads(line)
+            if doc.get("event") == event:
+                events.append(doc)
+    return events
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def assert_no_overlap(runs: list[dict[str, Any]]) -> None:
+    started = sorted((r for r in runs if r["started_at"] is not None), key=lambda r: r["started_at"])
+    for a, b in itertools.pairwise(started):
+        assert a["finished_at"] is not None and a["finished_at"] <= b["started_at"], (
+            f"run {a['id']} overlaps run {b['id']}"
+        )
+
+
+def assert_every_slot_accounted_once(url: str, task_id: int) -> int:
+    """Every grid slot before the task's next_run_at is covered by exactly one run: its
+    own row, or counted in the `coalesced` of the run it was folded into. Returns the
+    number of slots. Read in one statement, so tasks and runs are one snapshot."""
+    row = query(
+        url,
+        """
+        SELECT round(extract(epoch FROM t.next_run_at - t.anchor) / extract(epoch FROM t.every))::int
+                   AS slots,
+               (SELECT coalesce(sum(1 + r.coalesced), 0)::int FROM pgbeat.runs r
+                 WHERE r.task_id = t.id AND r.attempt = 1 AND r.scheduled_for < t.next_run_at) AS covered,
+               (SELECT count(*)::int FROM pgbeat.runs r
+                 WHERE r.task_id = t.id AND r.attempt = 1
+                   AND extract(epoch FROM r.scheduled_for - t.anchor)
+                       <> round(extract(epoch FROM r.scheduled_for - t.anchor) / extract(epoch FROM t.every))
+                          * extract(epoch FROM t.every)) AS off_grid
+          FROM pgbeat.tasks t WHERE t.id = %s
+        """,
+        task_id,
+    )[0]
+    assert row["off_grid"] == 0, "a run's slot is not on the task's grid"
+    assert row["covered"] == row["slots"], f"{row['slots']} slots fired, runs cover {row['covered']}"
+    return row["slots"]
+
+
+def report(fleet: Fleet, name: str, **figures: Any) -> None:
+    """Print measured figures and keep them next to the test's logs."""
+    line = json.dumps({"test": name, **figures}, default=str)
+    print(line)
+    fleet.log_dir.mkdir(parents=True, exist_ok=True)
+    with open(fleet.log_dir / "figures.jsonl", "a") as out:
+        out.write(line + "\n")
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_every_second_task_runs_on_its_grid_with_small_lateness(db_url, fleet):
+    (scheduler,) = start(fleet, "scheduler")
+    start(fleet, "worker")
+    t = create_task(db_url, {"kind": "counter", "schedule": {"every": "1s"}})
+    time.sleep(8.5)
+    assert scheduler.terminate() == 0
+
+    runs = runs_of(db_url, t["id"])
+    assert len(runs) >= 7, runs
+    anchor = t["anchor"]
+    for k, run in enumerate(runs):
+        assert run["scheduled_for"] == anchor + timedelta(seconds=k)  # exactly on the grid, no drift
+        assert run["coalesced"] == 0
+    done = [r for r in runs if r["state"] == "succeeded"]
+    assert len(done) >= len(runs) - 1  # the last may still be pending or running at the end
+    assert_every_slot_accounted_once(db_url, t["id"])
+
+    run_lateness = [(r["started_at"] - r["scheduled_for"]).total_seconds() * 1000 for r in done]
+    decided = [e for e in logged_events(scheduler, "slot_fired") if e["task_id"] == t["id"]]
+    assert [e["outcome"] for e in decided] == ["queued"] * len(runs)
+    assert [e["slot"] for e in decided] == [r["scheduled_for"].isoformat() for r in runs]
+    scheduler_lateness = [e["lateness_ms"] for e in decided]
+    report(
+        fleet,
+        "every_1s_lateness_ms",
+        scheduler_p50=round(statistics.median(scheduler_lateness), 3),
+        scheduler_p99=round(percentile(scheduler_lateness, 99), 3),
+        run_start_p50=round(statistics.median(run_lateness), 3),
+        run_start_p99=round(percentile(run_lateness, 99), 3),
+        runs=len(runs),
+    )
+    assert all(lateness >= 0 for lateness in scheduler_lateness)  # never early
+    assert statistics.median(scheduler_lateness) < 25  # target ~2 ms; loose on a shared machine
+    assert statistics.median(run_lateness) < 50
+
+
+def test_one_shot_at_runs_exactly_once(db_url, fleet):
+    start(fleet, "scheduler")
+    start(fleet, "worker")
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+    t = create_task(db_url, {"kind": "counter", "schedule": {"at": at.isoformat()}})
+    wait_for("the one-shot run", lambda: [r for r in runs_of(db_url, t["id"]) if r["state"] == "succeeded"])
+    time.sleep(2)
+    runs = runs_of(db_url, t["id"])
+    assert len(runs) == 1
+    assert runs[0]["scheduled_for"] == at
+    assert runs[0]["started_at"] >= at
+    after = task(db_url, t["id"])
+    assert after["next_run_at"] is None and after["fired"] == 1
+    assert (
+        query(db_url, "SELECT status FROM pgbeat.task_status WHERE id = %s", t["id"])[0]["status"]
+        == "complete"
+    )
+
+
+def test_one_shot_in_runs_after_its_delay(db_url, fleet):
+    start(fleet, "scheduler")
+    start(fleet, "worker")
+    t = create_task(db_url, {"kind": "counter", "schedule": {"in": "2s"}})
+    assert t["run_at"] - t["created_at"] == timedelta(seconds=2)
+    runs = wait_for("the run", lambda: [r for r in runs_of(db_url, t["id"]) if r["state"] == "succeeded"])
+    time.sleep(1.5)
+    assert len(runs_of(db_url, t["id"])) == 1
+    assert runs[0]["scheduled_for"] == t["run_at"]
+    assert task(db_url, t["id"])["next_run_at"] is None
+
+
+def test_cron_with_a_seconds_field_fires_on_its_seconds(db_url, fleet):
+    start(fleet, "scheduler")
+    start(fleet, "worker")
+    expr = "* * * * * */2"  # every even second (croniter's 6th field)
+    first = schedules.next_cron_slot(expr, "UTC", datetime.now(UTC) + timedelta(seconds=1))
+    t = create_task(db_url, {"kind": "counter", "schedule": {"cron": expr}}, first)
+    time.sleep(8)
+    runs = runs_of(db_url, t["id"])
+    assert len(runs) >= 3
+    for run in runs:
+        assert run["scheduled_for"].second % 2 == 0 and run["scheduled_for"].microsecond == 0
+    slots = [r["scheduled_for"] for r in runs]
+    assert slots[0] == first
+    assert all(b - a == timedelta(seconds=2) for a, b in itertools.pairwise(slots))
+    assert sum(1 + r["coalesced"] for r in runs) == len(runs)  # nothing missed
+    assert task(db_url, t["id"])["next_run_at"] == slots[-1] + timedelta(seconds=2)
+
+
+def test_cron_until_and_max_runs_complete_the_task(db_url, fleet):
+    start(fleet, "scheduler")
+    first = schedules.next_cron_slot("* * * * * *", "UTC", datetime.now(UTC) + timedelta(seconds=1))
+    capped = create_task(
+        db_url, {"kind": "counter", "max_runs": 2, "schedule": {"cron": "* * * * * *"}}, first
+    )
+    until = datetime.now(UTC) + timedelta(seconds=2.5)
+    bounded = create_task(
+        db_url, {"kind": "counter", "until": until.isoformat(), "schedule": {"every": "1s"}}
+    )
+    wait_for(
+        "both tasks to complete",
+        lambda: not query(db_url, "SELECT 1 FROM pgbeat.tasks WHERE next_run_at IS NOT NULL"),
+    )
+    # No worker: the first run stays pending and the second slot is folded into it.
+    assert sum(1 + r["coalesced"] for r in runs_of(db_url, capped["id"])) == 2
+    bounded_runs = runs_of(db_url, bounded["id"])
+    assert bounded_runs and all(r["scheduled_for"] <= until for r in bounded_runs)
+
+
+def test_a_new_task_wakes_the_sleeping_scheduler(db_url, fleet):
+    """The idle scheduler sleeps up to its 30 s safety poll; the notification of a new
+    task due in 1 s must re-plan its wake-up."""
+    (scheduler,) = start(fleet, "scheduler")
+    far = create_task(db_url, {"kind": "counter", "schedule": {"in": "1h"}})
+    time.sleep(1)
+    soon = create_task(db_url, {"kind": "counter", "schedule": {"in": "1s"}})
+    run = wait_for("the run", lambda: runs_of(db_url, soon["id"]), timeout=10)[0]
+    lateness = (run["created_at"] - run["scheduled_for"]).total_seconds() * 1000
+    assert lateness < 100, lateness
+    assert not runs_of(db_url, far["id"])
+    assert scheduler.alive()
+
+
+def test_idle_scheduler_does_not_poll(db_url, fleet):
+    """With nothing due, the scheduling session sends nothing for many seconds (only the
+    slow safety poll); heartbeat and reaper use the side pool."""
+    (scheduler,) = start(fleet, "scheduler")
+    create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
+    time.sleep(1)
+    pid = live_daemons(db_url, "scheduler")[0]["backend_pid"]
+
+    def last_query_start() -> datetime:
+        return query(db_url, "SELECT query_start FROM pg_stat_activity WHERE pid = %s", pid)[0]["query_start"]
+
+    before = last_query_start()
+    time.sleep(8)
+    assert last_query_start() == before  # the scheduling session stayed silent
+    assert scheduler.alive()
+
+
+def test_pause_resume_and_update_are_seen_at_once(db_url, fleet):
+    start(fleet, "scheduler")
+    t = create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
+    query(db_url, """SELECT pgbeat.update_task(%s, '{"schedule": {"every": "1s"}}')""", t["id"])
+    wait_for("a run of the updated schedule", lambda: runs_of(db_url, t["id"]), timeout=5)
+    query(db_url, "SELECT pgbeat.pause_task(%s)", t["id"])
+    paused_count = len(runs_of(db_url, t["id"]))
+    time.sleep(2.5)
+    assert len(runs_of(db_url, t["id"])) == paused_count
+    query(db_url, "SELECT pgbeat.resume_task(%s)", t["id"])
+    wait_for("runs after resume", lambda: len(runs_of(db_url, t["id"])) > paused_count, timeout=5)
+
+
+def test_several_schedulers_never_materialise_a_slot_twice(db_url, fleet):
+    schedulers = start(fleet, "scheduler", 3)
+    start(fleet, "worker", 1, "--concurrency", "16")
+    expr = "* * * * * *"
+    first = schedules.next_cron_slot(expr, "UTC", datetime.now(UTC) + timedelta(seconds=1))
+    interval_ids = [
+        create_task(db_url, {"kind": "counter", "schedule": {"every": every}})["id"]
+        for every in ("1s", "1s", "0.5s", "0.5s", "0.3s", "2s")
+    ]
+    cron_id = create_task(db_url, {"kind": "counter", "schedule": {"cron": expr}}, first)["id"]
+    time.sleep(8)
+    for s in schedulers:
+        assert s.terminate() == 0
+
+    decisions = [e for s in schedulers for e in logged_events(s, "slot_fired")]
+    assert {e["outcome"] for e in decisions} <= {"queued", "coalesced"}
+    decided_slots = [(e["task_id"], e["slot"]) for e in decisions]
+    assert len(decided_slots) == len(set(decided_slots)), "a slot was decided twice"
+    assert sum(1 for s in schedulers if logged_events(s, "slot_fired")) >= 2  # they really shared the work
+    for task_id in interval_ids:
+        slots = assert_every_slot_accounted_once(db_url, task_id)
+        assert slots >= 3
+    cron_runs = runs_of(db_url, cron_id)
+    assert len(cron_runs) >= 6
+    assert sum(1 + r["coalesced"] for r in cron_runs) == len(
+        {e["slot"] for e in decisions if e["task_id"] == cron_id}
+    )
+    counters = query(db_url, "SELECT value FROM pgbeat.counters ORDER BY name")
+    succeeded = query(db_url, "SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'succeeded'")[0]["n"]
+    assert sum(c["value"] for c in counters) == succeeded
