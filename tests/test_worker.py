@@ -81,23 +81,13 @@ def start_workers(fleet: Fleet, n: int, *args: str, env: dict[str, str] | None =
 
 
 @contextmanager
-def materializing(url: str, every: float = 0.05) -> Iterator[None]:
-    """Turn due slots into runs while the block runs (what `pgbeat scheduler` does)."""
-    stop = threading.Event()
-
-    def loop() -> None:
-        with psycopg.connect(url, autocommit=True) as conn:
-            while not stop.is_set():
-                conn.execute("SELECT * FROM pgbeat.materialize_due_runs()")
-                stop.wait(every)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
+def scheduling(fleet: Fleet) -> Iterator[Process]:
+    """A `pgbeat scheduler` turning due slots into runs while the block runs."""
+    scheduler = fleet.start("scheduler")
     try:
-        yield
+        yield scheduler
     finally:
-        stop.set()
-        thread.join(5)
+        assert scheduler.terminate() == 0, scheduler.log()
 
 
 def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
@@ -174,7 +164,7 @@ def closed_port() -> int:
 def test_sleep_3_every_1s_on_three_workers_never_overlaps_and_coalesces(db_url, fleet):
     workers = start_workers(fleet, 3, "--concurrency", "4")
     task_id = create_task(db_url, {"kind": "sleep", "params": {"seconds": 3}, "schedule": {"every": 1}})
-    with materializing(db_url):
+    with scheduling(fleet):
         time.sleep(11)
     for w in workers:
         assert w.terminate() == 0  # drains: the running one finishes
@@ -221,7 +211,7 @@ def test_kill_9_mid_run_is_abandoned_and_the_next_slot_runs_on_another_worker(db
     task_id = create_task(
         db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
     )
-    with materializing(db_url):
+    with scheduling(fleet):
         running = wait_for(
             "a running run", lambda: [r for r in runs_of(db_url, task_id) if r["state"] == "running"]
         )[0]
@@ -371,7 +361,7 @@ def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fle
     ]
     for spec in specs:
         create_task(db_url, {**spec, "schedule": {"every": 0.2}})
-    with materializing(db_url):
+    with scheduling(fleet):
         time.sleep(4)
         workers[0].kill()  # chaos: a worker dies at an arbitrary moment
         workers.append(fleet.start("worker", "--concurrency", "2"))
@@ -397,7 +387,7 @@ def test_lost_session_cancels_runs_in_flight_and_the_worker_reconnects(db_url, f
     task_id = create_task(
         db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
     )
-    with materializing(db_url):
+    with scheduling(fleet):
         running = wait_for(
             "a running run", lambda: [r for r in runs_of(db_url, task_id) if r["state"] == "running"]
         )[0]
