@@ -95,7 +95,9 @@ def row_counts(conn: psycopg.Connection) -> dict[str, Any]:
                   (SELECT count(*) FROM pgbeat.daemons) AS daemons,
                   (SELECT md5(string_agg(t::text, ',' ORDER BY id)) FROM pgbeat.tasks t) AS tasks_md5,
                   (SELECT md5(string_agg(r::text, ',' ORDER BY id)) FROM pgbeat.runs r) AS runs_md5,
-                  (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory') AS advisory_locks"""
+                  (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+                   AS advisory_locks"""
     ).fetchone()
 
 
