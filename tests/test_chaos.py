@@ -3,14 +3,16 @@ and the 60-second chaos run itself (marked `chaos`)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgbeat import chaos
+from pgbeat import chaos, daemon
 
 COUNTER_STEP = 2
 SLOTS = 29  # the healthy task ran slots 1..29 of its 1 s grid
@@ -298,3 +300,26 @@ def test_waiting_behind_the_previous_run_is_not_lateness(conn, healthy):
         conn, sleeper, s + timedelta(seconds=1), started_at=second, finished_at=second + timedelta(seconds=3)
     )
     assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []
+
+
+# --- regressions found by the chaos run ---
+
+
+async def test_a_daemon_reconnects_when_asyncpg_loses_track_of_a_terminated_session():
+    """Chaos run, PostgreSQL restart: both schedulers exited with asyncpg's
+    InternalClientError ("cannot switch to state 12; another operation (2) is in
+    progress") instead of reconnecting, and no slot fired again."""
+    stop = asyncio.Event()
+    calls = 0
+
+    async def session_main() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncpg.InternalClientError(
+                "cannot switch to state 12; another operation (2) is in progress"
+            )
+        stop.set()
+
+    await daemon.run_forever("scheduler", stop, session_main)
+    assert calls == 2

