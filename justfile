@@ -81,3 +81,7 @@ kind-up:
 # Delete the kind cluster and everything in it.
 kind-down:
     kind delete cluster --name pgbeat
+
+# The soak-and-chaos run: faults for DURATION seconds, then the invariant checker (exit 1 on a violation).
+chaos DURATION="600":
+    {{bin}}/pgbeat chaos --duration {{DURATION}}

@@ -323,3 +323,16 @@ async def test_a_daemon_reconnects_when_asyncpg_loses_track_of_a_terminated_sess
 
     await daemon.run_forever("scheduler", stop, session_main)
     assert calls == 2
+
+
+# --- the chaos run itself ---
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(240)
+def test_chaos_run_60s():
+    """60 s of load with kill -9s, a SIGTERM, a PostgreSQL restart, patches,
+    deletes, pauses and resumes: every invariant holds."""
+    result = chaos.run(chaos.ChaosOptions(duration=60, tasks=200))
+    print(result.report)
+    assert result.passed, result.report

@@ -96,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="with --rollback: how many (default all)")
     p.set_defaults(func=cmd_migrate)
 
-    from pgbeat import bench, client
+    from pgbeat import bench, chaos, client
 
     bench.add_command(sub)
+    chaos.add_command(sub)
     client.add_commands(sub)
     return parser
 
