@@ -260,7 +260,8 @@ LANGUAGE sql AS $$
            AND NOT EXISTS (SELECT 1 FROM pg_locks l
                             WHERE l.locktype = 'advisory' AND l.granted
                               AND l.classid = pgbeat.task_lock_ns()::oid AND l.objsubid = 2
-                              AND l.objid = r.task_id::oid AND l.pid = r.backend_pid)),
+                              AND l.objid = r.task_id::oid AND l.pid = r.backend_pid
+                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))),
         'worker lost its database session')
 $$;
 
@@ -321,7 +322,9 @@ LANGUAGE sql AS $$
            AND NOT EXISTS (SELECT 1 FROM pg_locks l
                             WHERE l.locktype = 'advisory' AND l.granted
                               AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2
-                              AND l.objid = d.id::oid)
+                              AND l.objid = d.id::oid
+                              -- pg_locks spans the server: another database's daemon 1 is not ours
+                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
         RETURNING 1)
     SELECT count(*)::integer FROM dead
 $$;

@@ -90,10 +90,17 @@ SELECT l.objid::bigint::integer AS task_id, t.name AS task_name, l.pid AS backen
        r.id AS run_id, r.started_at, now() - r.started_at AS running_for
   FROM pg_locks l
   LEFT JOIN pgbeat.tasks t ON t.id = l.objid::bigint::integer
+  -- the daemon living on that session now (a dead one may have had the same pid)
   LEFT JOIN pgbeat.daemons d ON d.backend_pid = l.pid AND d.stopped_at IS NULL
+       AND EXISTS (SELECT 1 FROM pg_locks dl
+                    WHERE dl.locktype = 'advisory' AND dl.granted AND dl.pid = l.pid
+                      AND dl.classid = pgbeat.daemon_lock_ns()::oid AND dl.objsubid = 2
+                      AND dl.objid = d.id::oid)
   LEFT JOIN pgbeat.runs r ON r.task_id = t.id AND r.state = 'running' AND r.backend_pid = l.pid
  WHERE l.locktype = 'advisory' AND l.granted
-   AND l.classid = pgbeat.task_lock_ns()::oid AND l.objsubid = 2;
+   AND l.classid = pgbeat.task_lock_ns()::oid AND l.objsubid = 2
+   -- pg_locks spans the server: another database's task 1 is not ours
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database());
 
 -- Daemons alive now: those whose lock is held (not guessed from a heartbeat).
 CREATE VIEW pgbeat.live_daemons AS
@@ -103,4 +110,5 @@ SELECT d.id, d.role, d.host, d.pid, d.backend_pid, d.started_at, d.heartbeat_at,
  WHERE EXISTS (SELECT 1 FROM pg_locks l
                 WHERE l.locktype = 'advisory' AND l.granted
                   AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2
-                  AND l.objid = d.id::oid);
+                  AND l.objid = d.id::oid
+                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()));
