@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -387,9 +387,10 @@ class Api:
 
 
 def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duration: float) -> list[dict]:
-    """The task mix: sleep tasks longer than their interval, counter tasks on shared
-    and private counters, http tasks against the flaky server, one-shots, and cron
-    tasks with a seconds field (the 6th field, croniter's convention)."""
+    """The task mix: sleep tasks longer than their interval (overlap policy queue or
+    skip), counter tasks on shared and private counters (some with misfire skip),
+    http tasks against the flaky server, one-shots, and cron tasks with a seconds
+    field (the 6th field, croniter's convention)."""
     specs: list[dict] = []
     for i in range(count):
         share = i / count
@@ -402,6 +403,7 @@ def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duratio
                     "params": {"seconds": round(min(3.0, every * rng.uniform(1.3, 2.0)), 2)},
                     "schedule": {"every": every},
                     "timeout": 10,
+                    "overlap": rng.choice(["queue", "skip"]),
                 }
             )
         elif share < 0.55:
@@ -417,6 +419,7 @@ def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duratio
                     "kind": "counter",
                     "params": params,
                     "schedule": {"every": rng.choice([0.5, 1, 2, 3])},
+                    "misfire": rng.choice(["run_once", "run_once", "run_once", "skip"]),
                 }
             )
         elif share < 0.70:
@@ -509,7 +512,7 @@ class ChaosRun:
         self.api: Api | None = None
         self.faults: Counter[str] = Counter()
         self.ops: Counter[str] = Counter()
-        self.op_errors: list[str] = []
+        self.op_errors: list[tuple[datetime, str]] = []  # API calls that failed
         self.killed: set[int] = set()
         self.windows: list[tuple[datetime, datetime]] = []
         self.sigterm_exits: list[int] = []
@@ -633,7 +636,7 @@ class ChaosRun:
             else:
                 status, body = self.api.call("POST", f"/tasks/{task_id}/{kind}")
             if not 200 <= status < 300:
-                self.op_errors.append(f"{utc_now():%H:%M:%S} {kind} task {task_id}: {status} {body}"[:300])
+                self.op_errors.append((utc_now(), f"{kind} task {task_id}: {status} {body}"[:300]))
                 continue
             self.ops[kind] += 1
             if kind == "delete":
@@ -712,7 +715,7 @@ class ChaosRun:
             + f" ({len(self.killed)} daemon sessions killed)",
             "task ops: "
             + ", ".join(f"{k} {self.ops[k]}" for k in OP_KINDS)
-            + f" ({len(self.op_errors)} failed, during faults)" * bool(self.op_errors),
+            + f" ({len(self.op_errors)} failed during faults, {len(self.api_errors())} outside)",
             f"runs: {total} (" + ", ".join(f"{state} {count}" for state, count in states) + ")",
             f"start delay outside fault windows: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms,"
             f" max {worst * 1000:.0f} ms over {n} runs",
@@ -728,16 +731,28 @@ class ChaosRun:
             lines.extend(f"      {v}" for v in found[:5])
             if len(found) > 5:
                 lines.append(f"      ... and {len(found) - 5} more")
-        for error in self.op_errors[:5]:
-            lines.append(f"failed op: {error}")
+        for error in self.api_errors()[:5]:
+            lines.append(f"failed op outside fault windows: {error}")
         failed = self.failures(violations)
         lines.append("result: " + ("PASS" if failed == 0 else f"FAIL ({failed} violations)"))
         return "\n".join(lines)
 
     def failures(self, violations: dict[str, list[str]]) -> int:
-        """Invariant violations, SIGTERMed daemons that did not exit 0 (rule 8), crashes."""
+        """Invariant violations, SIGTERMed daemons that did not exit 0 (rule 8), crashes,
+        and API calls that failed outside the fault windows."""
         bad_exits = sum(1 for code in self.sigterm_exits if code != 0)
-        return sum(len(v) for v in violations.values()) + bad_exits + len(self.crashed)
+        return (
+            sum(len(v) for v in violations.values()) + bad_exits + len(self.crashed) + len(self.api_errors())
+        )
+
+    def api_errors(self) -> list[str]:
+        """API calls that failed outside the fault windows (PostgreSQL was up, the api alive)."""
+        margin = timedelta(seconds=RECOVERY_MARGIN)
+        return [
+            f"{at:%H:%M:%S} {error}"
+            for at, error in self.op_errors
+            if not any(start <= at <= end + margin for start, end in self.windows)
+        ]
 
 
 def run(options: ChaosOptions) -> ChaosResult:
