@@ -286,7 +286,8 @@ def test_a_run_over_its_timeout_is_timed_out(db_url, fleet):
     assert run["state"] == "timed_out"
     assert run["error"] == "exceeded the task's timeout of 1s"
     assert 0.9 <= (run["finished_at"] - run["started_at"]).total_seconds() < 5
-    assert query(db_url, "SELECT * FROM pgbeat.task_locks") == []
+    # The lock is released right after the finish commits (a separate statement).
+    wait_for("the task lock to be released", lambda: query(db_url, "SELECT * FROM pgbeat.task_locks") == [])
 
 
 def test_http_kind_success_non_2xx_and_unreachable(db_url, fleet, http_server):
