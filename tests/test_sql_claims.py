@@ -16,6 +16,8 @@ from sqlsupport import (
     connect,
     create_task,
     finish,
+    make_due,
+    materialize,
     race,
     release,
     runs,
@@ -382,3 +384,85 @@ def test_next_pending_due_at_is_the_earliest_pending_run(db_url):
     tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
     r = trigger(conn, tid)
     assert conn.execute("SELECT pgbeat.next_pending_due_at() AS t").fetchone()["t"] == r["due_at"]
+
+
+def _in_thread(fn):
+    out: dict = {}
+
+    def body() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    return t, out
+
+
+def test_a_slot_falling_due_while_a_retry_is_being_queued_is_coalesced_not_lost(db_url):
+    conn, worker = connect(db_url), connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR, "max_retries": 1, "retry_backoff": 0})["id"]
+    trigger(conn, tid)
+    (c,) = claim(worker)
+    make_due(conn, tid, 5)
+    with worker.transaction():
+        finish(worker, c["run_id"], "failed")  # queues attempt 2, not yet committed
+        # The retry's insert holds the task row (foreign key): the scheduler
+        # leaves the task for its next call rather than race the retry.
+        t, out = _in_thread(lambda: materialize(connect(db_url)))
+        t.join(10)
+        assert out == {"value": []}
+    (fired,) = materialize(conn)
+    assert fired["outcome"] == "coalesced"
+    assert [(r["state"], r["attempt"], r["coalesced"]) for r in runs(conn, tid)] == [
+        ("failed", 1, 0),
+        ("pending", 2, 1),
+    ]
+
+
+def test_trigger_racing_a_retry_being_queued_returns_the_pending_run(db_url):
+    conn, worker = connect(db_url), connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR, "max_retries": 1, "retry_backoff": 600})["id"]
+    trigger(conn, tid)
+    (c,) = claim(worker)
+    with worker.transaction():
+        finish(worker, c["run_id"], "failed")
+        t, out = _in_thread(lambda: trigger(connect(db_url), tid))
+        time.sleep(0.5)
+    t.join(10)
+    assert "error" not in out, out
+    retry = runs(conn, tid)[1]
+    assert out["value"]["id"] == retry["id"] and retry["attempt"] == 2
+    assert retry["due_at"] <= conn.execute("SELECT now() AS t").fetchone()["t"]  # made due now
+
+
+def test_runs_of_one_task_never_overlap(db_url):
+    """After the concurrent tests' kind of traffic: no two runs of a task share a moment."""
+    setup = connect(db_url)
+    ids = [create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"] for _ in range(3)]
+    for i in ids:
+        trigger(setup, i)
+    conns = [connect(db_url) for _ in range(3)]
+
+    def worker(i: int) -> None:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            for r in claim(conns[i], limit=3):
+                finish(conns[i], r["run_id"])
+                release(conns[i], [r["task_id"]])
+                trigger(conns[i], r["task_id"])
+                trigger(conns[i], r["task_id"])  # and once more while one is pending
+
+    race(3, worker)
+    assert (
+        setup.execute("SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'succeeded'").fetchone()["n"] > 30
+    )
+    overlaps = setup.execute(
+        """SELECT count(*) AS n FROM pgbeat.runs a JOIN pgbeat.runs b
+               ON a.task_id = b.task_id AND a.id < b.id
+              AND tstzrange(a.started_at, a.finished_at) && tstzrange(b.started_at, b.finished_at)
+            WHERE a.state NOT IN ('pending', 'skipped', 'cancelled')
+              AND b.state NOT IN ('pending', 'skipped', 'cancelled')"""
+    ).fetchone()["n"]
+    assert overlaps == 0
