@@ -231,8 +231,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             description="A task scheduler whose every coordination rule lives in PostgreSQL.",
             path="/schema",
         ),
-        response_headers=[],
-        debug=False,
+        logging_config=None,  # pgbeat.logs configures logging
     )
 
 

@@ -24,12 +24,13 @@ STATUS_BY_SQLSTATE = {
 
 
 class BadInput(Exception):
-    """Input the API itself refuses (a duration or cron expression it cannot read)."""
+    """Input the API itself refuses: a duration or cron expression it cannot read (422),
+    a malformed query parameter (400)."""
 
-    def __init__(self, field: str, problem: str) -> None:
+    def __init__(self, field: str, problem: str, status_code: int = 422) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
-        self.problem = problem
+        self.status_code = status_code
 
 
 def error_response(status_code: int, detail: str, field: str | None = None, headers=None) -> Response:
@@ -39,7 +40,7 @@ def error_response(status_code: int, detail: str, field: str | None = None, head
 
 
 def bad_input_handler(_: Request, exc: BadInput) -> Response:
-    return error_response(422, str(exc), exc.field)
+    return error_response(exc.status_code, str(exc), exc.field)
 
 
 def postgres_error_handler(request: Request, exc: asyncpg.PostgresError) -> Response:
@@ -94,7 +95,13 @@ def http_error_handler(_: Request, exc: HTTPException) -> Response:
     return error_response(exc.status_code, exc.detail, headers=exc.headers)
 
 
+def internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc, extra={"event": "api_error", "path": request.url.path})
+    return error_response(500, "internal error")
+
+
 EXCEPTION_HANDLERS = {
+    Exception: internal_error_handler,
     BadInput: bad_input_handler,
     asyncpg.PostgresError: postgres_error_handler,
     asyncpg.InterfaceError: interface_error_handler,

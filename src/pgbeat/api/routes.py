@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.exceptions import NotFoundException
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
-from litestar.params import Body, Parameter
+from litestar.params import Body, FromQuery, JSONBody, PathParameter, QueryParameter
 
 from pgbeat import schedules
 from pgbeat.api.errors import BadInput
@@ -37,10 +37,10 @@ from pgbeat.api.models import (
 
 MAX_INT4 = 2**31 - 1
 MAX_INT8 = 2**63 - 1
-TaskId = Annotated[int, Parameter(ge=1, le=MAX_INT4, description="task id")]
-RunId = Annotated[int, Parameter(ge=1, le=MAX_INT8, description="run id")]
-PageLimit = Annotated[int, Parameter(ge=1, le=500, description="page size (at most 500)")]
-Cursor = Annotated[str | None, Parameter(description="next_cursor of the previous page")]
+TaskId = Annotated[int, PathParameter(ge=1, le=MAX_INT4, description="task id")]
+RunId = Annotated[int, PathParameter(ge=1, le=MAX_INT8, description="run id")]
+PageLimit = Annotated[int, QueryParameter(ge=1, le=500, description="page size (at most 500)")]
+Cursor = Annotated[str | None, QueryParameter(description="next_cursor of the previous page")]
 RunState = Literal[
     "pending", "running", "succeeded", "failed", "timed_out", "abandoned", "cancelled", "skipped"
 ]
@@ -95,10 +95,10 @@ def run_from_row(row: asyncpg.Record) -> Run:
 
 
 def parse_cursor(cursor: str | None, maximum: int) -> int | None:
-    if cursor is None:
+    if not cursor:
         return None
     if not cursor.isdigit() or not 0 < int(cursor) <= maximum:
-        raise BadInput("cursor", f"{cursor!r} is not a cursor (pass next_cursor of the previous page)")
+        raise BadInput("cursor", f"{cursor!r} is not a cursor (pass next_cursor of the previous page)", 400)
     return int(cursor)
 
 
@@ -238,10 +238,10 @@ class TaskController(Controller):
     async def list_tasks(
         self,
         state: State,
-        kind: str | None = None,
-        status: TaskStatus | None = None,
-        paused: bool | None = None,
-        name: Annotated[str | None, Parameter(description="part of the name, any case")] = None,
+        kind: FromQuery[str | None] = None,
+        status: FromQuery[TaskStatus | None] = None,
+        paused: FromQuery[bool | None] = None,
+        name: Annotated[str | None, QueryParameter(description="part of the name, any case")] = None,
         limit: PageLimit = 100,
         cursor: Cursor = None,
     ) -> TaskPage:
@@ -269,7 +269,7 @@ class TaskController(Controller):
         summary="Change schedule, params, timeout, name, paused...",
         responses=_errors(404, 409, 413, 422),
     )
-    async def update_task(self, state: State, task_id: TaskId, data: TaskChanges) -> Task:
+    async def update_task(self, state: State, task_id: TaskId, data: JSONBody[TaskChanges]) -> Task:
         doc, first_slot = spec_for_sql(data)
         async with state.pool.acquire() as conn:
             if data.paused is False and not isinstance(data.schedule, ScheduleIn):
@@ -325,7 +325,7 @@ class TaskController(Controller):
         self,
         state: State,
         task_id: TaskId,
-        run_state: Annotated[RunState | None, Parameter(query="state")] = None,
+        run_state: Annotated[RunState | None, QueryParameter(name="state")] = None,
         limit: PageLimit = 100,
         cursor: Cursor = None,
     ) -> RunPage:
@@ -337,7 +337,7 @@ class TaskController(Controller):
 
     @get("/{task_id:int}/upcoming", summary="A task's next executions", responses=_errors(404))
     async def task_upcoming(
-        self, state: State, task_id: TaskId, count: Annotated[int, Parameter(ge=1, le=500)] = 10
+        self, state: State, task_id: TaskId, count: Annotated[int, QueryParameter(ge=1, le=500)] = 10
     ) -> UpcomingRuns:
         rows = await state.pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, NULL, $2)", count, task_id)
         return UpcomingRuns(soonest(rows, count, None))
@@ -351,11 +351,11 @@ class RunController(Controller):
     async def list_runs(
         self,
         state: State,
-        task_id: Annotated[int | None, Parameter(ge=1, le=MAX_INT4)] = None,
-        run_state: Annotated[RunState | None, Parameter(query="state")] = None,
-        kind: str | None = None,
-        since: Annotated[datetime | None, Parameter(description="scheduled_for >= since")] = None,
-        until: Annotated[datetime | None, Parameter(description="scheduled_for < until")] = None,
+        task_id: Annotated[int | None, QueryParameter(ge=1, le=MAX_INT4)] = None,
+        run_state: Annotated[RunState | None, QueryParameter(name="state")] = None,
+        kind: FromQuery[str | None] = None,
+        since: Annotated[datetime | None, QueryParameter(description="scheduled_for >= since")] = None,
+        until: Annotated[datetime | None, QueryParameter(description="scheduled_for < until")] = None,
         limit: PageLimit = 100,
         cursor: Cursor = None,
     ) -> RunPage:
@@ -388,8 +388,8 @@ class RunController(Controller):
 )
 async def upcoming(
     state: State,
-    limit: Annotated[int, Parameter(ge=1, le=500)] = 20,
-    until: Annotated[datetime | None, Parameter(description="only executions up to this time")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=500)] = 20,
+    until: Annotated[datetime | None, QueryParameter(description="only executions up to this time")] = None,
 ) -> UpcomingRuns:
     until = as_utc(until)
     rows = await state.pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, $2)", limit, until)
