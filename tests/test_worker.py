@@ -325,7 +325,13 @@ def test_http_kind_success_non_2xx_and_unreachable(db_url, fleet, http_server):
 
 
 def test_a_failed_run_is_retried_after_its_backoff(db_url, fleet, http_server):
-    start_workers(fleet, 1)
+    start_workers(fleet, 1, env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    # A run already due but blocked behind its task's running run must not make the
+    # worker miss the retry's due time.
+    busy = create_task(db_url, {"kind": "sleep", "params": {"seconds": 20}, "schedule": {"every": "1h"}})
+    trigger(db_url, busy)
+    wait_for("the busy run", lambda: runs_of(db_url, busy)[0]["state"] == "running")
+    trigger(db_url, busy)
     task_id = create_task(
         db_url,
         {
@@ -350,6 +356,7 @@ def test_a_failed_run_is_retried_after_its_backoff(db_url, fleet, http_server):
     lateness = (retry["started_at"] - retry["due_at"]).total_seconds()
     print(f"\nretry started {lateness * 1000:.0f} ms after it fell due")
     assert lateness < 2
+    assert [r["state"] for r in runs_of(db_url, busy)] == ["running", "pending"]
 
 
 def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fleet):

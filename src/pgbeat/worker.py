@@ -188,13 +188,13 @@ class Worker:
             self.start(ClaimedRun(**dict(row)))
         if len(rows) == limit:
             return 0  # maybe more: the loop claims again while there are free slots
+        # Runs already due that we could not claim wait for their task's lock, and the
+        # holder's release_task_locks notifies us: sleep until the next one due later.
         async with self.session_lock:
-            wait = await self.conn.fetchval(
-                "SELECT extract(epoch FROM pgbeat.next_pending_due_at() - clock_timestamp())::float8"
+            return await self.conn.fetchval(
+                "SELECT extract(epoch FROM pgbeat.next_pending_due_at(clock_timestamp()) - clock_timestamp())"
+                "::float8"
             )
-        # A pending run already due that we could not claim waits for its task's lock:
-        # the holder's release_task_locks notifies us.
-        return wait if wait is not None and wait > 0 else None
 
     async def claim_failed(self, exc: asyncpg.PostgresError) -> None:
         """A claim transaction failed: its row changes rolled back, but advisory locks it took

@@ -266,9 +266,11 @@ LANGUAGE sql AS $$
 $$;
 
 -- When the earliest pending run becomes due (a worker sleeps until then).
-CREATE FUNCTION pgbeat.next_pending_due_at() RETURNS timestamptz
+-- p_after: only runs due after it. A worker passes now: a run already due that
+-- it could not claim waits for its task's lock, whose release notifies.
+CREATE FUNCTION pgbeat.next_pending_due_at(p_after timestamptz DEFAULT NULL) RETURNS timestamptz
 LANGUAGE sql STABLE AS $$
-    SELECT min(due_at) FROM pgbeat.runs WHERE state = 'pending'
+    SELECT min(due_at) FROM pgbeat.runs WHERE state = 'pending' AND (p_after IS NULL OR due_at > p_after)
 $$;
 
 -- Daemon registry. A daemon registers on the session it keeps for its life and
