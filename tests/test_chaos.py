@@ -330,6 +330,7 @@ async def test_a_daemon_reconnects_when_asyncpg_loses_track_of_a_terminated_sess
 
 @pytest.mark.chaos
 @pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")
 def test_chaos_run_60s():
     """60 s of load with kill -9s, a SIGTERM, a PostgreSQL restart, patches,
     deletes, pauses and resumes: every invariant holds."""

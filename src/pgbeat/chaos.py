@@ -533,23 +533,18 @@ class ChaosRun:
         return {row[0] for row in self.query("SELECT id FROM pgbeat.daemons WHERE pid = %s", [pid])}
 
     def wait_registered(self, processes: list[Process], timeout: float = 60) -> None:
-        """Until each process has a live daemon session (its lock held)."""
+        """Until each process that is still alive has a live daemon session (its lock
+        held). One that exits meanwhile is left to replace_crashed (it fails the run)."""
         deadline = time.monotonic() + timeout
-        pids = [p.pid for p in processes]
         while time.monotonic() < deadline:
+            pids = {p.pid for p in processes if p.alive()}
             try:
-                live = {row[0] for row in self.query("SELECT pid FROM pgbeat.live_daemons")}
-                if set(pids) <= live:
+                if pids <= {row[0] for row in self.query("SELECT pid FROM pgbeat.live_daemons")}:
                     return
             except psycopg.Error:
                 pass
-            for p in processes:
-                if not p.alive():
-                    raise RuntimeError(
-                        f"{p.role} {p.pid} exited with {p.proc.returncode}:\n{p.log()[-3000:]}"
-                    )
             time.sleep(0.2)
-        raise RuntimeError(f"daemons {pids} did not register within {timeout:g} s")
+        self.notes.append(f"{utc_now():%H:%M:%S} daemons {sorted(pids)} took over {timeout:g} s to register")
 
     # --- phases ---
 
