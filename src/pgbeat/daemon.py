@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
@@ -177,10 +178,13 @@ async def run_forever(role: str, stop: asyncio.Event, session_main: Callable[[],
     """Run session_main until stop, reconnecting with backoff when the database goes away."""
     backoff = Backoff()
     while not stop.is_set():
+        started = time.monotonic()
         try:
             await session_main()
             backoff.reset()
         except CONNECTION_ERRORS as exc:
+            if time.monotonic() - started > 10:
+                backoff.reset()  # a session that lasted: this is a new outage, retry quickly
             log.warning(
                 "database connection lost; reconnecting",
                 extra={"event": "reconnecting", "role": role, "error": repr(exc)},
