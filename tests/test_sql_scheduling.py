@@ -125,7 +125,7 @@ def test_interval_slots_stay_on_the_grid_when_materialised_late(db_url):
     conn = connect(db_url)
     t = create_task(conn, {"kind": "sleep", "schedule": {"every": "0.2s"}})
     anchor, every = t["anchor"], t["every"]
-    deadline = time.monotonic() + 2.5
+    deadline = time.monotonic() + 1.8
     delays = [0.05, 0.31, 0.13, 0.47, 0.2, 0.07, 0.26]
     i = 0
     while time.monotonic() < deadline:

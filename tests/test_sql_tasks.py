@@ -210,3 +210,27 @@ def test_delete_keeps_history_and_then_the_task_is_not_found(db_url):
         update(conn, tid, {"name": "x"})
     assert materialize(conn) == [] and claim(worker) == []
     assert task(conn, tid)["name"] == "doomed"
+
+
+def test_raising_the_limits_of_a_completed_task_lets_it_continue_on_its_grid(db_url):
+    conn = connect(db_url)
+    t = create_task(conn, {"kind": "sleep", "schedule": {"every": "60s"}, "max_runs": 1})
+    make_due(conn, t["id"], 5)
+    materialize(conn)
+    assert task(conn, t["id"])["next_run_at"] is None  # complete
+    assert update(conn, t["id"], {"max_runs": 1})["next_run_at"] is None  # still complete
+    with conn.transaction():
+        u = update(conn, t["id"], {"max_runs": 3})
+        now = db_now(conn)
+    assert now < u["next_run_at"] <= now + timedelta(seconds=60)
+    k = (u["next_run_at"] - u["anchor"]) / u["every"]
+    assert k == int(k)
+    # Lowering until below the next slot completes it again; removing until continues it.
+    assert update(conn, t["id"], {"until": (now + timedelta(seconds=1)).isoformat()})["next_run_at"] is None
+    assert update(conn, t["id"], {"until": None})["next_run_at"] == u["next_run_at"]
+    # A one-shot that ran is done whatever its limits say.
+    once = create_task(conn, {"kind": "sleep", "schedule": {"in": 60}})
+    conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() - interval '1 s' WHERE id = %s", (once["id"],))
+    conn.execute("UPDATE pgbeat.tasks SET run_at = next_run_at WHERE id = %s", (once["id"],))
+    materialize(conn)
+    assert update(conn, once["id"], {"max_runs": 5})["next_run_at"] is None

@@ -32,7 +32,7 @@ def listen(url: str) -> psycopg.Connection:
     return conn
 
 
-def drain(listener: psycopg.Connection, wait: float = 0.3) -> dict[str, list[str]]:
+def drain(listener: psycopg.Connection, wait: float = 0.2) -> dict[str, list[str]]:
     """The notifications that arrived, by channel."""
     got: dict[str, list[str]] = {ch: [] for ch in CHANNELS}
     for n in listener.notifies(timeout=wait):

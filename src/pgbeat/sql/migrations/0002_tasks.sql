@@ -427,6 +427,12 @@ BEGIN
         t := pgbeat.apply_schedule(t, p_changes->'schedule', p_first_slot);
         PERFORM pgbeat.cancel_pending_run(p_id, 'schedule changed');
     ELSIF p_changes ? 'until' OR p_changes ? 'max_runs' THEN
+        IF t.next_run_at IS NULL AND t.run_at IS NULL THEN
+            -- Limits raised (or removed) on a repeating task they had completed:
+            -- it continues with its next slot after now (cron: the caller's).
+            t.next_run_at := CASE WHEN t.every IS NOT NULL THEN pgbeat.grid_slot_after(t.anchor, t.every, now())
+                                  ELSE p_first_slot END;
+        END IF;
         IF (t.until IS NOT NULL AND t.next_run_at > t.until) OR t.fired >= t.max_runs THEN
             t.next_run_at := NULL;
         END IF;
