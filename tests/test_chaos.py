@@ -197,6 +197,15 @@ def test_abandoned_runs_must_belong_to_killed_daemons(conn, healthy):
     assert chaos.check(conn, record)[name] == []
 
 
+def test_a_run_beyond_its_timeout_is_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute("UPDATE pgbeat.tasks SET timeout = 0.5 WHERE id = %s", [task_id])
+    hung = run_at_slot(conn, task_id, SLOTS - 1)
+    conn.execute("UPDATE pgbeat.runs SET finished_at = started_at + interval '6 s' WHERE id = %s", [hung])
+    violations = chaos.check(conn, record)["4 nothing stuck, abandoned only by the killed"]
+    assert violations == [f"task {task_id}: run {hung} (succeeded) ran 6.000 s, beyond its timeout of 0.5 s"]
+
+
 def test_a_task_whose_slots_stopped_firing_is_reported(conn, healthy):
     task_id, record = healthy
     conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() - interval '20 s' WHERE id = %s", [task_id])

@@ -146,7 +146,8 @@ INVARIANTS: dict[str, tuple[str, str]] = {
         """,
     ),
     "4 nothing stuck, abandoned only by the killed": (
-        "no run left running or pending past the settle time; abandoned runs belong to killed daemons",
+        "no run left running or pending past the settle time, none beyond its timeout;"
+        " abandoned runs belong to killed daemons",
         f"""
         WITH {_SCOPE}
         SELECT format('task %%s: run %%s is still %%s (due %%s)', r.task_id, r.id, r.state, r.due_at)
@@ -157,6 +158,13 @@ INVARIANTS: dict[str, tuple[str, str]] = {
                       r.task_id, r.id, coalesce(r.daemon_id::text, 'none'))
           FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
          WHERE r.state = 'abandoned' AND NOT coalesce(r.daemon_id = ANY (%(killed)s::integer[]), false)
+        UNION ALL
+        SELECT format('task %%s: run %%s (%%s) ran %%s s, beyond its timeout of %%s s',
+                      e.task_id, e.id, e.state, round(extract(epoch FROM e.finished_at - e.started_at), 3),
+                      t.timeout)
+          FROM executed e JOIN scoped t ON t.id = e.task_id
+         WHERE e.state NOT IN ('abandoned', 'cancelled')
+           AND e.finished_at > e.started_at + make_interval(secs => t.timeout + %(margin)s)
         """,
     ),
     "5 no schedule lost": (
