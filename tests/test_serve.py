@@ -106,7 +106,8 @@ def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(data_dir, tmp_pat
     task_id = created["id"]
     wait_for("two succeeded runs", lambda: len(succeeded_runs(serve, task_id)) >= 2, timeout=30)
     # The scheduler logged its decisions, the worker its runs, all in one process.
-    assert "slot queued" in serve.log() and "run finished" in serve.log()
+    events = [json.loads(line).get("event") for line in serve.log().splitlines() if line.startswith("{")]
+    assert "slot_fired" in events and "run_finished" in events
 
     assert serve.terminate() == 0
     assert not embedded_running(data_dir)  # stopping serve stopped the server it started
