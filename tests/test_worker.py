@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -158,6 +159,12 @@ def http_server() -> Iterator[HttpTarget]:
     server.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -267,16 +274,22 @@ def test_sigterm_drains_the_run_in_flight_and_exits_0(db_url, fleet):
 
 
 def test_sigterm_cancels_a_run_longer_than_the_grace(db_url, fleet):
-    (worker,) = start_workers(fleet, 1, env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    (worker,) = start_workers(fleet, 1, env={"PGBEAT_SHUTDOWN_GRACE": "3"})
     task_id = create_task(db_url, {"kind": "sleep", "params": {"seconds": 60}, "schedule": {"every": "1h"}})
     trigger(db_url, task_id)
     wait_for("the run to start", lambda: runs_of(db_url, task_id)[0]["state"] == "running")
     started = time.monotonic()
+    worker.proc.send_signal(15)
+    time.sleep(0.5)
+    cpu_before = cpu_seconds(worker.pid)
+    time.sleep(1.5)
+    drain_cpu = cpu_seconds(worker.pid) - cpu_before
+    assert drain_cpu < 0.3, f"the draining worker used {drain_cpu:.2f}s of CPU in 1.5s: it spins"
     assert worker.terminate(timeout=20) == 0
-    assert time.monotonic() - started < 8
+    assert 2.5 < time.monotonic() - started < 10
     (run,) = runs_of(db_url, task_id)
     assert run["state"] == "cancelled"
-    assert "shutdown grace of 1s" in run["error"]
+    assert "shutdown grace of 3s" in run["error"]
     assert query(db_url, "SELECT * FROM pgbeat.task_locks") == []
 
 

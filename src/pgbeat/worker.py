@@ -148,7 +148,8 @@ class Worker:
                     if left <= 0:
                         await self.cancel_in_flight()
                     else:
-                        await daemon.sleep_until(stop, left, self.run_ended, self.session.lost)
+                        # (not on stop: it is set; sleeping on it would spin)
+                        await daemon.sleep_until(self.run_ended, left, self.session.lost)
                         self.session.check()
                     continue
                 wake_in = await self.claim_and_start() if self.free_slots > 0 else None
@@ -159,9 +160,8 @@ class Worker:
             await self.abandon_in_flight()
 
     async def sleep(self, stop: asyncio.Event, wake_in: float | None) -> None:
-        """Nothing to do now: wait for a run to end, or (with a free slot) a notification,
-        the next pending run's due time, or the safety poll. Not for stop: draining
-        starts on the next turn anyway, and stop wakes sleep_until."""
+        """Nothing to do now: wait for stop, a run to end, or (with a free slot) a
+        notification, the next pending run's due time, or the safety poll."""
         if self.free_slots > 0:
             timeout = SAFETY_POLL if wake_in is None else min(SAFETY_POLL, wake_in)
             await daemon.sleep_until(stop, timeout, self.run_ended, self.session.wake, self.session.lost)
