@@ -252,9 +252,13 @@ class Worker:
                     [o.result for o in outcomes],
                     [o.error for o in outcomes],
                 )
+            except daemon.CONNECTION_ERRORS:
+                log.warning(
+                    "session lost before runs that ended could be recorded; they will be reaped",
+                    extra={"event": "runs_unrecorded", "run_ids": [o.run.run_id for o in outcomes]},
+                )
+                raise
             except asyncpg.PostgresError as exc:
-                if isinstance(exc, daemon.CONNECTION_ERRORS):
-                    raise
                 rows = await self.finish_one_by_one(outcomes, exc)
             await self.conn.fetchval(
                 "SELECT pgbeat.release_task_locks($1)", sorted({o.run.task_id for o in outcomes})
