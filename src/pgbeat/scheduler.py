@@ -176,13 +176,12 @@ class Scheduler:
         return deadline
 
     async def sleep_until(self, deadline: float | None) -> None:
-        """Sleep until deadline, or until a notification announces an earlier slot
-        (or one we cannot read), the session is lost, or stop."""
+        """Sleep until deadline (or the safety poll), or until a notification announces
+        an earlier slot (or one we cannot read), the session is lost, or stop."""
+        poll_at = time.monotonic() + SAFETY_POLL
         while not self.stop.is_set() and not self.session.lost.is_set():
-            if deadline is None:
-                timeout = SAFETY_POLL
-            else:
-                timeout = min(SAFETY_POLL, deadline - time.monotonic() - WAKE_EARLY)
+            wake_at = poll_at if deadline is None else min(poll_at, deadline - WAKE_EARLY)
+            timeout = wake_at - time.monotonic()
             if timeout > 0:
                 await daemon.sleep_until(self.stop, timeout, self.session.wake)
                 if self.session.wake.is_set():
@@ -193,8 +192,8 @@ class Scheduler:
                         announced = self.clock.monotonic_at(earliest)
                         deadline = announced if deadline is None else min(deadline, announced)
                     continue
-                if deadline is None or deadline - time.monotonic() > WAKE_EARLY:
-                    return  # the safety poll, or stop
+            if deadline is None or deadline - time.monotonic() > WAKE_EARLY:
+                return  # the safety poll, or stop
             # asyncio's timers are as coarse as epoll's milliseconds: the last fraction
             # of a millisecond before the deadline is slept by this thread (not a spin).
             remaining = deadline - time.monotonic()

@@ -1,0 +1,34 @@
+"""Unit tests of the scheduler's own arithmetic: notification payloads and the mapping
+of database timestamps onto the monotonic clock."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from pgbeat.scheduler import DatabaseClock, earliest_in
+
+
+def test_earliest_in_takes_the_earliest_announced_slot() -> None:
+    payloads = [
+        '{"next_run_at": "2026-11-23T10:00:05.5+00:00"}',
+        '{"next_run_at": null}',
+        '{"next_run_at": "2026-11-23T11:00:01+01:00"}',  # 10:00:01 UTC: the earliest
+    ]
+    assert earliest_in(payloads) == (datetime(2026, 11, 23, 10, 0, 1, tzinfo=UTC), True)
+
+
+def test_earliest_in_without_a_slot() -> None:
+    assert earliest_in([]) == (None, True)
+    assert earliest_in(['{"next_run_at": null}']) == (None, True)
+
+
+def test_earliest_in_flags_payloads_it_cannot_read() -> None:
+    assert earliest_in(["", '{"other": 1}'])[1] is False
+    assert earliest_in(['{"next_run_at": "yesterday"}'])[1] is False
+
+
+def test_database_clock_maps_database_time_onto_the_monotonic_clock() -> None:
+    db_now = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
+    clock = DatabaseClock(db_now, sent_at=100.0, received_at=100.002)  # read mid-round-trip
+    assert clock.monotonic_at(db_now + timedelta(seconds=1.5)) == pytest.approx(101.501)
+    assert clock.monotonic_at(db_now - timedelta(seconds=1)) == pytest.approx(99.001)
