@@ -84,6 +84,16 @@ def test_create_one_shots_and_cron(db_url):
         "America/New_York",
         slot,
     )
+    # Stored as the tz database spells it: croniter's zoneinfo is case-sensitive.
+    lower = create_task(
+        conn, {"kind": "sleep", "schedule": {"cron": "* * * * *", "timezone": "europe/paris"}}, slot
+    )
+    assert lower["timezone"] == "Europe/Paris"
+    # A session time zone set by the caller is left as it was.
+    with conn.transaction():
+        conn.execute("SET LOCAL timezone = 'Asia/Tokyo'")
+        create_task(conn, {"kind": "sleep", "schedule": {"cron": "* * * * *", "timezone": "UTC"}}, slot)
+        assert conn.execute("SHOW timezone").fetchone()["TimeZone"] == "Asia/Tokyo"
 
 
 def test_counter_step_given_as_a_float_is_stored_as_an_integer_and_counts(db_url):
