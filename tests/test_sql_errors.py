@@ -289,3 +289,22 @@ def test_registry_and_retention_functions_reject_bad_input(conn):
         expect_error(conn, "SELECT pgbeat.prune_history(%s::interval, 10)", (retention,), "retention")
     for batch in (0, -1, None):
         expect_error(conn, "SELECT pgbeat.prune_history(interval '1 day', %s)", (batch,), "batch")
+
+
+async def test_asyncpg_callers_see_the_field_and_the_sqlstate(db_url):
+    """The API's driver: the field is in exc.column_name, the SQLSTATE in exc.sqlstate."""
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url)
+    try:
+        with pytest.raises(asyncpg.InvalidParameterValueError) as info:
+            await conn.fetchrow(
+                "SELECT * FROM pgbeat.create_task($1::jsonb)", json.dumps(sched(every="1 month"))
+            )
+        assert info.value.sqlstate == "22023" and info.value.column_name == "schedule.every"
+        assert info.value.args[0].startswith("schedule.every: ")
+        with pytest.raises(asyncpg.NoDataFoundError):
+            await conn.fetchrow("SELECT * FROM pgbeat.pause_task($1)", 12345)
+        assert await conn.fetchval("SELECT count(*) FROM pgbeat.tasks") == 0
+    finally:
+        await conn.close()
