@@ -242,6 +242,17 @@ def test_until_completes_the_task_and_no_slot_after_it_runs(db_url):
     (fired,) = materialize(conn)
     assert fired["outcome"] == "queued" and task(conn, t2["id"])["next_run_at"] is None
 
+    # A due slot already past until (the limit was moved under it): nothing runs, the task ends.
+    t3 = create_task(conn, {"kind": "sleep", "schedule": {"every": "60s"}, "until": "2999-01-01T00:00:00Z"})
+    conn.execute(
+        "UPDATE pgbeat.tasks SET anchor = now() - interval '90 s', next_run_at = now() - interval '90 s',"
+        " until = now() - interval '100 s' WHERE id = %s",
+        (t3["id"],),
+    )
+    (fired,) = materialize(conn)
+    assert (fired["task_id"], fired["run_id"], fired["outcome"]) == (t3["id"], None, "expired")
+    assert runs(conn, t3["id"]) == [] and task(conn, t3["id"])["next_run_at"] is None
+
 
 def test_one_shot_runs_once_and_completes(db_url):
     conn = connect(db_url)
