@@ -25,7 +25,7 @@ class Config:
     log_format: str | None = None  # "json", "text", or None for "text on a TTY"
     retention_days: float = 30.0
     shutdown_grace: float = 30.0
-    rate_limit_per_minute: int = 6000
+    rate_limit_per_minute: int = 600_000  # per API key (or address); 0 turns rate limiting off
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -38,5 +38,5 @@ class Config:
             log_format=os.environ.get("PGBEAT_LOG_FORMAT") or None,
             retention_days=_float("PGBEAT_RETENTION_DAYS", 30.0),
             shutdown_grace=_float("PGBEAT_SHUTDOWN_GRACE", 30.0),
-            rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 6000)),
+            rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 600_000)),
         )

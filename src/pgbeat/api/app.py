@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
+import msgspec
 import uvicorn
 from litestar import Litestar, Request, Response, get
 from litestar.connection import ASGIConnection
@@ -22,9 +23,15 @@ from litestar.middleware import (
     AuthenticationResult,
     DefineMiddleware,
 )
-from litestar.middleware.rate_limit import RateLimitConfig
+from litestar.middleware.rate_limit import (
+    DURATION_VALUES,
+    CacheObject,
+    RateLimitConfig,
+    RateLimitMiddleware,
+)
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.stores.base import Store
 from prometheus_client import Gauge
 
 import pgbeat
@@ -77,6 +84,34 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         if not key_is_valid(presented, self.keys):
             raise NotAuthorizedException("invalid API key", headers=challenge)
         return AuthenticationResult(user=None, auth=presented)
+
+
+class WindowCount(int):
+    """A window's request count standing in for Litestar's list of request timestamps,
+    which Litestar only ever measures with len()."""
+
+    def __len__(self) -> int:
+        return int(self)
+
+
+class CountingRateLimitMiddleware(RateLimitMiddleware):
+    """Litestar's rate limiter (same fixed window, 429 and RateLimit-* headers) storing
+    each window as [count, reset] instead of one timestamp per request, so a request
+    costs the same at 600,000/min as at 6/min."""
+
+    async def retrieve_cached_history(self, key: str, store: Store) -> CacheObject:
+        now = int(time.time())
+        cached = await store.get(key)
+        if cached:
+            count, reset = msgspec.json.decode(cached)
+            if reset > now:
+                return CacheObject(history=WindowCount(count), reset=reset)  # type: ignore[arg-type]
+        return CacheObject(history=WindowCount(0), reset=now + DURATION_VALUES[self.unit])  # type: ignore[arg-type]
+
+    async def set_cached_history(self, key: str, cache_object: CacheObject, store: Store) -> None:
+        cache_object.history = WindowCount(len(cache_object.history) + 1)  # type: ignore[assignment]
+        window = msgspec.json.encode([len(cache_object.history), cache_object.reset])
+        await store.set(key, window, expires_in=DURATION_VALUES[self.unit])
 
 
 def rate_limit_identity(keyed: bool) -> Callable[[Request], str]:
@@ -183,6 +218,12 @@ class MetricsController(PrometheusController):
 # ---------------------------------------------------------------- the app
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections go back as they are: the API's queries leave no session state
+    (no LISTEN, advisory lock or SET), so asyncpg's reset query would be a wasted round
+    trip per request. An open transaction is still rolled back by asyncpg."""
+
+
 def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
     @contextlib.asynccontextmanager
     async def database(app: Litestar) -> AsyncIterator[None]:
@@ -191,6 +232,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             min_size=2,
             max_size=pool_size,
             server_settings={"timezone": "UTC", "application_name": "pgbeat-api"},
+            reset=keep_session,
         )
         app.state.schema_check = SchemaCheck(url)
         if not config.api_keys:
@@ -216,6 +258,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             rate_limit=("minute", config.rate_limit_per_minute),
             exclude=OPEN_PATHS,
             identifier_for_request=rate_limit_identity(bool(config.api_keys)),
+            middleware_class=CountingRateLimitMiddleware,
         )
         middleware.append(rate_limit.middleware)
 
