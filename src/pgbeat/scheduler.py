@@ -263,13 +263,18 @@ async def run_scheduler(url: str, config: Config, stop: asyncio.Event) -> None:
                 await pool.execute("SELECT pgbeat.heartbeat_daemon($1)", daemon_id, timeout=QUERY_TIMEOUT)
 
             try:
+                # The side tasks end when the loop ends (supervise cancels them), so a
+                # stop never cancels the loop in the middle of a pass.
+                until_main_ends = asyncio.Event()
                 await daemon.supervise(
                     Scheduler(session, stop).run(),
-                    daemon.every(HEARTBEAT_EVERY, stop, logged_errors("heartbeat", heartbeat)),
-                    daemon.every(REAP_EVERY, stop, logged_errors("reap", lambda: daemon.reap(pool))),
+                    daemon.every(HEARTBEAT_EVERY, until_main_ends, logged_errors("heartbeat", heartbeat)),
+                    daemon.every(
+                        REAP_EVERY, until_main_ends, logged_errors("reap", lambda: daemon.reap(pool))
+                    ),
                     daemon.every(
                         PRUNE_EVERY,
-                        stop,
+                        until_main_ends,
                         logged_errors("prune", lambda: daemon.prune(pool, config.retention_days)),
                     ),
                 )
