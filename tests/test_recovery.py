@@ -195,3 +195,28 @@ def test_postgres_restart_under_the_daemons(private_pg, tmp_path):
     value = query(url, "SELECT value FROM pgbeat.counters")[0]["value"]
     assert value == len([r for r in runs if r["state"] == "succeeded"])
     assert live_daemons(url, "scheduler") == []
+
+
+def test_scheduler_session_killed_by_the_server_reconnects_and_catches_up(db_url, fleet):
+    """A dropped connection (here: pg_terminate_backend of the scheduler's session) is
+    noticed at once, even while the scheduler sleeps; it reconnects and continues."""
+    (scheduler,) = start(fleet, "scheduler")
+    t = create_task(db_url, {"kind": "counter", "schedule": {"every": "1s"}})
+    wait_for("a decision", lambda: runs_of(db_url, t["id"]), timeout=10)
+    (old,) = live_daemons(db_url, "scheduler")
+    query(db_url, "SELECT pg_terminate_backend(%s)", old["backend_pid"])
+    terminated = time.monotonic()
+    new = wait_for(
+        "the scheduler to register again",
+        lambda: [d for d in live_daemons(db_url, "scheduler") if d["id"] != old["id"]],
+        timeout=15,
+        every=0.05,
+    )
+    reconnect_s = time.monotonic() - terminated
+    assert new[0]["backend_pid"] != old["backend_pid"]
+    time.sleep(3)
+    assert scheduler.terminate() == 0
+    report(fleet, "session_terminated_reconnect_s", seen_by_test=round(reconnect_s, 3))
+    assert reconnect_s < 5
+    assert len(logged_events(scheduler, "reconnecting")) == 1
+    assert assert_every_slot_accounted_once(db_url, t["id"]) >= 4  # no worker: folded into one pending run

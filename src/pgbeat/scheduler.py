@@ -28,7 +28,7 @@ log = logging.getLogger("pgbeat.scheduler")
 
 BATCH = 500  # tasks fired per call of a stored function
 SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds)
-QUERY_TIMEOUT = 30.0  # a query slower than this means the connection is gone
+QUERY_TIMEOUT = 10.0  # a query slower than this means the connection is gone
 RETRY_AFTER_ERROR = 1.0  # pause after a database error that is not a lost connection
 HEARTBEAT_EVERY = 10.0
 REAP_EVERY = 2.0
