@@ -112,8 +112,9 @@ class Scheduler:
         while not self.stop.is_set():
             self.session.check()
             try:
+                pass_started = time.monotonic()
                 fired = await self.fire_due_slots()
-                deadline = await self.next_wake(fired)
+                deadline = await self.next_wake(stuck=not fired, pass_started=pass_started)
             except daemon.CONNECTION_ERRORS:
                 raise
             except asyncpg.PostgresError as exc:
@@ -155,7 +156,7 @@ class Scheduler:
                 break
         return fired
 
-    async def next_wake(self, fired: int) -> float | None:
+    async def next_wake(self, stuck: bool, pass_started: float) -> float | None:
         """Monotonic time of the earliest due slot (None: nothing scheduled)."""
         sent_at = time.monotonic()
         row = await self.conn.fetchrow(
@@ -166,9 +167,10 @@ class Scheduler:
         if row["due_at"] is None:
             return None
         deadline = self.clock.monotonic_at(row["due_at"])
-        if deadline <= time.monotonic() and not fired:
-            # Due, yet nothing fired: another scheduler is firing it right now (its
-            # row is locked), or its cron maths failed. Do not spin.
+        if stuck and deadline <= pass_started:
+            # Due before the pass began, yet the pass fired nothing: another scheduler
+            # is firing it right now (its row is locked), or its cron maths failed.
+            # Do not spin.
             deadline = time.monotonic() + self.hold_off
             self.hold_off = min(HOLD_OFF_CAP, self.hold_off * 2)
         else:
