@@ -198,6 +198,11 @@ def test_sleep_3_every_1s_on_three_workers_never_overlaps_and_coalesces(db_url, 
     # The next run starts as soon as the previous one released the lock.
     gaps = [(b["started_at"] - a["finished_at"]).total_seconds() for a, b in itertools.pairwise(done)]
     assert max(gaps) < 1.5, gaps
+    print(
+        f"\n{len(done)} runs for {fired} slots ({sum(r['coalesced'] for r in runs)} coalesced),"
+        f" on {len({r['daemon_id'] for r in done})} workers,"
+        f" gaps {min(gaps) * 1000:.0f}-{max(gaps) * 1000:.0f} ms"
+    )
     first = logged_events(next(w for w in workers if logged_events(w, "run_started")), "run_started")[0]
     assert {"task_id", "run_id", "slot", "lateness_ms"} <= set(first)
 
