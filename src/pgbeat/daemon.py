@@ -52,9 +52,10 @@ async def sleep_until(stop: asyncio.Event, timeout: float | None, *events: async
 
 
 class Backoff:
-    """Exponential backoff with jitter for reconnecting: 0.1 s doubling to 5 s."""
+    """Exponential backoff with jitter for reconnecting: 0.1 s doubling to 2 s (a refused
+    connection is cheap, and a restarted PostgreSQL is found again within 2 s)."""
 
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first, self.cap, self.delay = first, cap, first
 
     def reset(self) -> None:
