@@ -32,7 +32,7 @@ from test_scheduler import (
     wait_for,
 )
 
-from pgbeat import migrations
+from pgbeat import migrations, schedules
 from pgbeat.fleet import Fleet
 
 
@@ -50,6 +50,9 @@ def test_kill_9_of_every_process_then_restart(db_url, fleet):
     skipper = create_task(
         db_url, {"kind": "counter", "misfire": "skip", "misfire_grace": 0.5, "schedule": {"every": "1s"}}
     )
+    every_second = "* * * * * *"
+    first_cron_slot = schedules.next_cron_slot(every_second, "UTC", db_now(db_url) + timedelta(seconds=1))
+    cron = create_task(db_url, {"kind": "counter", "schedule": {"cron": every_second}}, first_cron_slot)
     wait_for("runs before the crash", lambda: len(runs_of(db_url, counter["id"])) >= 3, timeout=15)
     wait_for(
         "a long run in flight", lambda: query(db_url, "SELECT 1 FROM pgbeat.runs WHERE state = 'running'")
@@ -99,6 +102,25 @@ def test_kill_9_of_every_process_then_restart(db_url, fleet):
     assert len(after) >= 3
     for r in after:  # on the task's grid
         assert (r["scheduled_for"] - counter["anchor"]) % timedelta(seconds=1) == timedelta(0)
+
+    # The same for cron: croniter counted the missed slots, the database folded them.
+    first_cron = next(e for e in decisions if e["task_id"] == cron["id"])
+    assert first_cron["missed"] >= 3 and datetime.fromisoformat(first_cron["slot"]) > killed_at
+    cron_catch_up = query(db_url, "SELECT * FROM pgbeat.runs WHERE id = %s", first_cron["run_id"])[0]
+    assert cron_catch_up["coalesced"] >= first_cron["missed"]
+    cron_runs = runs_of(db_url, cron["id"])
+    cron_slots = [r["scheduled_for"] for r in cron_runs]
+    assert len(cron_slots) == len(set(cron_slots))
+    assert all(slot.microsecond == 0 for slot in cron_slots)
+    # Every cron slot the schedulers decided (1 + missed per decision) is in exactly one run.
+    cron_decisions = [
+        e for p in schedulers + restarted if p.role == "scheduler" for e in logged_events(p, "slot_fired")
+    ]
+    cron_decisions = [e for e in cron_decisions if e["task_id"] == cron["id"]]
+    assert len({e["slot"] for e in cron_decisions}) == len(cron_decisions)
+    assert sum(1 + r["coalesced"] for r in cron_runs) == sum(1 + e["missed"] for e in cron_decisions)
+    counted = query(db_url, "SELECT value FROM pgbeat.counters WHERE name = %s", f"task:{cron['id']}")
+    assert counted[0]["value"] == len([r for r in cron_runs if r["state"] == "succeeded"])
 
     # misfire skip: the missed slots are recorded as skipped, not run.
     first_skip = next(e for e in decisions if e["task_id"] == skipper["id"])
