@@ -120,7 +120,8 @@ def test_serve_runs_on_an_embedded_postgres_and_keeps_its_data(data_dir, tmp_pat
     assert serve.terminate() == 0
     assert not embedded_running(data_dir)  # stopping serve stopped the server it started
     log = serve.log()
-    assert "scheduler stopped" in log and "worker stopped" in log
+    assert "scheduler stopped" in log and "worker stopped" in log and "embedded PostgreSQL stopped" in log
+    assert "Failed postgres command" not in log  # stopped once, cleanly, not again at exit
 
     # A second start reuses the data: the task is there and keeps running on its grid.
     serve = Serve(data_dir, tmp_path / "serve-2.log")

