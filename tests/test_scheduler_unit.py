@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pgbeat.scheduler import DatabaseClock, earliest_in
+from pgbeat.scheduler import DatabaseClock, earliest_in, log_decisions
 
 
 def test_earliest_in_takes_the_earliest_announced_slot() -> None:
@@ -32,3 +32,33 @@ def test_database_clock_maps_database_time_onto_the_monotonic_clock() -> None:
     clock = DatabaseClock(db_now, sent_at=100.0, received_at=100.002)  # read mid-round-trip
     assert clock.monotonic_at(db_now + timedelta(seconds=1.5)) == pytest.approx(101.501)
     assert clock.monotonic_at(db_now - timedelta(seconds=1)) == pytest.approx(99.001)
+
+
+def test_log_decisions_one_event_each_even_without_a_slot(caplog) -> None:
+    decided_at = datetime(2026, 11, 23, 10, 0, 0, 2500, tzinfo=UTC)
+    rows = [
+        {
+            "task_id": 1,
+            "run_id": 7,
+            "scheduled_for": datetime(2026, 11, 23, 10, tzinfo=UTC),
+            "outcome": "queued",
+            "missed": 0,
+            "decided_at": decided_at,
+        },
+        {
+            "task_id": 2,
+            "run_id": None,
+            "scheduled_for": None,
+            "outcome": "expired",
+            "missed": 0,
+            "decided_at": decided_at,
+        },
+    ]
+    with caplog.at_level("INFO", logger="pgbeat.scheduler"):
+        log_decisions(rows)  # type: ignore[arg-type]
+    events = [r for r in caplog.records if getattr(r, "event", None) == "slot_fired"]
+    assert [(e.task_id, e.outcome, e.lateness_ms) for e in events] == [
+        (1, "queued", 2.5),
+        (2, "expired", None),
+    ]
+    assert events[0].slot == "2026-11-23T10:00:00+00:00"

@@ -74,7 +74,8 @@ def earliest_in(payloads: list[str]) -> tuple[datetime | None, bool]:
 def log_decisions(rows: list[asyncpg.Record]) -> None:
     """One structured event per scheduling decision."""
     for row in rows:
-        lateness_ms = (row["decided_at"] - row["scheduled_for"]).total_seconds() * 1000
+        slot = row["scheduled_for"]  # NULL when the task expired (its `until` passed) instead
+        lateness_ms = None if slot is None else round((row["decided_at"] - slot).total_seconds() * 1000, 3)
         log.info(
             "slot %s",
             row["outcome"],
@@ -82,10 +83,10 @@ def log_decisions(rows: list[asyncpg.Record]) -> None:
                 "event": "slot_fired",
                 "task_id": row["task_id"],
                 "run_id": row["run_id"],
-                "slot": row["scheduled_for"].isoformat(),
+                "slot": None if slot is None else slot.isoformat(),
                 "outcome": row["outcome"],
                 "missed": row["missed"],
-                "lateness_ms": round(lateness_ms, 3),
+                "lateness_ms": lateness_ms,
             },
         )
 
@@ -117,8 +118,8 @@ class Scheduler:
                 deadline = await self.next_wake(stuck=not fired, pass_started=pass_started)
             except daemon.CONNECTION_ERRORS:
                 raise
-            except asyncpg.PostgresError as exc:
-                log.error(
+            except Exception as exc:  # a database error (or a bug): log it, stay up, retry
+                log.exception(
                     "scheduling pass failed; retrying",
                     extra={"event": "scheduler_error", "error": repr(exc)},
                 )
