@@ -76,10 +76,14 @@ END $$;
 -- Tasks whose lock this session already holds are skipped: locks stack, and a
 -- second claim would let one task overlap itself on one worker.
 -- The loop only takes locks; the runs are then marked running in one statement.
+-- The queue grows from a few rows to many thousands within seconds, faster than
+-- statistics follow: sorting every due run or scanning the table per claim is
+-- never right here, so the planner is told so (index scans in (due_at, id) order;
+-- no JIT, which never pays for itself on statements this small).
 CREATE FUNCTION pgbeat.claim_runs(p_daemon_id integer, p_limit integer DEFAULT 1)
 RETURNS TABLE (run_id bigint, task_id integer, kind text, params jsonb, timeout double precision,
                scheduled_for timestamptz, attempt integer, started_at timestamptz)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_sort = off SET enable_seqscan = off SET jit = off AS $$
 #variable_conflict use_column
 DECLARE
     held integer[] := pgbeat.held_task_locks();
@@ -87,7 +91,6 @@ DECLARE
     run_ids bigint[] := '{}';
     task_ids integer[] := '{}';
     orphans bigint[];
-    claimed integer;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
         PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
@@ -113,23 +116,17 @@ BEGIN
     IF cardinality(orphans) > 0 THEN
         PERFORM pgbeat.abandon_runs(orphans, 'worker lost its database session');
     END IF;
-    -- Re-check the runs now that the locks are ours; return them in claim order.
+    -- The rows are still pending: the loop's FOR UPDATE locked each one as pending
+    -- and holds it to the end of this transaction. Return them in claim order.
     RETURN QUERY
     WITH started AS (
         UPDATE pgbeat.runs r
            SET state = 'running', started_at = clock_timestamp(), daemon_id = p_daemon_id,
                backend_pid = pg_backend_pid()
           FROM pgbeat.tasks t
-         WHERE r.id = ANY (run_ids) AND r.state = 'pending' AND t.id = r.task_id
+         WHERE r.id = ANY (run_ids) AND t.id = r.task_id
         RETURNING r.id, r.task_id, r.kind, t.params, t.timeout, r.scheduled_for, r.attempt, r.started_at)
     SELECT * FROM started ORDER BY array_position(run_ids, started.id);
-    GET DIAGNOSTICS claimed = ROW_COUNT;
-    IF claimed < cardinality(run_ids) THEN
-        -- A run that changed before we held its lock: keep no lock for it.
-        PERFORM pg_advisory_unlock(pgbeat.task_lock_ns(), r.task_id)
-           FROM pgbeat.runs r
-          WHERE r.id = ANY (run_ids) AND (r.state <> 'running' OR r.backend_pid <> pg_backend_pid());
-    END IF;
 END $$;
 
 -- Finish runs this session claimed, in one transaction: state, result, error,
@@ -138,7 +135,7 @@ END $$;
 -- reported with applied = false. Release the task locks only after this commits.
 CREATE FUNCTION pgbeat.finish_runs(p_run_ids bigint[], p_states text[], p_results jsonb[], p_errors text[])
 RETURNS TABLE (run_id bigint, task_id integer, state text, result jsonb, applied boolean)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off AS $$  -- runs by id, whatever the statistics say
 #variable_conflict use_column
 DECLARE
     bad integer;
@@ -174,7 +171,7 @@ BEGIN
                     THEN coalesce(t.params->>'counter', 'task:' || rn.task_id) END AS counter_name,
                (t.params->>'step')::bigint AS step
           FROM unnest(p_run_ids, p_states, p_results, p_errors) WITH ORDINALITY AS u(id, state, result, error, ord)
-          JOIN pgbeat.runs rn ON rn.id = u.id
+          CROSS JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id OFFSET 0) rn  -- by primary key, one per id
           JOIN pgbeat.tasks t ON t.id = rn.task_id
          WHERE rn.state = 'running' AND rn.backend_pid = pg_backend_pid()
          ORDER BY u.id, u.ord
@@ -208,7 +205,7 @@ BEGIN
     SELECT u.id, rn.task_id, rn.state, rn.result,
            coalesce(u.id = ANY (done_ids) AND u.ord = min(u.ord) OVER (PARTITION BY u.id), false)
       FROM unnest(p_run_ids) WITH ORDINALITY AS u(id, ord)
-      LEFT JOIN pgbeat.runs rn ON rn.id = u.id
+      LEFT JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id OFFSET 0) rn ON true
      ORDER BY u.ord;
 END $$;
 
@@ -233,8 +230,10 @@ BEGIN
             n := n + 1;
         END IF;
     END LOOP;
-    IF EXISTS (SELECT 1 FROM pgbeat.runs WHERE runs.task_id = ANY (p_task_ids) AND state = 'pending'
-                                          AND due_at <= now()) THEN
+    -- One look-up per task in runs_one_pending, never a walk through all due runs.
+    IF EXISTS (SELECT 1 FROM unnest(p_task_ids) AS released(id)
+                CROSS JOIN LATERAL (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = released.id
+                                       AND r.state = 'pending' AND r.due_at <= now() OFFSET 0) AS waiting) THEN
         PERFORM pg_notify('pgbeat_worker', '');
     END IF;
     RETURN n;
