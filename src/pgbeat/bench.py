@@ -183,7 +183,7 @@ def wait_for(
 
 
 def sample_ms(conn: psycopg.Connection, query: str, args: dict) -> list[float]:
-    return [row[0] for row in conn.execute(query, args).fetchall()]
+    return [float(row[0]) for row in conn.execute(query, args).fetchall()]
 
 
 # ---------------------------------------------------------------- the floor
