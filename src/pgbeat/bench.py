@@ -401,7 +401,7 @@ def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
         check_alive(fleet)
         row = conn.execute(
             """SELECT count(*) FILTER (WHERE state = 'succeeded'), max(finished_at), max(created_at),
-                      (SELECT coalesce(sum(value), 0) FROM pgbeat.counters),
+                      (SELECT coalesce(sum(value), 0)::bigint FROM pgbeat.counters),
                       count(*) FILTER (WHERE backend_pid IS NOT NULL)
                  FROM pgbeat.runs""",
         ).fetchone()
