@@ -75,7 +75,10 @@ def _migrate(host: str, port: int, user: str, dbname: str, password: str | None 
     migrations.apply(server.url(dbname))
 
 
-pg_template = factories.postgresql_noproc(depends_on="pg_server", load=[_migrate])
+# Named per pytest process, so two test runs on one server never share a template.
+pg_template = factories.postgresql_noproc(
+    depends_on="pg_server", dbname=f"pgbeat_test_{os.getpid()}", load=[_migrate]
+)
 postgresql = factories.postgresql("pg_template")
 
 

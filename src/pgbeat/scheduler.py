@@ -30,8 +30,8 @@ BATCH = 500  # tasks fired per call of a stored function
 SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds)
 QUERY_TIMEOUT = 10.0  # a query slower than this means the connection is gone
 RETRY_AFTER_ERROR = 1.0  # pause after a database error that is not a lost connection
-HEARTBEAT_EVERY = 10.0
-REAP_EVERY = 2.0
+HEARTBEAT_EVERY = 30.0
+REAP_EVERY = 4.0
 PRUNE_EVERY = 3600.0
 # Something is due but a pass fired nothing (another scheduler holds the task
 # row, or its cron maths failed): wait this long, doubling up to the cap, rather than spin.
@@ -106,10 +106,6 @@ class Scheduler:
         return self.session.conn
 
     async def run(self) -> None:
-        # The scheduler's commits need not wait for the WAL flush: WAL is replayed in
-        # order, so a run a worker has claimed (a synchronous commit, later in the WAL)
-        # is always durable, and a decision lost in a crash is simply made again.
-        await self.conn.execute("SET synchronous_commit = off", timeout=QUERY_TIMEOUT)
         while not self.stop.is_set():
             self.session.check()
             try:

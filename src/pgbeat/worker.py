@@ -30,10 +30,10 @@ from pgbeat.config import Config
 log = logging.getLogger("pgbeat.worker")
 
 SAFETY_POLL = 15.0  # seconds between claims when nothing wakes the worker
-HEARTBEAT_EVERY = 10.0
-REAP_EVERY = 2.0
+HEARTBEAT_EVERY = 30.0
+REAP_EVERY = 4.0
 PRUNE_EVERY = 3600.0
-SESSION_CHECK_EVERY = 5.0  # prove the lock-holding session is alive (half-open TCP)
+SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open TCP)
 CLAIM_ERROR_PAUSE = 1.0
 
 # aiohttp's own limits; the task's timeout bounds the whole run on top of them.
