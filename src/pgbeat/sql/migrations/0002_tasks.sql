@@ -504,9 +504,12 @@ DECLARE
     r pgbeat.runs;
 BEGIN
     t := pgbeat.lock_task(p_id);
-    -- A pending run that is not yet due (a retry's backoff) is made due now.
-    UPDATE pgbeat.runs SET due_at = least(due_at, now())
-     WHERE task_id = p_id AND state = 'pending' AND scheduled_for <= now()
+    -- The task already has a pending run: that is the run. If it is not yet due
+    -- (a retry's backoff) it is made due now. Its slot may be a hair after this
+    -- transaction's now() (a concurrent trigger committed while we waited for the
+    -- task lock): it is pending all the same, never a second pending run.
+    UPDATE pgbeat.runs SET due_at = greatest(scheduled_for, least(due_at, now()))
+     WHERE task_id = p_id AND state = 'pending'
     RETURNING * INTO r;
     IF FOUND THEN
         PERFORM pg_notify('pgbeat_worker', '');
