@@ -100,7 +100,15 @@ async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:
     return conn
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections go back as they are: pgbeat's pooled queries leave no session
+    state (LISTEN, advisory locks and SET live on dedicated sessions), so asyncpg's
+    reset query would be a wasted round trip and transaction per use. An open
+    transaction is still rolled back by asyncpg."""
+
+
 async def create_pool(url: str, min_size: int = 1, max_size: int = 10, **kwargs: Any) -> asyncpg.Pool:
+    kwargs.setdefault("reset", keep_session)
     pool = await asyncpg.create_pool(
         **connect_kwargs(url), min_size=min_size, max_size=max_size, init=init_connection, **kwargs
     )

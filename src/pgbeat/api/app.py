@@ -218,12 +218,6 @@ class MetricsController(PrometheusController):
 # ---------------------------------------------------------------- the app
 
 
-async def keep_session(conn: asyncpg.Connection) -> None:
-    """Pool connections go back as they are: the API's queries leave no session state
-    (no LISTEN, advisory lock or SET), so asyncpg's reset query would be a wasted round
-    trip per request. An open transaction is still rolled back by asyncpg."""
-
-
 def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
     @contextlib.asynccontextmanager
     async def database(app: Litestar) -> AsyncIterator[None]:
@@ -232,7 +226,6 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             min_size=2,
             max_size=pool_size,
             server_settings={"timezone": "UTC", "application_name": "pgbeat-api"},
-            reset=keep_session,
         )
         app.state.schema_check = SchemaCheck(url)
         if not config.api_keys:
