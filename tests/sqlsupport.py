@@ -1,4 +1,4 @@
-"""Small helpers for the tests of the database core (tests/test_sql_*.py).
+"""Small helpers for the tests that talk to the database (tests/test_sql_*.py, the daemons' tests).
 
 Every helper talks to a real PostgreSQL session; each psycopg connection is one
 session, so several connections are several workers or schedulers.
@@ -7,8 +7,9 @@ session, so several connections are several workers or schedulers.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -16,6 +17,27 @@ from psycopg.types.json import Jsonb
 
 TASK_NS = 1885823604  # 'pgbt'
 DAEMON_NS = 1885823588  # 'pgbd'
+
+T = TypeVar("T")
+
+
+def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
+    """One statement on a new session; rows as dicts."""
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        cur = conn.execute(sql, args)
+        return cur.fetchall() if cur.description else []
+
+
+def wait_for(what: str, check: Callable[[], T], timeout: float = 30, every: float = 0.1) -> T:
+    """Poll check() until it returns something truthy; fail naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
 
 
 def connect(url: str, autocommit: bool = True) -> psycopg.Connection:

@@ -12,27 +12,16 @@ import itertools
 import json
 import statistics
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from sqlsupport import query, wait_for
 
 from pgbeat import schedules
 from pgbeat.fleet import Fleet, Process
 
-T = TypeVar("T")
-
-
 # --- helpers (also used by test_recovery.py and test_serve.py) -----------------------------------
-
-
-def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        cur = conn.execute(sql, args)
-        return cur.fetchall() if cur.description else []
 
 
 def create_task(url: str, spec: dict[str, Any], first_cron_slot: datetime | None = None) -> dict[str, Any]:
@@ -45,17 +34,6 @@ def runs_of(url: str, task_id: int) -> list[dict[str, Any]]:
 
 def task(url: str, task_id: int) -> dict[str, Any]:
     return query(url, "SELECT * FROM pgbeat.tasks WHERE id = %s", task_id)[0]
-
-
-def wait_for(what: str, check: Callable[[], T], timeout: float = 30, every: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def live_daemons(url: str, role: str) -> list[dict[str, Any]]:

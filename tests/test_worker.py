@@ -12,27 +12,18 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from sqlsupport import query, wait_for
 
 from pgbeat.fleet import Fleet, Process
 
-T = TypeVar("T")
-
-
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def query(url: str, sql: str, *args: Any) -> list[dict[str, Any]]:
-    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
-        cur = conn.execute(sql, args)
-        return cur.fetchall() if cur.description else []
 
 
 def create_task(url: str, spec: dict[str, Any]) -> int:
@@ -53,17 +44,6 @@ def runs_of(url: str, task_id: int) -> list[dict[str, Any]]:
         " WHERE r.task_id = %s ORDER BY r.id",
         task_id,
     )
-
-
-def wait_for(what: str, check: Callable[[], T], timeout: float = 30, every: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def start_workers(fleet: Fleet, n: int, *args: str, env: dict[str, str] | None = None) -> list[Process]:
