@@ -254,6 +254,99 @@ def test_until_completes_the_task_and_no_slot_after_it_runs(db_url):
     assert runs(conn, t3["id"]) == [] and task(conn, t3["id"])["next_run_at"] is None
 
 
+def test_one_call_mixes_plain_slots_and_special_cases(db_url):
+    """materialize_due_runs fires plain slots set-based and the rest through
+    fire_slot: in one call, each task gets the outcome, run and next slot the
+    rules give it, and the scheduler's own advancing wakes no scheduler."""
+    conn = connect(db_url)
+    # A slot that already has a finished run: a duplicate, never a second run.
+    dup = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    dup_slot = make_due(conn, dup, 20)
+    materialize(conn)
+    (c,) = claim(conn)
+    finish(conn, c["run_id"])
+    release(conn, [dup])
+    # A skip-policy task whose run is still running.
+    busy = create_task(conn, {"kind": "sleep", "schedule": HOUR, "overlap": "skip"})["id"]
+    make_due(conn, busy, 19)
+    materialize(conn)
+    claim(conn)
+    # A queue-policy task whose run is running: plain, its next run queues behind it.
+    queued_behind = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    make_due(conn, queued_behind, 17)
+    materialize(conn)
+    claim(conn)
+    # A queue-policy task with a pending run.
+    pend = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    make_due(conn, pend, 18)
+    materialize(conn)
+    # Plain ones: interval (one with max_runs, one with a far until, one skip-misfire
+    # within its grace), one-shot.
+    plain = [create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"] for _ in range(3)]
+    last = create_task(conn, {"kind": "sleep", "schedule": HOUR, "max_runs": 1})["id"]
+    far = create_task(conn, {"kind": "sleep", "schedule": HOUR, "until": "2999-01-01T00:00:00Z"})["id"]
+    graced = create_task(conn, {"kind": "sleep", "schedule": HOUR, "misfire": "skip", "misfire_grace": 60})[
+        "id"
+    ]
+    once = create_task(conn, {"kind": "sleep", "schedule": {"in": 3600}})["id"]
+    # A task whose scheduler was down: 10 missed slots folded into one run.
+    late = create_task(conn, {"kind": "sleep", "schedule": {"every": "60s"}})["id"]
+
+    conn.execute("UPDATE pgbeat.tasks SET next_run_at = %s WHERE id = %s", (dup_slot, dup))
+    slots = {i: make_due(conn, i, 5) for i in [*plain, last, far, graced, queued_behind]}
+    slots[busy] = make_due(conn, busy, 9)
+    make_due(conn, pend, 8)
+    slots[once] = conn.execute(
+        "UPDATE pgbeat.tasks SET run_at = now() - interval '1 s', next_run_at = now() - interval '1 s'"
+        " WHERE id = %s RETURNING run_at",
+        (once,),
+    ).fetchone()["run_at"]
+    late_anchor = conn.execute(
+        """UPDATE pgbeat.tasks SET anchor = now() - interval '630 s', next_run_at = now() - interval '630 s'
+            WHERE id = %s RETURNING anchor""",
+        (late,),
+    ).fetchone()["anchor"]
+    before = {t["id"]: t for t in conn.execute("SELECT * FROM pgbeat.tasks").fetchall()}
+
+    listener = connect(db_url)
+    listener.execute("LISTEN pgbeat_scheduler")
+    fired = {r["task_id"]: r for r in materialize(conn)}
+    assert list(listener.notifies(timeout=0.3)) == []
+    listener.close()
+
+    outcomes = {i: (r["outcome"], r["missed"]) for i, r in fired.items()}
+    assert outcomes == {
+        **{i: ("queued", 0) for i in [*plain, last, far, graced, queued_behind, once]},
+        dup: ("duplicate", 0),
+        busy: ("skipped", 0),
+        pend: ("coalesced", 0),
+        late: ("queued", 10),
+    }
+    assert fired[dup]["run_id"] is None and len(runs(conn, dup)) == 1
+    assert [(r["state"], r["coalesced"]) for r in runs(conn, pend)] == [("pending", 1)]
+    assert runs(conn, busy)[-1]["state"] == "skipped"
+    for i in [*plain, last, far, graced, queued_behind, once]:
+        run = runs(conn, i)[-1]
+        assert (run["id"], run["state"], run["scheduled_for"], run["coalesced"]) == (
+            fired[i]["run_id"],
+            "pending",
+            slots[i],
+            0,
+        )
+        assert fired[i]["scheduled_for"] == slots[i]
+    (late_run,) = runs(conn, late)
+    assert late_run["scheduled_for"] == late_anchor + timedelta(seconds=600) and late_run["coalesced"] == 10
+    after = {t["id"]: t for t in conn.execute("SELECT * FROM pgbeat.tasks").fetchall()}
+    for i in fired:
+        assert after[i]["fired"] == before[i]["fired"] + 1
+    hour = timedelta(hours=1)
+    for i in [*plain, far, graced, queued_behind, busy]:
+        assert after[i]["next_run_at"] == slots[i] + hour
+    assert after[last]["next_run_at"] is None and after[once]["next_run_at"] is None
+    assert after[late]["next_run_at"] == late_anchor + timedelta(seconds=660)
+    assert materialize(conn) == []
+
+
 def test_one_shot_runs_once_and_completes(db_url):
     conn = connect(db_url)
     tid = create_task(conn, {"kind": "sleep", "schedule": {"in": 3600}})["id"]
