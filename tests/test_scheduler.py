@@ -55,13 +55,7 @@ def start(fleet: Fleet, role: str, n: int = 1, *args: str) -> list[Process]:
 
 
 def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
-    events = []
-    for line in process.log().splitlines():
-        if line.startswith("{"):
-            doc = json.loads(line)
-            if doc.get("event") == event:
-                events.append(doc)
-    return events
+    return process.events(event)
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.server
 import itertools
-import json
 import os
 import socket
 import threading
@@ -78,13 +77,7 @@ def scheduling(fleet: Fleet) -> Iterator[Process]:
 
 
 def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
-    events = []
-    for line in process.log().splitlines():
-        if line.startswith("{"):
-            doc = json.loads(line)
-            if doc.get("event") == event:
-                events.append(doc)
-    return events
+    return process.events(event)
 
 
 def assert_no_overlap(runs: list[dict[str, Any]]) -> None:

@@ -3,6 +3,7 @@ and the chaos run use this to run real scheduler, worker and api replicas side b
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -52,6 +53,11 @@ class Process:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self, event: str) -> list[dict]:
+        """The JSON log events of this process named `event`, oldest first."""
+        docs = (json.loads(line) for line in self.log().splitlines() if line.startswith("{"))
+        return [doc for doc in docs if doc.get("event") == event]
 
 
 @dataclass
