@@ -425,7 +425,9 @@ def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
 
 
 def steady(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
-    """N tasks every 1 s for D seconds: every slot runs; lateness p50/p99."""
+    """N tasks every 1 s for D seconds: every slot runs; lateness p50/p99. The tasks' phases
+    are spread evenly over the second (N runs/s arrive as a steady stream, as tasks created
+    at different moments do); N slots all due at one instant would be a burst every second."""
     n, seconds = opts.size, int(opts.duration)
     with connect(url) as conn:
         first = db_now(conn).replace(microsecond=0) + timedelta(seconds=3 + int(n / 5000))
@@ -434,8 +436,10 @@ def steady(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[st
             n,
             "sleep",
             {"seconds": 0},
-            "jsonb_build_object('every', 1, 'start', %(first)s::timestamptz)",
+            "jsonb_build_object('every', 1, 'start', %(first)s::timestamptz"
+            " + i * %(spread)s * interval '1 ms')",
             first=first,
+            spread=1000 / max(n, 1),
         )
         tasks = task_ids(conn)
         start_daemons(fleet, url, opts)

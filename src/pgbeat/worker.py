@@ -36,6 +36,16 @@ PRUNE_EVERY = 3600.0
 SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open TCP)
 CLAIM_ERROR_PAUSE = 1.0
 
+# Claim, and in the same round trip the seconds until the next pending run falls due
+# (NULL: none). Runs already due that could not be claimed wait for their task's lock,
+# and the holder's release_task_locks notifies. The last row is always that one: a
+# UNION ALL's branches run in order, so its clock is read after the claim.
+CLAIM_SQL = """
+    SELECT *, NULL::float8 AS wake_in FROM pgbeat.claim_runs($1, $2)
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           extract(epoch FROM pgbeat.next_pending_due_at(clock_timestamp()) - clock_timestamp())::float8"""
+
 # aiohttp's own limits; the task's timeout bounds the whole run on top of them.
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 
@@ -176,25 +186,18 @@ class Worker:
         self.session.take_payloads()  # clears wake: a notification from now on claims again
         try:
             async with self.session_lock:
-                rows = await self.conn.fetch(
-                    "SELECT * FROM pgbeat.claim_runs($1, $2)", self.session.daemon_id, limit
-                )
+                rows = await self.conn.fetch(CLAIM_SQL, self.session.daemon_id, limit)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, daemon.CONNECTION_ERRORS):
                 raise
             await self.claim_failed(exc)
             return CLAIM_ERROR_PAUSE
-        for row in rows:
-            self.start(ClaimedRun(**dict(row)))
-        if len(rows) == limit:
+        *claimed, last = rows
+        for row in claimed:
+            self.start(ClaimedRun(*tuple(row)[:-1]))  # (the last column is wake_in)
+        if len(claimed) == limit:
             return 0  # maybe more: the loop claims again while there are free slots
-        # Runs already due that we could not claim wait for their task's lock, and the
-        # holder's release_task_locks notifies us: sleep until the next one due later.
-        async with self.session_lock:
-            return await self.conn.fetchval(
-                "SELECT extract(epoch FROM pgbeat.next_pending_due_at(clock_timestamp()) - clock_timestamp())"
-                "::float8"
-            )
+        return last["wake_in"]
 
     async def claim_failed(self, exc: asyncpg.PostgresError) -> None:
         """A claim transaction failed: its row changes rolled back, but advisory locks it took
@@ -246,7 +249,7 @@ class Worker:
         async with self.session_lock:
             try:
                 rows = await self.conn.fetch(
-                    "SELECT * FROM pgbeat.finish_runs($1, $2, $3, $4)",
+                    "SELECT run_id, state, applied FROM pgbeat.finish_runs($1, $2, $3, $4)",
                     [o.run.run_id for o in outcomes],
                     [o.state for o in outcomes],
                     [o.result for o in outcomes],
@@ -298,7 +301,11 @@ class Worker:
             for state, result, error in attempts:
                 try:
                     rows += await self.conn.fetch(
-                        "SELECT * FROM pgbeat.finish_run($1, $2, $3, $4)", o.run.run_id, state, result, error
+                        "SELECT run_id, state, applied FROM pgbeat.finish_run($1, $2, $3, $4)",
+                        o.run.run_id,
+                        state,
+                        result,
+                        error,
                     )
                     break
                 except asyncpg.PostgresError as again:
