@@ -52,7 +52,7 @@ def test_real_process_serves_the_api_with_keys_and_stops_cleanly_on_sigterm(flee
 def test_open_api_says_so_in_its_log(fleet):
     proc, _ = fleet.start_api()
     assert proc.terminate() == 0
-    assert any('"event": "api_open"' in line for line in proc.log().splitlines())
+    assert proc.events("api_open")
 
 
 def test_concurrent_creates_and_patches_leave_consistent_rows(fleet, db_url):

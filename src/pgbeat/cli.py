@@ -8,12 +8,16 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+import uvloop
+
 from pgbeat import logs
 from pgbeat.config import Config
 
 
 def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run main(stop) on a fresh loop; SIGTERM/SIGINT set `stop` so the daemon drains and exits 0."""
+    """Run main(stop) on a fresh uvloop loop (its transports and callbacks cost a fraction
+    of asyncio's: the api's request rate, the worker's runs per second); SIGTERM/SIGINT
+    set `stop` so the daemon drains and exits 0."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -22,7 +26,8 @@ def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> int
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(runner())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
+        loop_runner.run(runner())
     return 0
 
 

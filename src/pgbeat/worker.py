@@ -135,12 +135,23 @@ class Worker:
         """Claim and run until stop; then drain within the grace period. Whatever way
         this ends, no run task of ours outlives it."""
         drain_deadline: float | None = None
+        claimed_first = False
         try:
             while True:
                 self.collect_ended()
-                if self.ended:
+                # A notification means a run is due now: claim it before recording the runs
+                # that ended (that only delays their lock release), but never twice in a row.
+                claim_first = (
+                    self.session.wake.is_set()
+                    and self.free_slots > 0
+                    and not claimed_first
+                    and not stop.is_set()
+                )
+                if self.ended and not claim_first:
+                    claimed_first = False
                     await self.finish_ended()
                     continue
+                claimed_first = bool(self.ended)
                 if stop.is_set():
                     if not self.in_flight:
                         return
@@ -163,7 +174,7 @@ class Worker:
                         self.session.check()
                     continue
                 wake_in = await self.claim_and_start() if self.free_slots > 0 else None
-                if wake_in == 0:
+                if wake_in == 0 or self.ended:
                     continue
                 await self.sleep(stop, wake_in)
         finally:
