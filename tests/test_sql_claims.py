@@ -306,6 +306,10 @@ def test_failed_runs_are_retried_with_backoff(db_url):
     assert 9 <= backoff <= 11
     assert claim(conn) == []  # not due yet
     assert conn.execute("SELECT pgbeat.next_pending_due_at() AS t").fetchone()["t"] == second["due_at"]
+    # The worker's question: the next run due after now (and none after that one).
+    after = conn.execute("SELECT pgbeat.next_pending_due_at(now()) AS t").fetchone()["t"]
+    assert after == second["due_at"]
+    assert conn.execute("SELECT pgbeat.next_pending_due_at(%s) AS t", (after,)).fetchone()["t"] is None
     conn.execute("UPDATE pgbeat.runs SET due_at = scheduled_for WHERE id = %s", (second["id"],))
     run_and_end("timed_out")
     third = runs(conn, tid)[2]
