@@ -6,9 +6,11 @@ Log with an event name and fields: log.info("run finished", extra={"event": "run
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 
@@ -50,10 +52,44 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class LineBatchingHandler(logging.StreamHandler):
+    """Writes the lines logged during one step of the event loop with one write: a worker
+    logs two events per run, and a write per line was a tenth of its CPU in a burst. The
+    batch is written before the loop runs anything else (call_soon), so a line is late by
+    microseconds; a `kill -9` loses at most the lines of the step it interrupts. Outside
+    the loop's thread (or without a loop) each line is written at once."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self.pending: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.stream.write(line)
+                self.stream.flush()
+                return
+            if not self.pending:
+                loop.call_soon(self.flush)
+            self.pending.append(line)
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  (set by Handler.__init__)
+            if self.pending:
+                lines, self.pending = self.pending, []
+                self.stream.write("".join(lines))
+            self.stream.flush()
+
+
 def setup(log_format: str | None = None, level: int = logging.INFO) -> None:
     """Configure the root logger for a pgbeat process."""
     use_json = log_format == "json" or (log_format != "text" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineBatchingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
