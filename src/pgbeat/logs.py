@@ -7,6 +7,7 @@ Log with an event name and fields: log.info("run finished", extra={"event": "run
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import sys
 from datetime import UTC, datetime
@@ -18,8 +19,13 @@ import msgspec
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
+# A LogRecord sets the same attributes first, always; `extra` comes after them.
+_FIRST_EXTRA = len(vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None)))
+
+
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+    tail = itertools.islice(vars(record).items(), _FIRST_EXTRA, None)
+    return {k: v for k, v in tail if k not in _STANDARD}
 
 
 # Workers log two events per run: at thousands of runs a second the encoder matters.
@@ -27,9 +33,20 @@ _encode = msgspec.json.Encoder(enc_hook=str).encode
 
 
 class JsonFormatter(logging.Formatter):
+    second = -1
+    second_text = ""
+
+    def timestamp(self, created: float) -> str:
+        """ISO 8601 in UTC with milliseconds; the date and time are formatted once a second."""
+        second = int(created)
+        if second != self.second:
+            self.second_text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self.second = second
+        return f"{self.second_text}.{int((created - second) * 1000):03d}+00:00"
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, object] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "ts": self.timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
