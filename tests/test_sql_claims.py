@@ -492,3 +492,27 @@ def test_sessions_racing_for_one_task_one_wins_the_others_get_nothing_and_hold_n
         ).fetchone()["n"]
         == 8
     )
+
+
+def test_release_and_claim_releases_first_so_the_task_can_run_again_in_the_same_call(db_url):
+    setup, worker = connect(db_url), connect(db_url)
+    pid = backend_pid(worker)
+    tid = create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"]
+    trigger(setup, tid)
+    (first,) = claim(worker)
+    assert finish(worker, first["run_id"])["applied"] is True
+    second = trigger(setup, tid)  # due now, but its task is still locked by the worker
+
+    def release_and_claim(release_ids: list[int]) -> list[dict]:
+        return worker.execute(
+            "SELECT * FROM pgbeat.release_and_claim_runs(%s, NULL, 1)", (release_ids,)
+        ).fetchall()
+
+    assert release_and_claim([]) == []  # its own lock still stands in the way: no stacking
+    assert task_locks_of(setup, pid) == [tid]
+    (got,) = release_and_claim([tid])  # unlocked, then claimed again under a fresh lock
+    assert got["run_id"] == second["id"]
+    assert task_locks_of(setup, pid) == [tid]
+    assert setup.execute("SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'running'").fetchone()["n"] == 1
+    assert finish(worker, got["run_id"])["applied"] is True
+    assert release_and_claim([tid]) == [] and task_locks_of(setup, pid) == []

@@ -6,9 +6,10 @@ claim / finish / release calls go over that one session, because the task locks
 are session locks on it: finish commits first, then the locks are released.
 
     claim up to the free slots ──> run each as an asyncio task ──> finish the
-    batch of runs that ended (one finish_runs) ──> release their locks
-    (one release_task_locks) ──> claim again, or sleep until a notification,
-    a run ending, the next pending run's due time, or a slow safety poll.
+    batch of runs that ended (one finish_runs) ──> release their locks and
+    claim again (one release_and_claim_runs; a lone release_task_locks when no
+    claim follows) ──> or sleep until a notification, a run ending, the next
+    pending run's due time, or a slow safety poll.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ PRUNE_EVERY = 3600.0
 SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open TCP)
 CLAIM_ERROR_PAUSE = 1.0
 
-# Claim, and in the same round trip the seconds until the next pending run falls due
+# Release the locks of runs recorded since the last claim, claim, and in the same round
+# trip learn the seconds until the next pending run falls due
 # (NULL: none). Runs already due that could not be claimed wait for their task's lock,
 # and the holder's release_task_locks notifies. The last row is always that one: a
 # UNION ALL's branches run in order, so its clock is read after the claim.
 CLAIM_SQL = """
-    SELECT *, NULL::float8 AS wake_in FROM pgbeat.claim_runs($1, $2)
+    SELECT *, NULL::float8 AS wake_in FROM pgbeat.release_and_claim_runs($3, $1, $2)
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
            extract(epoch FROM pgbeat.next_pending_due_at(clock_timestamp()) - clock_timestamp())::float8"""
@@ -119,6 +121,7 @@ class Worker:
         self.session_lock = asyncio.Lock()  # one call at a time on the lock-holding session
         self.in_flight: dict[asyncio.Task[Outcome], ClaimedRun] = {}
         self.ended: list[Outcome] = []  # finished here, not yet recorded
+        self.recorded_locks: set[int] = set()  # tasks whose runs are recorded: unlock at the next claim
         self.run_ended = asyncio.Event()
 
     @property
@@ -149,10 +152,14 @@ class Worker:
                 )
                 if self.ended and not claim_first:
                     claimed_first = False
-                    await self.finish_ended()
+                    # The loop claims next while it has a free slot and is not stopping.
+                    await self.finish_ended(claim_follows=self.free_slots > 0 and not stop.is_set())
                     continue
                 claimed_first = bool(self.ended)
                 if stop.is_set():
+                    if self.recorded_locks:  # no claim follows now
+                        async with self.session_lock:
+                            await self.release_recorded_locks()
                     if not self.in_flight:
                         return
                     if drain_deadline is None:
@@ -195,9 +202,10 @@ class Worker:
         else seconds until the next pending run falls due (None: none known)."""
         limit = self.free_slots
         self.session.take_payloads()  # clears wake: a notification from now on claims again
+        release, self.recorded_locks = sorted(self.recorded_locks), set()
         try:
             async with self.session_lock:
-                rows = await self.conn.fetch(CLAIM_SQL, self.session.daemon_id, limit)
+                rows = await self.conn.fetch(CLAIM_SQL, self.session.daemon_id, limit, release)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, daemon.CONNECTION_ERRORS):
                 raise
@@ -253,9 +261,9 @@ class Worker:
             else:
                 self.ended.append(task.result())
 
-    async def finish_ended(self) -> None:
-        """Record every run that has ended in one finish_runs (one transaction), then, after
-        it committed, release their tasks' locks in one release_task_locks."""
+    async def finish_ended(self, claim_follows: bool) -> None:
+        """Record every run that has ended in one finish_runs (one transaction); after it
+        committed, release their tasks' locks: with the claim that follows, or now."""
         outcomes, self.ended = self.ended, []
         async with self.session_lock:
             try:
@@ -274,9 +282,9 @@ class Worker:
                 raise
             except asyncpg.PostgresError as exc:
                 rows = await self.finish_one_by_one(outcomes, exc)
-            await self.conn.fetchval(
-                "SELECT pgbeat.release_task_locks($1)", sorted({o.run.task_id for o in outcomes})
-            )
+            self.recorded_locks.update(o.run.task_id for o in outcomes)
+            if not claim_follows:
+                await self.release_recorded_locks()
         recorded = {row["run_id"]: row for row in rows}
         for o in outcomes:
             row = recorded.get(o.run.run_id)
@@ -298,6 +306,12 @@ class Worker:
                     "recorded": applied,
                 },
             )
+
+    async def release_recorded_locks(self) -> None:
+        """Release the locks of the tasks whose runs were recorded (call under session_lock)."""
+        release, self.recorded_locks = sorted(self.recorded_locks), set()
+        if release:
+            await self.conn.fetchval("SELECT pgbeat.release_task_locks($1)", release)
 
     async def finish_one_by_one(self, outcomes: list[Outcome], exc: asyncpg.PostgresError) -> list[Any]:
         """The batch failed (one bad outcome rolls back all): record each alone; one that

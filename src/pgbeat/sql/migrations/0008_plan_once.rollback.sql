@@ -1,4 +1,7 @@
--- Back to the 0004 definitions.
+-- Back to the 0003 and 0004 definitions.
+
+DROP FUNCTION pgbeat.release_and_claim_runs(integer[], integer, integer);
+ALTER FUNCTION pgbeat.materialize_due_runs(integer) RESET ALL;
 
 CREATE OR REPLACE FUNCTION pgbeat.claim_runs(p_daemon_id integer, p_limit integer DEFAULT 1)
 RETURNS TABLE (run_id bigint, task_id integer, kind text, params jsonb, timeout double precision,

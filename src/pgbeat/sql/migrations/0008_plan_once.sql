@@ -16,13 +16,23 @@
 --   both         plan their statements once per session (plan_cache_mode): the
 --                plans never depend on the arrays' contents, and re-planning the
 --                finish statement cost more than running it for a handful of runs.
+--                They join by primary key only (nested loops: no merge or hash
+--                join), because a plan made while `runs` was small would otherwise
+--                keep merge-joining a handful of ids against the whole table.
+--   release_and_claim_runs
+--                (new) the locks of runs whose outcomes committed earlier, then a
+--                claim, in one call: a worker's cycle is finish, then release and
+--                claim, two round trips instead of three.
+--   materialize_due_runs
+--                looks tasks up by primary key as well (its fast path hash-joined
+--                a seq scan of every task to fire two of them).
 -- Same arguments, results and rules as in 0003_scheduling.sql and 0004_workers.sql.
 
 CREATE OR REPLACE FUNCTION pgbeat.claim_runs(p_daemon_id integer, p_limit integer DEFAULT 1)
 RETURNS TABLE (run_id bigint, task_id integer, kind text, params jsonb, timeout double precision,
                scheduled_for timestamptz, attempt integer, started_at timestamptz)
 LANGUAGE plpgsql SET enable_sort = off SET enable_seqscan = off SET jit = off
-    SET plan_cache_mode = force_generic_plan AS $$
+    SET enable_mergejoin = off SET enable_hashjoin = off SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     held integer[] := pgbeat.held_task_locks();
@@ -73,7 +83,8 @@ END $$;
 CREATE OR REPLACE FUNCTION pgbeat.finish_runs(p_run_ids bigint[], p_states text[], p_results jsonb[], p_errors text[])
 RETURNS TABLE (run_id bigint, task_id integer, state text, result jsonb, applied boolean)
 -- (runs by id, whatever the statistics say)
-LANGUAGE plpgsql SET enable_seqscan = off SET jit = off SET plan_cache_mode = force_generic_plan AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
+    SET enable_mergejoin = off SET enable_hashjoin = off SET plan_cache_mode = force_generic_plan AS $$
 #variable_conflict use_column
 DECLARE
     bad integer;
@@ -169,3 +180,20 @@ LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN (SELECT min(next_run_at) FROM pgbeat.tasks WHERE NOT paused AND next_run_at IS NOT NULL);
 END $$;
+
+-- release_task_locks(p_release), then claim_runs(p_daemon_id, p_limit). The caller
+-- passes only tasks whose runs' outcomes have committed (rule 2's order is kept:
+-- finish commits, then the unlock). An unlock is not undone if the claim fails.
+CREATE FUNCTION pgbeat.release_and_claim_runs(p_release integer[], p_daemon_id integer, p_limit integer)
+RETURNS TABLE (run_id bigint, task_id integer, kind text, params jsonb, timeout double precision,
+               scheduled_for timestamptz, attempt integer, started_at timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF cardinality(p_release) > 0 THEN
+        PERFORM pgbeat.release_task_locks(p_release);
+    END IF;
+    RETURN QUERY SELECT * FROM pgbeat.claim_runs(p_daemon_id, p_limit);
+END $$;
+
+ALTER FUNCTION pgbeat.materialize_due_runs(integer)
+    SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off;
