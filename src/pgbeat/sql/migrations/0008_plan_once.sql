@@ -24,8 +24,9 @@
 --                claim, in one call: a worker's cycle is finish, then release and
 --                claim, two round trips instead of three.
 --   materialize_due_runs
---                looks tasks up by primary key as well (its fast path hash-joined
---                a seq scan of every task to fire two of them).
+--                never scans all tasks (its fast path hash-joined a seq scan of
+--                every task to fire two of them): no seq scan, no merge join. Hash
+--                joins stay: its result joins two CTEs, which have no index.
 -- Same arguments, results and rules as in 0003_scheduling.sql and 0004_workers.sql.
 
 CREATE OR REPLACE FUNCTION pgbeat.claim_runs(p_daemon_id integer, p_limit integer DEFAULT 1)
@@ -195,5 +196,4 @@ BEGIN
     RETURN QUERY SELECT * FROM pgbeat.claim_runs(p_daemon_id, p_limit);
 END $$;
 
-ALTER FUNCTION pgbeat.materialize_due_runs(integer)
-    SET enable_seqscan = off SET enable_hashjoin = off SET enable_mergejoin = off;
+ALTER FUNCTION pgbeat.materialize_due_runs(integer) SET enable_seqscan = off SET enable_mergejoin = off;
