@@ -311,6 +311,28 @@ def test_waiting_behind_the_previous_run_is_not_lateness(conn, healthy):
     assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []
 
 
+def test_time_a_task_spent_paused_is_not_lateness(conn, healthy):
+    """Chaos run, seed 439412: a one-shot paused across its slot fires when resumed, with
+    its original slot; its run is not late by the length of the pause."""
+    task_id, record = healthy
+    s = slot(conn, task_id, 5)
+    once = create_task(conn, {"kind": "sleep", "params": {"seconds": 0}, "schedule": {"every": 3600}})
+    resumed = s + timedelta(seconds=14)
+    insert_run(
+        conn,
+        once,
+        s,
+        started_at=resumed + timedelta(milliseconds=5),
+        finished_at=resumed + timedelta(seconds=1),
+    )
+    name = "6 lateness bounded outside faults"
+    assert len(chaos.check(conn, record)[name]) == 1  # without the resume it looks 14 s late
+    record.resumes = [(once, resumed)]
+    assert chaos.check(conn, record)[name] == []
+    record.resumes = [(once, s - timedelta(seconds=1))]  # a resume before the slot excuses nothing
+    assert len(chaos.check(conn, record)[name]) == 1
+
+
 # --- regressions found by the chaos run ---
 
 

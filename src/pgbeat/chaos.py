@@ -51,6 +51,7 @@ class ChaosRecord:
     load_stopped_at: datetime  # the schedulers were stopped here
     killed_daemon_ids: list[int] = field(default_factory=list)  # kill -9, or sessions ended by a restart
     fault_windows: list[tuple[datetime, datetime]] = field(default_factory=list)  # fault to recovery
+    resumes: list[tuple[int, datetime]] = field(default_factory=list)  # (task, when its resume answered)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,8 @@ class ChaosRecord:
             "killed": self.killed_daemon_ids,
             "window_starts": [w[0] for w in self.fault_windows],
             "window_ends": [w[1] for w in self.fault_windows],
+            "resumed_tasks": [r[0] for r in self.resumes],
+            "resumed_ats": [r[1] for r in self.resumes],
             "margin": RECOVERY_MARGIN,
             "tolerance": SCHEDULE_TOLERANCE,
             "p99_bound": LATENESS_P99_BOUND,
@@ -74,14 +77,19 @@ _SCOPE = """
                   WHERE r.backend_pid IS NOT NULL)
 """
 
-# When each executed run could have started: its due time, or when the task's
-# previous run finished (queued behind it), whichever is later; and whether
-# that moment falls inside a fault window (or its recovery margin).
+# When each executed run could have started: its due time, when the task's
+# previous run finished (queued behind it), or when the task was last resumed
+# before it started (a one-shot paused across its slot fires at its resume, with
+# its original slot), whichever is latest; and whether that moment falls inside a
+# fault window (or its recovery margin).
 _READINESS = """
     readiness AS (
         SELECT e.id, e.task_id, e.started_at,
-               greatest(e.due_at, lag(e.finished_at) OVER (PARTITION BY e.task_id
-                                                           ORDER BY e.started_at, e.id)) AS ready_at
+               greatest(e.due_at,
+                        lag(e.finished_at) OVER (PARTITION BY e.task_id ORDER BY e.started_at, e.id),
+                        (SELECT max(rs.at) FROM unnest(%(resumed_tasks)s::integer[],
+                                                       %(resumed_ats)s::timestamptz[]) AS rs(task_id, at)
+                          WHERE rs.task_id = e.task_id AND rs.at <= e.started_at)) AS ready_at
           FROM executed e),
     outside AS (
         SELECT r.*, extract(epoch FROM r.started_at - r.ready_at)::float8 AS lateness
@@ -240,7 +248,7 @@ INVARIANTS: dict[str, tuple[str, str]] = {
         """,
     ),
     "6 lateness bounded outside faults": (
-        f"start delay (from due, or from the previous run's end) outside fault windows: "
+        f"start delay (from due, the previous run's end, or a resume) outside fault windows: "
         f"p99 <= {LATENESS_P99_BOUND:g} s, max <= {LATENESS_MAX_BOUND:g} s",
         f"""
         WITH {_SCOPE}, {_READINESS},
@@ -526,6 +534,7 @@ class ChaosRun:
         self.sigterm_exits: list[int] = []
         self.live_tasks: list[int] = []
         self.paused_tasks: list[int] = []
+        self.resumes: list[tuple[int, datetime]] = []
         self.stop_ops = threading.Event()
         self.notes: list[str] = []
         self.stopped: list[Process] = []  # killed or SIGTERMed on purpose
@@ -650,6 +659,7 @@ class ChaosRun:
                 self.paused_tasks.append(task_id)
             elif kind == "resume":
                 self.paused_tasks.remove(task_id)
+                self.resumes.append((task_id, utc_now()))
 
     @staticmethod
     def patch_for(rng: random.Random, task: dict) -> dict:
@@ -785,6 +795,7 @@ def run(options: ChaosOptions) -> ChaosResult:
             load_stopped_at=load_stopped_at,
             killed_daemon_ids=sorted(chaos_run.killed),
             fault_windows=chaos_run.windows,
+            resumes=chaos_run.resumes,
         )
         with psycopg.connect(url, autocommit=True) as conn:
             violations = check(conn, record)
