@@ -36,8 +36,9 @@ PRUNE_EVERY = 3600.0
 # Something is due but a pass fired nothing (another scheduler holds the task
 # row, or its cron maths failed): wait this long, doubling up to the cap, rather than spin.
 HOLD_OFF_FIRST, HOLD_OFF_CAP = 0.005, 1.0
-# How long before a deadline asyncio hands over to a precise thread sleep (seconds).
-WAKE_EARLY = 0.001
+# How long before a deadline the event loop hands over to a precise thread sleep
+# (seconds): its timers have millisecond resolution and may fire a millisecond late.
+WAKE_EARLY = 0.002
 
 
 class DatabaseClock:
@@ -193,8 +194,8 @@ class Scheduler:
                     continue
             if deadline is None or deadline - time.monotonic() > WAKE_EARLY:
                 return  # the safety poll, or stop
-            # asyncio's timers are as coarse as epoll's milliseconds: the last fraction
-            # of a millisecond before the deadline is slept by this thread (not a spin).
+            # The loop's timers are as coarse as epoll's milliseconds: the last
+            # millisecond or two before the deadline is slept by this thread (not a spin).
             remaining = deadline - time.monotonic()
             if remaining > 0:
                 time.sleep(remaining)  # noqa: ASYNC251  (under WAKE_EARLY, on purpose)
