@@ -4,7 +4,7 @@ fixed-rate grid, misfire and overlap policies, limits, cron slots."""
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 import pytest
@@ -12,6 +12,17 @@ from psycopg.types.json import Jsonb
 from sqlsupport import claim, connect, create_task, finish, make_due, materialize, race, release, runs, task
 
 HOUR = {"every": "1h"}
+
+
+def run_a_slot(conn: psycopg.Connection, task_id: int, ago: float) -> datetime:
+    """Make a slot of the task due `ago` seconds ago and run it to the end (materialise,
+    claim, finish, release); returns the slot."""
+    slot = make_due(conn, task_id, ago)
+    materialize(conn)
+    (run,) = claim(conn)
+    finish(conn, run["run_id"])
+    release(conn, [task_id])
+    return slot
 
 
 def test_sessions_racing_to_materialise_one_slot_make_exactly_one_run(db_url):
@@ -48,11 +59,7 @@ def test_racing_schedulers_on_a_duplicate_slot_insert_nothing(db_url):
     that already has a finished run is reported as a duplicate, never run twice."""
     setup = connect(db_url)
     tid = create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"]
-    slot = make_due(setup, tid, 1.0)
-    materialize(setup)
-    (run,) = claim(setup)
-    finish(setup, run["run_id"])
-    release(setup, [tid])
+    slot = run_a_slot(setup, tid, 1.0)
     setup.execute("UPDATE pgbeat.tasks SET next_run_at = %s WHERE id = %s", (slot, tid))
     conns = [connect(db_url) for _ in range(3)]
     results = race(3, lambda i: materialize(conns[i]))
@@ -261,11 +268,7 @@ def test_one_call_mixes_plain_slots_and_special_cases(db_url):
     conn = connect(db_url)
     # A slot that already has a finished run: a duplicate, never a second run.
     dup = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
-    dup_slot = make_due(conn, dup, 20)
-    materialize(conn)
-    (c,) = claim(conn)
-    finish(conn, c["run_id"])
-    release(conn, [dup])
+    dup_slot = run_a_slot(conn, dup, 20)
     # A skip-policy task whose run is still running.
     busy = create_task(conn, {"kind": "sleep", "schedule": HOUR, "overlap": "skip"})["id"]
     make_due(conn, busy, 19)

@@ -38,10 +38,10 @@ SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open
 CLAIM_ERROR_PAUSE = 1.0
 
 # Release the locks of runs recorded since the last claim, claim, and in the same round
-# trip learn the seconds until the next pending run falls due
-# (NULL: none). Runs already due that could not be claimed wait for their task's lock,
-# and the holder's release_task_locks notifies. The last row is always that one: a
-# UNION ALL's branches run in order, so its clock is read after the claim.
+# trip learn the seconds until the next pending run falls due (NULL: none). Runs already
+# due that could not be claimed wait for their task's lock, and the holder's release
+# notifies. The last row is always that one: a UNION ALL's branches run in order, so
+# its clock is read after the claim.
 CLAIM_SQL = """
     SELECT *, NULL::float8 AS wake_in FROM pgbeat.release_and_claim_runs($3, $1, $2)
     UNION ALL
@@ -202,7 +202,7 @@ class Worker:
         else seconds until the next pending run falls due (None: none known)."""
         limit = self.free_slots
         self.session.take_payloads()  # clears wake: a notification from now on claims again
-        release, self.recorded_locks = sorted(self.recorded_locks), set()
+        release = self.take_recorded_locks()
         try:
             async with self.session_lock:
                 rows = await self.conn.fetch(CLAIM_SQL, self.session.daemon_id, limit, release)
@@ -307,10 +307,15 @@ class Worker:
                 },
             )
 
+    def take_recorded_locks(self) -> list[int]:
+        """The tasks whose runs are recorded and whose locks are still held; the caller
+        releases them (a failed claim leaves them to release_stray_task_locks)."""
+        release, self.recorded_locks = sorted(self.recorded_locks), set()
+        return release
+
     async def release_recorded_locks(self) -> None:
         """Release the locks of the tasks whose runs were recorded (call under session_lock)."""
-        release, self.recorded_locks = sorted(self.recorded_locks), set()
-        if release:
+        if release := self.take_recorded_locks():
             await self.conn.fetchval("SELECT pgbeat.release_task_locks($1)", release)
 
     async def finish_one_by_one(self, outcomes: list[Outcome], exc: asyncpg.PostgresError) -> list[Any]:
