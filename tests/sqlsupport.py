@@ -67,8 +67,10 @@ def make_due(conn: psycopg.Connection, task_id: int, ago: float) -> Any:
     ).fetchone()["next_run_at"]
 
 
-def materialize(conn: psycopg.Connection, limit: int = 1000) -> list[dict]:
-    return conn.execute("SELECT * FROM pgbeat.materialize_due_runs(%s)", (limit,)).fetchall()
+def materialize(conn: psycopg.Connection, limit: int = 1000, ahead: float = 0.0) -> list[dict]:
+    return conn.execute(
+        "SELECT * FROM pgbeat.materialize_due_runs(%s, make_interval(secs => %s))", (limit, ahead)
+    ).fetchall()
 
 
 def claim(conn: psycopg.Connection, limit: int = 1, daemon_id: int | None = None) -> list[dict]:

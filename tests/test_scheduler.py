@@ -143,7 +143,11 @@ def test_every_second_task_runs_on_its_grid_with_small_lateness(db_url, fleet):
         run_start_p99=round(percentile(run_lateness, 99), 3),
         runs=len(runs),
     )
-    assert all(lateness >= 0 for lateness in scheduler_lateness)  # never early
+    # Plain slots are decided up to 20 ms before they fall due (materialised ahead);
+    # their runs never start early.
+    assert all(lateness >= -20 for lateness in scheduler_lateness)
+    assert any(lateness < 0 for lateness in scheduler_lateness)
+    assert all(lateness >= 0 for lateness in run_lateness)
     # Sanity bounds only (a missed wake-up would cost seconds): the machine is small and
     # shared, and the figures measured are reported above (about 2-5 ms when it is quiet).
     assert statistics.median(scheduler_lateness) < 100

@@ -1,10 +1,13 @@
-"""Unit tests of the scheduler's own arithmetic: notification payloads and the mapping
-of database timestamps onto the monotonic clock."""
+"""Unit tests of the scheduler's own arithmetic: notification payloads, the mapping
+of database timestamps onto the monotonic clock, and the daemons' precise sleep."""
 
+import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from pgbeat import daemon
 from pgbeat.scheduler import DatabaseClock, earliest_in, log_decisions
 
 
@@ -62,3 +65,22 @@ def test_log_decisions_one_event_each_even_without_a_slot(caplog) -> None:
         (2, "expired", None),
     ]
     assert events[0].slot == "2026-11-23T10:00:00+00:00"
+
+
+async def test_a_precise_sleep_never_ends_before_its_deadline() -> None:
+    stop, event = asyncio.Event(), asyncio.Event()
+    for seconds in (0.0005, 0.0015, 0.004, 0.03):  # inside and beyond the thread's share
+        deadline = time.monotonic() + seconds
+        await daemon.sleep_until_precisely(deadline, stop, event)
+        assert time.monotonic() >= deadline
+
+
+async def test_a_precise_sleep_ends_early_on_an_event_or_stop() -> None:
+    stop, event = asyncio.Event(), asyncio.Event()
+    for which in (event, stop):
+        stop.clear()
+        event.clear()
+        asyncio.get_running_loop().call_later(0.01, which.set)
+        started = time.monotonic()
+        await daemon.sleep_until_precisely(started + 30, stop, event)
+        assert which.is_set() and time.monotonic() - started < 5

@@ -516,3 +516,27 @@ def test_release_and_claim_releases_first_so_the_task_can_run_again_in_the_same_
     assert setup.execute("SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'running'").fetchone()["n"] == 1
     assert finish(worker, got["run_id"])["applied"] is True
     assert release_and_claim([tid]) == [] and task_locks_of(setup, pid) == []
+
+
+def test_one_batch_shows_each_runs_own_counter_value(db_url):
+    """Several runs of one counter finished in one call: each result shows the value
+    its own increment reached, in the order the runs were passed."""
+    conn = connect(db_url)
+    shared = [
+        create_task(conn, {"kind": "counter", "params": {"counter": "batch", "step": 2}, "schedule": HOUR})
+        for _ in range(3)
+    ]
+    alone = create_task(conn, {"kind": "counter", "params": {"step": 5}, "schedule": HOUR})
+    for t in [*shared, alone]:
+        trigger(conn, t["id"])
+    got = claim(conn, limit=4)
+    assert len(got) == 4
+    order = sorted(got, key=lambda r: -r["run_id"])  # not claim order
+    rows = conn.execute(
+        "SELECT * FROM pgbeat.finish_runs(%s, %s, %s, %s)",
+        ([r["run_id"] for r in order], ["succeeded"] * 4, [None] * 4, [None] * 4),
+    ).fetchall()
+    values = [(row["result"]["counter"], row["result"]["value"]) for row in rows]
+    batch = [v for name, v in values if name == "batch"]
+    assert batch == [2, 4, 6]
+    assert (f"task:{alone['id']}", 5) in values

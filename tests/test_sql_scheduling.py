@@ -3,6 +3,8 @@ fixed-rate grid, misfire and overlap policies, limits, cron slots."""
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from datetime import datetime, timedelta
 
@@ -416,3 +418,115 @@ def test_paused_and_deleted_tasks_never_fire_and_next_due_at_ignores_them(db_url
     with pytest.raises(psycopg.errors.CheckViolation):
         # a deleted task cannot be given a slot again: the row says so
         conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() WHERE id = %s", (deleted,))
+
+
+def make_due_in(conn: psycopg.Connection, task_id: int, seconds: float) -> datetime:
+    """Put the task's next slot `seconds` from now, on a fresh grid; returns the slot."""
+    return make_due(conn, task_id, -seconds)
+
+
+def test_a_plain_slot_is_materialised_ahead_and_claimable_only_at_its_slot(db_url):
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    slot = make_due_in(conn, tid, 0.4)
+    assert materialize(conn, ahead=0.1) == []  # beyond the horizon: nothing yet
+    (fired,) = materialize(conn, ahead=0.5)
+    assert fired["outcome"] == "queued" and fired["scheduled_for"] == slot
+    (run,) = runs(conn, tid)
+    assert run["state"] == "pending" and run["due_at"] == slot
+    assert task(conn, tid)["next_run_at"] == slot + timedelta(hours=1)  # the grid moved on
+    assert claim(conn) == []  # not before its slot
+    wait = (slot - conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]).total_seconds()
+    time.sleep(max(0.0, wait) + 0.01)
+    (claimed,) = claim(conn)
+    assert claimed["run_id"] == run["id"] and claimed["started_at"] >= slot
+
+
+def test_only_plain_slots_are_decided_ahead(db_url):
+    """A skip-policy task whose run is still in progress, a slot with missed slots
+    before it, and a slot past `until` are decided by fire_slot once due, not ahead."""
+    conn = connect(db_url)
+    skip = create_task(conn, {"kind": "sleep", "schedule": HOUR, "overlap": "skip"})["id"]
+    make_due(conn, skip, 1)
+    materialize(conn)
+    claim(conn)  # skip's run is running now
+    make_due_in(conn, skip, 0.3)
+    missed = create_task(conn, {"kind": "sleep", "schedule": {"every": "1s"}})["id"]
+    conn.execute(
+        """UPDATE pgbeat.tasks SET anchor = now() - interval '3.7 s', next_run_at = now() - interval '2.7 s'
+            WHERE id = %s""",
+        (missed,),
+    )
+    # missed: slots at -2.7 s, -1.7 s and -0.7 s are due; the one at +0.3 s is not decided ahead.
+    fired = materialize(conn, ahead=0.5)
+    assert [(r["task_id"], r["outcome"], r["missed"]) for r in fired] == [(missed, "queued", 2)]
+    assert [r["state"] for r in runs(conn, skip)] == ["running"]  # no skipped row ahead of the slot
+    assert task(conn, missed)["next_run_at"] > conn.execute("SELECT now() AS t").fetchone()["t"]
+
+
+def test_materialise_ahead_is_bounded(db_url):
+    conn = connect(db_url)
+    for ahead in (-0.001, 1.5):
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="ahead"):
+            materialize(conn, ahead=ahead)
+
+
+def test_a_pending_run_committed_during_a_pass_takes_the_slot_and_loses_none(db_url):
+    """A scheduler's pass reads the runs as they were when its statement began, then
+    locks each task. A run queued for a task in between (here by trigger, which takes
+    the task's lock and commits before the pass reaches that task) collides with the
+    pass's insert on the one-pending-run rule. The slot must then be folded into that
+    run (fire_slot, which reads afresh), never dropped while the task moves on."""
+    setup = connect(db_url)
+    ids = [create_task(setup, {"kind": "sleep", "schedule": HOUR})["id"] for _ in range(1000)]
+    pass_conn, trigger_conns = connect(db_url), [connect(db_url) for _ in range(2)]
+    done = threading.Event()
+    folded = 0
+
+    def trigger_until_done(conn: psycopg.Connection, seed: int) -> None:
+        rng = random.Random(seed)
+        while not done.is_set():
+            conn.execute("SELECT pgbeat.trigger_task(%s)", (rng.choice(ids),))
+
+    try:
+        for rnd in range(12):
+            setup.execute("DELETE FROM pgbeat.runs")
+            slot = setup.execute(
+                """UPDATE pgbeat.tasks
+                      SET anchor = now() - interval '1 s', next_run_at = now() - interval '1 s', fired = 0
+                RETURNING next_run_at"""
+            ).fetchone()["next_run_at"]
+            done.clear()
+            threads = [
+                threading.Thread(target=trigger_until_done, args=(c, rnd * 10 + i))
+                for i, c in enumerate(trigger_conns)
+            ]
+            for t in threads:
+                t.start()
+            try:
+                time.sleep(0.005)
+                fired = materialize(pass_conn, limit=len(ids))
+            finally:
+                done.set()
+                for t in threads:
+                    t.join()
+            fired += materialize(pass_conn, limit=len(ids))  # tasks a trigger held locked were skipped
+            assert sorted(r["task_id"] for r in fired) == ids
+            assert "duplicate" not in {r["outcome"] for r in fired}
+            folded += sum(r["outcome"] == "coalesced" for r in fired)
+            # Each task's one slot is accounted for exactly once: a run of its own, or
+            # coalesced into the run a trigger queued.
+            unaccounted = setup.execute(
+                """SELECT t.id, count(r.id) FILTER (WHERE r.scheduled_for = %s) AS own,
+                          coalesce(sum(r.coalesced), 0) AS coalesced
+                     FROM pgbeat.tasks t LEFT JOIN pgbeat.runs r ON r.task_id = t.id
+                    GROUP BY t.id
+                   HAVING count(r.id) FILTER (WHERE r.scheduled_for = %s)
+                          + coalesce(sum(r.coalesced), 0) <> 1""",
+                (slot, slot),
+            ).fetchall()
+            assert unaccounted == [], f"round {rnd}: slots lost or doubled: {unaccounted[:5]}"
+        assert folded > 0  # triggers queued runs that slots were folded into
+    finally:
+        for c in (pass_conn, *trigger_conns):
+            c.close()

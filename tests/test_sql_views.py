@@ -94,7 +94,7 @@ def test_bulk_insert_of_10000_tasks_sends_one_notification(db_url):
 
 def test_task_operations_notify_the_schedulers_only_when_the_schedule_changes(db_url):
     conn, listener = connect(db_url), listen(db_url)
-    t = create_task(conn, {"kind": "sleep", "schedule": HOUR})
+    t = create_task(conn, {"kind": "sleep", "schedule": {"every": "10s"}})
     got = drain(listener)
     assert len(got["pgbeat_scheduler"]) == 1 and got["pgbeat_worker"] == []
     conn.execute('SELECT pgbeat.update_task(%s, \'{"name": "renamed", "timeout": 3}\')', (t["id"],))
@@ -270,3 +270,23 @@ def test_views_show_history_stats_upcoming_runs_and_locks(db_url):
     assert [
         (r["daemon_id"], r["host"]) for r in conn.execute("SELECT * FROM pgbeat.task_locks").fetchall()
     ] == [(did, "w1")]
+
+
+def test_slots_more_than_a_minute_away_do_not_wake_the_schedulers(db_url):
+    """A scheduler asks the database at least every 30 s, so a slot over 60 s away is
+    read in time without a NOTIFY (each of which serialises commits)."""
+    conn, listener = connect(db_url), listen(db_url)
+    t = create_task(conn, {"kind": "sleep", "schedule": HOUR})
+    create_task(conn, {"kind": "sleep", "schedule": {"in": "2m"}})
+    assert drain(listener) == {"pgbeat_scheduler": [], "pgbeat_worker": []}
+    soon = create_task(conn, {"kind": "sleep", "schedule": {"in": "50s"}})
+    (payload,) = drain(listener)["pgbeat_scheduler"]
+    announced = conn.execute("SELECT %s::timestamptz AS t", (json.loads(payload)["next_run_at"],)).fetchone()
+    assert announced["t"] == soon["next_run_at"]
+    # Moving a far slot near wakes them; moving it far again does not; a pause always does.
+    conn.execute("""SELECT pgbeat.update_task(%s, '{"schedule": {"every": "20s"}}')""", (t["id"],))
+    assert len(drain(listener)["pgbeat_scheduler"]) == 1
+    conn.execute("""SELECT pgbeat.update_task(%s, '{"schedule": {"every": "1h"}}')""", (t["id"],))
+    assert drain(listener)["pgbeat_scheduler"] == []
+    conn.execute("SELECT pgbeat.pause_task(%s)", (t["id"],))
+    assert [json.loads(p) for p in drain(listener)["pgbeat_scheduler"]] == [{"next_run_at": None}]

@@ -51,6 +51,25 @@ async def sleep_until(stop: asyncio.Event, timeout: float | None, *events: async
             w.cancel()
 
 
+# The event loop's timers have millisecond resolution and may fire a millisecond
+# late: a sleep that must end on time hands its last WAKE_EARLY seconds to a thread.
+WAKE_EARLY = 0.002
+
+
+async def sleep_until_precisely(deadline: float, stop: asyncio.Event, *events: asyncio.Event) -> None:
+    """Sleep until the monotonic `deadline` (to within tens of microseconds), or until
+    stop or any of events is set. The last WAKE_EARLY seconds are slept by a thread,
+    so the loop stays free for what is in flight; events set then are seen after it."""
+    early = deadline - WAKE_EARLY - time.monotonic()
+    if early > 0:
+        await sleep_until(stop, early, *events)
+        if stop.is_set() or any(e.is_set() for e in events):
+            return
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        await asyncio.to_thread(time.sleep, remaining)
+
+
 class Backoff:
     """Exponential backoff with jitter for reconnecting: 0.1 s doubling to 2 s (a refused
     connection is cheap, and a restarted PostgreSQL is found again within 2 s)."""

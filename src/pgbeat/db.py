@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pwd
@@ -11,6 +10,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
+import msgspec
 
 from pgbeat.config import Config
 
@@ -87,10 +87,27 @@ def connect_kwargs(url: str) -> dict[str, Any]:
     return kwargs
 
 
+_encode_json = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder().decode
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    return b"\x01" + _encode_json(value)  # jsonb's binary form: a version byte, then the text
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    return _decode_json(memoryview(data)[1:])
+
+
 async def init_connection(conn: asyncpg.Connection) -> None:
-    """jsonb and json as Python objects on every connection."""
-    for name in ("jsonb", "json"):
-        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    """jsonb and json as Python objects on every connection (msgspec: a worker converts
+    each run's params and result)."""
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+    await conn.set_type_codec(
+        "json", encoder=_encode_json, decoder=_decode_json, schema="pg_catalog", format="binary"
+    )
 
 
 async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:

@@ -1,11 +1,13 @@
 """The scheduler daemon (`pgbeat scheduler`).
 
-It sleeps until the earliest due slot of an active task, a notification on the
-schedulers' channel, or a slow safety poll, whichever comes first; then it asks
-the database to turn every due slot into a run (materialize_due_runs for
-interval and one-shot tasks; due_cron_tasks + fire_cron_slots for cron tasks,
-whose calendar maths is croniter's). Which slot becomes which run, misfires,
-coalescing and overlap are the database's decisions (sql/migrations/0003_scheduling.sql);
+It sleeps until just before the earliest slot of an active task (LEAD), a
+notification on the schedulers' channel, or a slow safety poll, whichever comes
+first; then it asks the database to turn every due slot into a run
+(materialize_due_runs for interval and one-shot tasks, which also materialises
+plain slots up to AHEAD early, so that a worker claims each at its slot;
+due_cron_tasks + fire_cron_slots for cron tasks, whose calendar maths is
+croniter's). Which slot becomes which run, misfires, coalescing and overlap are
+the database's decisions (sql/migrations/0003_scheduling.sql, 0010_materialize_ahead.sql);
 this loop only decides when to ask. Any number of schedulers may run at once.
 """
 
@@ -16,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -27,7 +29,8 @@ from pgbeat.config import Config
 log = logging.getLogger("pgbeat.scheduler")
 
 BATCH = 500  # tasks fired per call of a stored function
-SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds)
+SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds); slots over 60 s
+# away are not announced (sql/migrations/0011_notify_near_slots.sql): this poll finds them
 QUERY_TIMEOUT = 10.0  # a query slower than this means the connection is gone
 RETRY_AFTER_ERROR = 1.0  # pause after a database error that is not a lost connection
 HEARTBEAT_EVERY = 30.0
@@ -36,9 +39,12 @@ PRUNE_EVERY = 3600.0
 # Something is due but a pass fired nothing (another scheduler holds the task
 # row, or its cron maths failed): wait this long, doubling up to the cap, rather than spin.
 HOLD_OFF_FIRST, HOLD_OFF_CAP = 0.005, 1.0
-# How long before a deadline the event loop hands over to a precise thread sleep
-# (seconds): its timers have millisecond resolution and may fire a millisecond late.
-WAKE_EARLY = 0.002
+# Plain slots are materialised up to AHEAD before they fall due (a worker then claims
+# each at its slot, on its own timer), and the scheduler wakes LEAD before the earliest
+# slot: a slot is pending even if this wake is late by up to LEAD, and one pass takes
+# every slot of the next AHEAD - LEAD.
+AHEAD = timedelta(milliseconds=20)
+LEAD = 0.010
 
 
 class DatabaseClock:
@@ -129,8 +135,9 @@ class Scheduler:
         fired = 0
         while True:
             rows = await self.conn.fetch(
-                "SELECT *, clock_timestamp() AS decided_at FROM pgbeat.materialize_due_runs($1)",
+                "SELECT *, clock_timestamp() AS decided_at FROM pgbeat.materialize_due_runs($1, $2)",
                 BATCH,
+                AHEAD,
                 timeout=QUERY_TIMEOUT,
             )
             log_decisions(rows)
@@ -164,8 +171,14 @@ class Scheduler:
         self.clock = DatabaseClock(row["db_now"], sent_at, time.monotonic())
         if row["due_at"] is None:
             return None
-        deadline = self.clock.monotonic_at(row["due_at"])
+        due = self.clock.monotonic_at(row["due_at"])
+        deadline = due - LEAD
         if stuck and deadline <= pass_started:
+            if due > time.monotonic():
+                # Within LEAD of its slot, yet not materialised ahead: a slot only the
+                # database's slow path decides (cron, a missed slot, a running skip-policy
+                # task...). It is fired when due.
+                return due
             # Due before the pass began, yet the pass fired nothing: another scheduler
             # is firing it right now (its row is locked), or its cron maths failed.
             # Do not spin.
@@ -180,7 +193,7 @@ class Scheduler:
         an earlier slot (or one we cannot read), the session is lost, or stop."""
         poll_at = time.monotonic() + SAFETY_POLL
         while not self.stop.is_set() and not self.session.lost.is_set():
-            wake_at = poll_at if deadline is None else min(poll_at, deadline - WAKE_EARLY)
+            wake_at = poll_at if deadline is None else min(poll_at, deadline - daemon.WAKE_EARLY)
             timeout = wake_at - time.monotonic()
             if timeout > 0:
                 await daemon.sleep_until(self.stop, timeout, self.session.wake)
@@ -189,16 +202,13 @@ class Scheduler:
                     if not understood:
                         return
                     if earliest is not None and self.clock is not None:
-                        announced = self.clock.monotonic_at(earliest)
+                        announced = self.clock.monotonic_at(earliest) - LEAD
                         deadline = announced if deadline is None else min(deadline, announced)
                     continue
-            if deadline is None or deadline - time.monotonic() > WAKE_EARLY:
+            if deadline is None or deadline - time.monotonic() > daemon.WAKE_EARLY:
                 return  # the safety poll, or stop
-            # The loop's timers are as coarse as epoll's milliseconds: the last
-            # millisecond or two before the deadline is slept by this thread (not a spin).
-            remaining = deadline - time.monotonic()
-            if remaining > 0:
-                time.sleep(remaining)  # noqa: ASYNC251  (under WAKE_EARLY, on purpose)
+            # The last WAKE_EARLY before the deadline: slept by a thread, to the microsecond.
+            await daemon.sleep_until_precisely(deadline, self.stop)
             return
 
 

@@ -189,10 +189,13 @@ class Worker:
 
     async def sleep(self, stop: asyncio.Event, wake_in: float | None) -> None:
         """Nothing to do now: wait for stop, a run to end, or (with a free slot) a
-        notification, the next pending run's due time, or the safety poll."""
-        if self.free_slots > 0:
-            timeout = SAFETY_POLL if wake_in is None else min(SAFETY_POLL, wake_in)
-            await daemon.sleep_until(stop, timeout, self.run_ended, self.session.wake, self.session.lost)
+        notification, the next pending run's due time (on time: runs are materialised
+        ahead of their slot and claimed at it), or the safety poll."""
+        events = (self.run_ended, self.session.wake, self.session.lost)
+        if self.free_slots > 0 and wake_in is not None and wake_in < SAFETY_POLL:
+            await daemon.sleep_until_precisely(time.monotonic() + wake_in, stop, *events)
+        elif self.free_slots > 0:
+            await daemon.sleep_until(stop, SAFETY_POLL, *events)
         else:
             await daemon.sleep_until(stop, None, self.run_ended, self.session.lost)
         self.session.check()
