@@ -110,13 +110,15 @@ BEGIN
         -- committed before the task's row was locked (a trigger, or a scheduler
         -- whose commit was slow). fire_slot reads the runs afresh and folds the
         -- slot into that run, or records it; the slot is never dropped.
-        FOR c IN SELECT tk AS task, f.latest, f.nxt
-                   FROM unnest(fast_ids, fast_latest, fast_next) AS f(id, latest, nxt)
-                   JOIN pgbeat.tasks tk ON tk.id = f.id
-                  WHERE f.id <> ALL (coalesce(written_ids, '{}'))
-                  ORDER BY f.id LOOP
-            RETURN QUERY SELECT * FROM pgbeat.fire_slot(c.task, c.latest, c.nxt, 0);
-        END LOOP;
+        IF cardinality(fast_ids) > coalesce(cardinality(written_ids), 0) THEN
+            FOR c IN SELECT tk AS task, f.latest, f.nxt
+                       FROM unnest(fast_ids, fast_latest, fast_next) AS f(id, latest, nxt)
+                       JOIN pgbeat.tasks tk ON tk.id = f.id
+                      WHERE NOT EXISTS (SELECT 1 FROM unnest(written_ids) AS w(id) WHERE w.id = f.id)
+                      ORDER BY f.id LOOP
+                RETURN QUERY SELECT * FROM pgbeat.fire_slot(c.task, c.latest, c.nxt, 0);
+            END LOOP;
+        END IF;
     END IF;
 
     IF slow IS NOT NULL THEN
