@@ -16,6 +16,9 @@
 --                Its plans stay custom (chosen per call): a generic plan, which
 --                cannot know how many tasks fall before the horizon, made a pass
 --                over 100,000 tasks ten times slower (2.5 -> 24 ms).
+--                A task moves on only once its run is written. (The 0003 fast
+--                path moved it even when the insert collided with a run committed
+--                after the statement's snapshot was taken, and that slot was lost.)
 --
 -- What a user can see: for at most p_ahead before a slot, its run is already
 -- pending. Pausing, changing or deleting the task then cancels that run (recorded
