@@ -638,20 +638,19 @@ def scale(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
     return figures, {}
 
 
+# Seconds by which the most overdue slot or pending run is late (0: none is).
+BEHIND_SQL = """SELECT coalesce(extract(epoch FROM now() - least(pgbeat.next_due_at(),
+                                                                pgbeat.next_pending_due_at())), 0)"""
+
+
 def wait_until_caught_up(conn: psycopg.Connection, lag: float = 0.5, timeout: float = 120) -> float:
     """Wait until no slot and no pending run is more than `lag` seconds overdue; returns
     the seconds it took."""
     began = time.monotonic()
-    while True:
-        behind = conn.execute(
-            """SELECT coalesce(extract(epoch FROM now() - least(pgbeat.next_due_at(),
-                                                                pgbeat.next_pending_due_at())), 0)"""
-        ).fetchone()[0]
-        if behind <= lag:
-            return round(time.monotonic() - began, 2)
-        if time.monotonic() - began > timeout:
-            raise RuntimeError(f"daemons still {behind:.1f} s behind after {timeout:g} s")
-        time.sleep(0.2)
+    behind = wait_for(conn, BEHIND_SQL, {}, lambda seconds: seconds <= lag, timeout)
+    if behind > lag:
+        raise RuntimeError(f"daemons still {behind:.1f} s behind after {timeout:g} s")
+    return round(time.monotonic() - began, 2)
 
 
 def idle(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:

@@ -42,6 +42,7 @@ DECLARE
     horizon timestamptz := now() + p_ahead;
     written_ids integer[];
     written_runs bigint[];
+    written_slots timestamptz[];
     c record;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
@@ -94,7 +95,7 @@ BEGIN
               FROM f JOIN pgbeat.tasks tk ON tk.id = f.id
              ORDER BY f.id
             ON CONFLICT DO NOTHING
-            RETURNING r.task_id, r.id
+            RETURNING r.task_id, r.id, r.scheduled_for
         ), moved AS (
             UPDATE pgbeat.tasks tk
                SET fired = tk.fired + 1,
@@ -103,12 +104,12 @@ BEGIN
               FROM f JOIN ins ON ins.task_id = f.id
              WHERE tk.id = f.id
         )
-        SELECT array_agg(ins.task_id), array_agg(ins.id) INTO written_ids, written_runs FROM ins;
+        SELECT array_agg(ins.task_id), array_agg(ins.id), array_agg(ins.scheduled_for)
+          INTO written_ids, written_runs, written_slots FROM ins;
         PERFORM set_config('pgbeat.quiet', 'off', true);
         RETURN QUERY
-        SELECT f.id, w.run_id, f.latest, 'queued', 0
-          FROM unnest(written_ids, written_runs) AS w(id, run_id)
-          JOIN unnest(fast_ids, fast_latest) AS f(id, latest) ON f.id = w.id;
+        SELECT w.id, w.run_id, w.slot, 'queued', 0
+          FROM unnest(written_ids, written_runs, written_slots) AS w(id, run_id, slot);
         -- The insert collided: a run this statement's snapshot did not show was
         -- committed before the task's row was locked (a trigger, or a scheduler
         -- whose commit was slow). fire_slot reads the runs afresh and folds the
