@@ -3,16 +3,20 @@ every endpoint's success path and error paths (DESIGN §5)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 import sqlsupport as sql
 from litestar.testing import AsyncTestClient
 
+from pgbeat import db
 from pgbeat.api.app import create_app
+from pgbeat.api.creations import TaskCreations
 from pgbeat.config import Config
 
 UTC_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -162,6 +166,34 @@ async def test_bad_input_names_the_field_and_writes_nothing(client, db_url, body
     assert error["detail"].startswith(field + ":") and len(error["detail"]) > len(field) + 5
     with sql.connect(db_url) as conn:
         assert sql.row_counts(conn)["tasks"] == 0
+
+
+async def test_concurrent_creates_share_transactions_and_each_gets_its_own_answer(db_url):
+    """Creations that arrive together are written in shared calls (pgbeat.api.creations):
+    the tasks of one call share a transaction, hence a created_at. A spec the database
+    refuses fails alone: every other creation of its call still gets its task."""
+    pool = await db.create_pool(db_url, max_size=4)
+    try:
+        creations = TaskCreations(pool)
+        specs = [{"name": f"c{i}", "kind": "sleep", "schedule": {"every": 3600}} for i in range(60)]
+        rows = await asyncio.gather(*(creations.create(spec, None) for spec in specs))
+        assert [r["name"] for r in rows] == [s["name"] for s in specs]
+        assert len({r["id"] for r in rows}) == 60
+        with sql.connect(db_url) as conn:
+            calls = conn.execute("SELECT count(DISTINCT created_at) AS n FROM pgbeat.tasks").fetchone()["n"]
+        assert calls <= 3  # at most max_calls (2) in flight, then one for those queued behind them
+
+        specs[17] = {"name": "bad", "kind": "nope", "schedule": {"every": 3600}}
+        answers = await asyncio.gather(*(creations.create(s, None) for s in specs), return_exceptions=True)
+        assert isinstance(answers[17], asyncpg.InvalidParameterValueError)
+        assert answers[17].column_name == "kind"
+        others = answers[:17] + answers[18:]
+        assert [r["name"] for r in others] == [s["name"] for s in specs[:17] + specs[18:]]
+        with sql.connect(db_url) as conn:
+            names = [r["name"] for r in conn.execute("SELECT name FROM pgbeat.tasks ORDER BY id")]
+        assert len(names) == 119 and "bad" not in names
+    finally:
+        await pool.close()
 
 
 async def test_malformed_json_and_non_object_bodies_are_400(client):

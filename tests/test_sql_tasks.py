@@ -241,3 +241,21 @@ def test_raising_the_limits_of_a_completed_task_lets_it_continue_on_its_grid(db_
     conn.execute("UPDATE pgbeat.tasks SET run_at = next_run_at WHERE id = %s", (once["id"],))
     materialize(conn)
     assert update(conn, once["id"], {"max_runs": 5})["next_run_at"] is None
+
+
+def test_create_tasks_writes_every_spec_in_order_or_none(db_url):
+    specs = [Jsonb({"name": f"t{i}", "kind": "sleep", "schedule": HOUR}) for i in range(3)]
+    create_many = "SELECT * FROM pgbeat.api_create_tasks(%s::jsonb[], %s::timestamptz[])"
+    with connect(db_url) as conn:
+        rows = conn.execute(create_many, (specs, [None] * 3)).fetchall()
+        assert [r["name"] for r in rows] == ["t0", "t1", "t2"]
+        assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
+        assert {r["status"] for r in rows} == {"active"}
+        # One spec refused: the call writes nothing and names that spec's field.
+        refused = [*specs, Jsonb({"kind": "nope", "schedule": HOUR})]
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"^kind: ") as caught:
+            conn.execute(create_many, (refused, [None] * 4))
+        assert caught.value.diag.column_name == "kind"
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"^tasks: "):
+            conn.execute(create_many, (specs, [None] * 2))
+        assert conn.execute("SELECT count(*) AS n FROM pgbeat.tasks").fetchone()["n"] == 3

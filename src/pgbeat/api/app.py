@@ -33,10 +33,12 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.stores.base import Store
 from litestar.stores.memory import MemoryStore
+from litestar.types import Message, Send
 from prometheus_client import Gauge
 
 import pgbeat
 from pgbeat import db, migrations
+from pgbeat.api.creations import TaskCreations
 from pgbeat.api.errors import EXCEPTION_HANDLERS
 from pgbeat.api.models import Health, Readiness
 from pgbeat.api.routes import RunController, TaskController, upcoming
@@ -120,6 +122,21 @@ class CountingRateLimitMiddleware(RateLimitMiddleware):
         cache_object.history = WindowCount(len(cache_object.history) + 1)  # type: ignore[assignment]
         window = msgspec.json.encode([len(cache_object.history), cache_object.reset])
         await store.set(key, window, expires_in=DURATION_VALUES[self.unit])
+
+    def create_send_wrapper(self, send: Send, cache_object: CacheObject) -> Send:
+        """The same RateLimit-* headers, appended to the response's raw headers: nothing
+        else sets them, and setting each through MutableScopeHeaders scanned every header
+        (a third of what the rate limiter cost per request)."""
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).extend(
+                    (name.lower().encode("latin-1"), value.encode("latin-1"))
+                    for name, value in self.create_response_headers(cache_object=cache_object).items()
+                )
+            await send(message)
+
+        return send_wrapper
 
 
 class WindowStore(MemoryStore):
@@ -245,6 +262,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             server_settings={"timezone": "UTC", "application_name": "pgbeat-api"},
         )
         app.state.schema_check = SchemaCheck(url)
+        app.state.creations = TaskCreations(app.state.pool)
         if not config.api_keys:
             log.warning(
                 "PGBEAT_API_KEYS is not set: the API is open to anyone who can reach it",

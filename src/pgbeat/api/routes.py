@@ -230,8 +230,7 @@ class TaskController(Controller):
         data: Annotated[TaskSpec, Body(examples=[Example(value=TASK_EXAMPLE)])],
     ) -> Response[Task]:
         doc, first_slot = spec_for_sql(data)
-        row = await state.pool.fetchrow("SELECT * FROM pgbeat.api_create_task($1, $2)", doc, first_slot)
-        task = task_from_row(row)
+        task = task_from_row(await state.creations.create(doc, first_slot))
         return Response(task, status_code=201, headers={"Location": f"/tasks/{task.id}"})
 
     @get(summary="List tasks (oldest first, keyset pagination)", responses=_errors())

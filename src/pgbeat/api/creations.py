@@ -1,0 +1,75 @@
+"""Task creations that arrive together are written together.
+
+A creation's cost is its transaction: the round trip and the commit, not the insert
+(sql/migrations/0012_create_tasks.sql has the figures). So POST /tasks does not call
+the database itself: it queues its spec here, and the creations queued while earlier
+ones are in flight go to pgbeat.api_create_tasks as one call, in one transaction. A
+lone request is sent at once; nothing waits for company.
+
+Each request still gets its own answer, and only after its task is committed. If
+the database refuses any spec of a call (its input, not its availability), that
+call wrote nothing, and its specs are sent again one per call, so that each gets
+its own task or its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+CREATE_SQL = "SELECT * FROM pgbeat.api_create_tasks($1, $2)"
+
+
+def refused_input(exc: BaseException) -> bool:
+    """The database refused what it was given (data exception or constraint), which
+    one spec of a shared call may do on its own."""
+    return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in ("22", "23")
+
+
+class TaskCreations:
+    def __init__(self, pool: asyncpg.Pool, max_per_call: int = 64, max_calls: int = 2) -> None:
+        self.pool = pool
+        self.max_per_call = max_per_call
+        # Calls in flight at once: one fills while another commits.
+        self.max_calls = max_calls
+        self.calls = 0
+        self.queued: list[tuple[dict[str, Any], datetime | None, asyncio.Future]] = []
+        self.senders: set[asyncio.Task] = set()
+
+    async def create(self, spec: dict[str, Any], first_slot: datetime | None) -> asyncpg.Record:
+        """The created task's api_tasks row (or the database's error for this spec)."""
+        answer = asyncio.get_running_loop().create_future()
+        self.queued.append((spec, first_slot, answer))
+        if self.calls < self.max_calls:
+            self.calls += 1
+            sender = asyncio.create_task(self.send_queued())
+            self.senders.add(sender)
+            sender.add_done_callback(self.senders.discard)
+        return await answer
+
+    async def send_queued(self) -> None:
+        try:
+            while self.queued:
+                batch = self.queued[: self.max_per_call]
+                del self.queued[: self.max_per_call]
+                await self.send(batch)
+        finally:
+            self.calls -= 1
+
+    async def send(self, batch: list[tuple[dict[str, Any], datetime | None, asyncio.Future]]) -> None:
+        try:
+            rows = await self.pool.fetch(CREATE_SQL, [b[0] for b in batch], [b[1] for b in batch])
+        except Exception as exc:
+            if len(batch) > 1 and refused_input(exc):
+                await asyncio.gather(*(self.send([one]) for one in batch))
+                return
+            for *_, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        for (*_, answer), row in zip(batch, rows, strict=True):
+            if not answer.done():  # (its client may have gone)
+                answer.set_result(row)

@@ -1,0 +1,1 @@
+DROP FUNCTION pgbeat.api_create_tasks(jsonb[], timestamptz[]);
