@@ -12,11 +12,13 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 import sqlsupport as sql
+from litestar import Litestar, get
 from litestar.testing import AsyncTestClient
 
 from pgbeat import db
 from pgbeat.api.app import create_app
 from pgbeat.api.creations import TaskCreations
+from pgbeat.api.errors import EXCEPTION_HANDLERS
 from pgbeat.config import Config
 
 UTC_Z = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
@@ -192,6 +194,39 @@ async def test_concurrent_creates_share_transactions_and_each_gets_its_own_answe
         with sql.connect(db_url) as conn:
             names = [r["name"] for r in conn.execute("SELECT name FROM pgbeat.tasks ORDER BY id")]
         assert len(names) == 119 and "bad" not in names
+    finally:
+        await pool.close()
+
+
+async def test_a_call_the_database_cannot_answer_fails_each_of_its_creations(db_url):
+    """A lost session is not one spec's fault: every creation of that call gets the
+    error, which the API answers with 503 (retry), none hangs, and later calls write."""
+    name = "pgbeat-test-lost-session"
+    pool = await db.create_pool(db_url, min_size=1, max_size=1, server_settings={"application_name": name})
+    try:
+        creations = TaskCreations(pool)
+        with sql.connect(db_url) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s", [name]
+            )
+        specs = [{"name": f"c{i}", "kind": "sleep", "schedule": {"every": 3600}} for i in range(10)]
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(creations.create(s, None) for s in specs), return_exceptions=True), 30
+        )
+        failed = [a for a in answers if isinstance(a, Exception)]
+        assert failed and all(isinstance(a, db.CONNECTION_ERRORS) for a in failed)
+
+        @get("/lost", sync_to_thread=False)
+        def lost() -> None:
+            raise failed[0]
+
+        async with AsyncTestClient(Litestar([lost], exception_handlers=EXCEPTION_HANDLERS)) as app:
+            assert (await app.get("/lost")).status_code == 503
+        created = [a["name"] for a in answers if not isinstance(a, Exception)]
+        assert (await creations.create(specs[0], None))["name"] == "c0"
+        with sql.connect(db_url) as conn:
+            names = [r["name"] for r in conn.execute("SELECT name FROM pgbeat.tasks ORDER BY id")]
+        assert names == [*created, "c0"]
     finally:
         await pool.close()
 

@@ -20,22 +20,6 @@ from pgbeat import db
 
 log = logging.getLogger("pgbeat.daemon")
 
-# Errors after which a daemon reconnects rather than exits.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.ConnectionDoesNotExistError,
-    # A session the server terminates (PostgreSQL restarting) can leave asyncpg's
-    # protocol waiting for a ReadyForQuery that never comes; the next query then
-    # fails with "cannot switch to state 12; another operation (2) is in progress".
-    asyncpg.InternalClientError,
-    ConnectionError,
-    TimeoutError,
-)
-
 
 class SessionLost(ConnectionError):
     """The daemon's own session ended: its locks are gone, so its work must stop."""
@@ -140,9 +124,9 @@ class DaemonSession:
         conn, self.conn = self.conn, None
         if conn is None or conn.is_closed():
             return
-        with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
+        with contextlib.suppress(*db.CONNECTION_ERRORS, asyncpg.PostgresError):
             await conn.execute("SELECT pgbeat.stop_daemon($1)", self.daemon_id, timeout=5)
-        with contextlib.suppress(*CONNECTION_ERRORS):
+        with contextlib.suppress(*db.CONNECTION_ERRORS):
             await conn.close(timeout=5)
         if conn and not conn.is_closed():
             conn.terminate()
@@ -204,7 +188,7 @@ async def run_forever(role: str, stop: asyncio.Event, session_main: Callable[[],
         try:
             await session_main()
             backoff.reset()
-        except CONNECTION_ERRORS as exc:
+        except db.CONNECTION_ERRORS as exc:
             if time.monotonic() - started > 10:
                 backoff.reset()  # a session that lasted: this is a new outage, retry quickly
             log.warning(

@@ -21,6 +21,24 @@ SCHEDULER_CHANNEL = "pgbeat_scheduler"
 WORKER_CHANNEL = "pgbeat_worker"
 
 
+# Errors that mean the session is gone, not that a statement failed: a daemon
+# reconnects, the API answers 503.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionDoesNotExistError,
+    # A session the server terminates (PostgreSQL restarting) can leave asyncpg's
+    # protocol waiting for a ReadyForQuery that never comes; the next query then
+    # fails with "cannot switch to state 12; another operation (2) is in progress".
+    asyncpg.InternalClientError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
 # The embedded servers this process started or joined, by data directory.
 _embedded_servers: dict[Path, Any] = {}
 

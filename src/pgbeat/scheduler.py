@@ -119,7 +119,7 @@ class Scheduler:
                 pass_started = time.monotonic()
                 fired = await self.fire_due_slots()
                 deadline = await self.next_wake(stuck=not fired, pass_started=pass_started)
-            except daemon.CONNECTION_ERRORS:
+            except db.CONNECTION_ERRORS:
                 raise
             except Exception as exc:  # a database error (or a bug): log it, stay up, retry
                 log.exception(
@@ -246,7 +246,7 @@ def logged_errors(name: str, action: Callable[[], Awaitable[Any]]) -> Callable[[
     async def guarded() -> None:
         try:
             await action()
-        except daemon.CONNECTION_ERRORS:
+        except db.CONNECTION_ERRORS:
             raise
         except asyncpg.PostgresError as exc:
             log.error("%s failed", name, extra={"event": f"{name}_failed", "error": repr(exc)})
@@ -257,7 +257,7 @@ def logged_errors(name: str, action: Callable[[], Awaitable[Any]]) -> Callable[[
 async def close_pool(pool: asyncpg.Pool) -> None:
     try:
         await asyncio.wait_for(pool.close(), timeout=5)
-    except (*daemon.CONNECTION_ERRORS, asyncpg.PostgresError):
+    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
         pool.terminate()
 
 

@@ -210,7 +210,7 @@ class Worker:
             async with self.session_lock:
                 rows = await self.conn.fetch(CLAIM_SQL, self.session.daemon_id, limit, release)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, daemon.CONNECTION_ERRORS):
+            if isinstance(exc, db.CONNECTION_ERRORS):
                 raise
             await self.claim_failed(exc)
             return CLAIM_ERROR_PAUSE
@@ -277,7 +277,7 @@ class Worker:
                     [o.result for o in outcomes],
                     [o.error for o in outcomes],
                 )
-            except daemon.CONNECTION_ERRORS:
+            except db.CONNECTION_ERRORS:
                 log.warning(
                     "session lost before runs that ended could be recorded; they will be reaped",
                     extra={"event": "runs_unrecorded", "run_ids": [o.run.run_id for o in outcomes]},
@@ -342,7 +342,7 @@ class Worker:
                     )
                     break
                 except asyncpg.PostgresError as again:
-                    if isinstance(again, daemon.CONNECTION_ERRORS):
+                    if isinstance(again, db.CONNECTION_ERRORS):
                         raise
                     exc = again
         return rows
@@ -374,7 +374,7 @@ class Worker:
         async with self.session_lock:
             try:
                 await self.conn.fetchval("SELECT 1", timeout=SESSION_CHECK_EVERY)
-            except (TimeoutError, *daemon.CONNECTION_ERRORS) as exc:
+            except (TimeoutError, *db.CONNECTION_ERRORS) as exc:
                 raise daemon.SessionLost(f"worker session check failed: {exc!r}") from exc
 
 
@@ -383,7 +383,7 @@ async def logged(what: str, action: Any) -> None:
     cancelling the runs in flight (the main loop notices a lost session itself)."""
     try:
         await action()
-    except (asyncpg.PostgresError, *daemon.CONNECTION_ERRORS) as exc:
+    except (asyncpg.PostgresError, *db.CONNECTION_ERRORS) as exc:
         log.warning(f"{what} failed", extra={"event": f"{what}_failed", "error": repr(exc)})
 
 
@@ -422,7 +422,7 @@ async def run_session(
                 daemon.every(SESSION_CHECK_EVERY, forever, worker.check_session),
             )
         finally:
-            with contextlib.suppress(*daemon.CONNECTION_ERRORS):
+            with contextlib.suppress(*db.CONNECTION_ERRORS):
                 await pool.close()
 
 

@@ -60,16 +60,22 @@ class TaskCreations:
             self.calls -= 1
 
     async def send(self, batch: list[tuple[dict[str, Any], datetime | None, asyncio.Future]]) -> None:
+        answers = [answer for *_, answer in batch]
         try:
             rows = await self.pool.fetch(CREATE_SQL, [b[0] for b in batch], [b[1] for b in batch])
+            answered = list(zip(answers, rows, strict=True))
+        except asyncio.CancelledError:
+            for answer in answers:
+                answer.cancel()
+            raise
         except Exception as exc:
             if len(batch) > 1 and refused_input(exc):
                 await asyncio.gather(*(self.send([one]) for one in batch))
                 return
-            for *_, answer in batch:
+            for answer in answers:
                 if not answer.done():
                     answer.set_exception(exc)
             return
-        for (*_, answer), row in zip(batch, rows, strict=True):
+        for answer, row in answered:
             if not answer.done():  # (its client may have gone)
                 answer.set_result(row)

@@ -66,8 +66,9 @@ def interface_error_handler(request: Request, exc: asyncpg.InterfaceError) -> Re
     return error_response(500, "internal error")
 
 
-def connection_error_handler(_: Request, exc: OSError) -> Response:
-    """The database refused or dropped the connection."""
+def connection_error_handler(_: Request, exc: Exception) -> Response:
+    """The database refused or dropped the connection (a pooled session a restart ended
+    fails its next query with asyncpg's InternalClientError)."""
     log.warning("database unavailable", extra={"event": "db_unavailable", "error": str(exc)})
     return error_response(503, "database unavailable, retry later")
 
@@ -106,6 +107,8 @@ EXCEPTION_HANDLERS = {
     asyncpg.PostgresError: postgres_error_handler,
     asyncpg.InterfaceError: interface_error_handler,
     OSError: connection_error_handler,
+    asyncpg.ConnectionDoesNotExistError: connection_error_handler,
+    asyncpg.InternalClientError: connection_error_handler,
     ValidationException: validation_error_handler,
     HTTPException: http_error_handler,
 }
