@@ -5,6 +5,7 @@ Timing assertions are loose on purpose: the machine is small and shared.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import itertools
 import os
@@ -15,12 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import query, wait_for
 
 from pgbeat.fleet import Fleet, Process
+from pgbeat.worker import CLAIM_SQL
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -416,3 +419,26 @@ def test_lost_session_cancels_runs_in_flight_and_the_worker_reconnects(db_url, f
     assert any(running["id"] in e["run_ids"] for e in logged_events(worker, "runs_cancelled"))
     assert logged_events(worker, "reconnecting")
     assert worker.alive() and worker.terminate() == 0
+
+
+async def test_a_run_falling_due_during_a_claim_is_claimed_next_not_left_to_the_safety_poll(db_url):
+    """A claim takes the runs due at its transaction's start. A run falling due after
+    that, while the claim is still running (a slow host, a run materialised just ahead
+    of its slot), must come back as "claim again now", not be left for the 15 s safety
+    poll: no notification comes for it again. The claim's transaction is held open
+    here to stretch that moment."""
+    task_id = create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
+    conn = await asyncpg.connect(db_url)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT now()")  # the claim's `now()` is from here
+            trigger(db_url, task_id)  # due at the trigger's `now()`: after the claim's
+            await asyncio.sleep(0.05)
+            rows = await conn.fetch(CLAIM_SQL, None, 10, [])
+        *claimed, last = rows
+        assert claimed == []  # not due at the claim's start
+        assert last["wake_in"] is not None and last["wake_in"] <= 0, last["wake_in"]
+        *claimed, _ = await conn.fetch(CLAIM_SQL, None, 10, [])
+        assert [r["task_id"] for r in claimed] == [task_id]
+    finally:
+        await conn.close()

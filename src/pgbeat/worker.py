@@ -38,15 +38,17 @@ SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open
 CLAIM_ERROR_PAUSE = 1.0
 
 # Release the locks of runs recorded since the last claim, claim, and in the same round
-# trip learn the seconds until the next pending run falls due (NULL: none). Runs already
-# due that could not be claimed wait for their task's lock, and the holder's release
-# notifies. The last row is always that one: a UNION ALL's branches run in order, so
-# its clock is read after the claim.
+# trip learn the seconds until the next pending run falls due (NULL: none; 0 or less:
+# claim again now). The claim takes runs due at its transaction's start, `now()`; runs
+# due by then that it could not take wait for their task's lock, and the holder's
+# release notifies. Every later run counts, even one that fell due while the claim ran:
+# nothing would announce it again. The last row is always this one: a UNION ALL's
+# branches run in order, so its clock is read after the claim.
 CLAIM_SQL = """
     SELECT *, NULL::float8 AS wake_in FROM pgbeat.release_and_claim_runs($3, $1, $2)
     UNION ALL
     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           extract(epoch FROM pgbeat.next_pending_due_at(clock_timestamp()) - clock_timestamp())::float8"""
+           extract(epoch FROM pgbeat.next_pending_due_at(now()) - clock_timestamp())::float8"""
 
 # aiohttp's own limits; the task's timeout bounds the whole run on top of them.
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
@@ -181,7 +183,7 @@ class Worker:
                         self.session.check()
                     continue
                 wake_in = await self.claim_and_start() if self.free_slots > 0 else None
-                if wake_in == 0 or self.ended:
+                if (wake_in is not None and wake_in <= 0) or self.ended:
                     continue
                 await self.sleep(stop, wake_in)
         finally:
@@ -201,8 +203,8 @@ class Worker:
         self.session.check()
 
     async def claim_and_start(self) -> float | None:
-        """Claim up to the free slots and start them. Returns 0 to claim again at once,
-        else seconds until the next pending run falls due (None: none known)."""
+        """Claim up to the free slots and start them. Returns seconds until the next
+        pending run falls due (0 or less: claim again at once; None: none known)."""
         limit = self.free_slots
         self.session.take_payloads()  # clears wake: a notification from now on claims again
         release = self.take_recorded_locks()
