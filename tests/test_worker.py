@@ -201,7 +201,8 @@ def test_two_tasks_due_at_the_same_moment_run_concurrently(db_url, fleet):
 
 
 def test_kill_9_mid_run_is_abandoned_and_the_next_slot_runs_on_another_worker(db_url, fleet):
-    workers = start_workers(fleet, 2, "--concurrency", "2")
+    # (A short grace: the survivor is mid-run when the fleet stops it.)
+    workers = start_workers(fleet, 2, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
     task_id = create_task(
         db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
     )
