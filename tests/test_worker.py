@@ -431,8 +431,7 @@ async def test_a_run_falling_due_during_a_claim_is_claimed_next_not_left_to_the_
     task_id = create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
     conn = await asyncpg.connect(db_url)
     try:
-        async with conn.transaction():
-            await conn.execute("SELECT now()")  # the claim's `now()` is from here
+        async with conn.transaction():  # the claim's `now()` is this transaction's start
             trigger(db_url, task_id)  # due at the trigger's `now()`: after the claim's
             await asyncio.sleep(0.05)
             rows = await conn.fetch(CLAIM_SQL, None, 10, [])
