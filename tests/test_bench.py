@@ -37,6 +37,7 @@ def figures(path: Path) -> dict[str, float | None]:
     [result] = json.loads(path.read_text())
     assert result["floor"]["tps"] > 0
     assert 0 < result["floor"]["latency_p50_ms"] <= result["floor"]["latency_p99_ms"]
+    assert 0.05 < result["python_loop_s"] < 60  # the host's speed, printed beside the floor
     return {f["name"]: f["value"] for f in result["figures"]}
 
 

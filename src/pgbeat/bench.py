@@ -83,9 +83,21 @@ class Result:
     processes: dict[str, dict[str, float]] = field(default_factory=dict)
     date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
     machine: str = field(default_factory=lambda: f"{os.cpu_count()} cores, {platform.machine()}")
+    python_loop_s: float = field(default_factory=lambda: python_loop_seconds())
 
     def figure(self, name: str) -> Figure:
         return next(f for f in self.figures if f.name == name)
+
+
+def python_loop_seconds() -> float:
+    """Seconds this host takes for a Python loop of 10 million additions (timed over one
+    million): hosts of one nominal size differ several-fold in speed, and the pgbench floor
+    does not show how fast Python runs beside it."""
+    started = time.perf_counter()
+    total = 0
+    for i in range(1_000_000):
+        total += i
+    return (time.perf_counter() - started) * 10
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -109,7 +121,10 @@ def format_value(value: float | None) -> str:
 
 def print_result(result: Result) -> None:
     floor = result.floor
-    print(f"\npgbeat bench {result.scenario} - {result.date}, {result.machine}")
+    print(
+        f"\npgbeat bench {result.scenario} - {result.date}, {result.machine}, "
+        f"Python loop of 10M additions {result.python_loop_s:.2f} s"
+    )
     print("  " + ", ".join(f"{k}={v}" for k, v in result.settings.items()))
     if floor:
         print(
