@@ -4,6 +4,7 @@ and the 60-second chaos run itself (marked `chaos`)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -334,6 +335,37 @@ def test_time_a_task_spent_paused_is_not_lateness(conn, healthy):
 
 
 # --- regressions found by the chaos run ---
+
+
+def test_a_resume_counts_from_its_transaction_not_from_its_answer(fleet, conn):
+    """Chaos run, seed 266319: a one-shot resumed past its slot started before the resume's
+    answer reached the harness, so the resume, timed by its answer, excused nothing and
+    the run looked 5.65 s late. The resume's own transaction time is never after the run
+    it releases."""
+    since = db_now(conn)
+    fleet.start("scheduler")
+    fleet.start("worker")
+    api = chaos.Api(fleet.start_api()[1])
+    status, task = api.call(
+        "POST", "/tasks", {"kind": "sleep", "params": {"seconds": 0}, "schedule": {"in": 0.5}}
+    )
+    assert status == 201, task
+    assert api.call("POST", f"/tasks/{task['id']}/pause")[0] == 200
+    time.sleep(1.5)  # its slot passes while it is paused
+    status, resumed = api.call("POST", f"/tasks/{task['id']}/resume")
+    assert status == 200, resumed
+    moment = chaos.resumed_at(resumed)
+    started_at = None
+    deadline = time.monotonic() + 15
+    while started_at is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        row = conn.execute("SELECT started_at FROM pgbeat.runs WHERE task_id = %s", [task["id"]]).fetchone()
+        started_at = row and row[0]
+    assert started_at is not None, "the resumed one-shot never started"
+    assert since < moment <= started_at
+    record = chaos.ChaosRecord(since=since, load_stopped_at=db_now(conn), resumes=[(task["id"], moment)])
+    assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []
+    assert started_at - datetime.fromisoformat(task["schedule"]["at"]) > timedelta(seconds=1)
 
 
 async def test_a_daemon_reconnects_when_asyncpg_loses_track_of_a_terminated_session():

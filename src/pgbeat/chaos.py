@@ -51,7 +51,7 @@ class ChaosRecord:
     load_stopped_at: datetime  # the schedulers were stopped here
     killed_daemon_ids: list[int] = field(default_factory=list)  # kill -9, or sessions ended by a restart
     fault_windows: list[tuple[datetime, datetime]] = field(default_factory=list)  # fault to recovery
-    resumes: list[tuple[int, datetime]] = field(default_factory=list)  # (task, when its resume answered)
+    resumes: list[tuple[int, datetime]] = field(default_factory=list)  # (task, its resume's transaction time)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -381,6 +381,13 @@ class PrivatePostgres:
         self.server.cleanup()
 
 
+def resumed_at(task: dict) -> datetime:
+    """When a resume took effect: its transaction's time, the task's `updated_at` in the
+    answer. Not when the answer arrived: a one-shot resumed past its slot can start
+    before that, and its wait would then be measured from the slot."""
+    return datetime.fromisoformat(task["updated_at"])
+
+
 class Api:
     """A small JSON client for the pgbeat API: (status, body); status 0 when unreachable."""
 
@@ -659,7 +666,7 @@ class ChaosRun:
                 self.paused_tasks.append(task_id)
             elif kind == "resume":
                 self.paused_tasks.remove(task_id)
-                self.resumes.append((task_id, utc_now()))
+                self.resumes.append((task_id, resumed_at(body)))
 
     @staticmethod
     def patch_for(rng: random.Random, task: dict) -> dict:
