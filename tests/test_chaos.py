@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
+from sqlsupport import wait_for
 
 from pgbeat import chaos, daemon
 
@@ -355,13 +356,14 @@ def test_a_resume_counts_from_its_transaction_not_from_its_answer(fleet, conn):
     status, resumed = api.call("POST", f"/tasks/{task['id']}/resume")
     assert status == 200, resumed
     moment = chaos.resumed_at(resumed)
-    started_at = None
-    deadline = time.monotonic() + 15
-    while started_at is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-        row = conn.execute("SELECT started_at FROM pgbeat.runs WHERE task_id = %s", [task["id"]]).fetchone()
-        started_at = row and row[0]
-    assert started_at is not None, "the resumed one-shot never started"
+    [(started_at,)] = wait_for(
+        "the resumed one-shot to start",
+        lambda: conn.execute(
+            "SELECT started_at FROM pgbeat.runs WHERE task_id = %s AND started_at IS NOT NULL", [task["id"]]
+        ).fetchall(),
+        timeout=15,
+        every=0.05,
+    )
     assert since < moment <= started_at
     record = chaos.ChaosRecord(since=since, load_stopped_at=db_now(conn), resumes=[(task["id"], moment)])
     assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []

@@ -74,21 +74,6 @@ class Figure:
             self.met = self.value >= float(limit) if op == ">=" else self.value <= float(limit)
 
 
-@dataclass
-class Result:
-    scenario: str
-    settings: dict[str, Any]
-    floor: Floor | None
-    figures: list[Figure]
-    processes: dict[str, dict[str, float]] = field(default_factory=dict)
-    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
-    machine: str = field(default_factory=lambda: f"{os.cpu_count()} cores, {platform.machine()}")
-    python_loop_s: float = field(default_factory=lambda: python_loop_seconds())
-
-    def figure(self, name: str) -> Figure:
-        return next(f for f in self.figures if f.name == name)
-
-
 # At module level, as `python3 -c` runs it: its names are globals, not a function's locals
 # (which would make it 2.5 times faster and the figures incomparable with earlier ones).
 PYTHON_LOOP = compile("total = 0\nfor i in range(1_000_000):\n    total += i\n", "<loop>", "exec")
@@ -101,6 +86,21 @@ def python_loop_seconds() -> float:
     started = time.perf_counter()
     exec(PYTHON_LOOP, {})
     return (time.perf_counter() - started) * 10
+
+
+@dataclass
+class Result:
+    scenario: str
+    settings: dict[str, Any]
+    floor: Floor | None
+    figures: list[Figure]
+    processes: dict[str, dict[str, float]] = field(default_factory=dict)
+    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    machine: str = field(default_factory=lambda: f"{os.cpu_count()} cores, {platform.machine()}")
+    python_loop_s: float = field(default_factory=python_loop_seconds)
+
+    def figure(self, name: str) -> Figure:
+        return next(f for f in self.figures if f.name == name)
 
 
 def percentile(values: list[float], q: float) -> float | None:
