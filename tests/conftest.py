@@ -91,7 +91,7 @@ def db_url(postgresql, pg_server: Server) -> str:
 @pytest.fixture
 def fleet(db_url: str, tmp_path: Path) -> Iterator:
     """Real pgbeat processes against this test's database; all stopped at the end."""
-    from pgbeat.fleet import Fleet
+    from pgbeat_lab.fleet import Fleet
 
     with Fleet(db_url, tmp_path / "logs") as f:
         yield f

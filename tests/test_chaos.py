@@ -14,7 +14,8 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import wait_for
 
-from pgbeat import chaos, daemon
+from pgbeat import daemon
+from pgbeat_lab import chaos
 
 COUNTER_STEP = 2
 SLOTS = 29  # the healthy task ran slots 1..29 of its 1 s grid

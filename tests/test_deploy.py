@@ -378,7 +378,7 @@ def test_dockerfile_one_image_for_every_role():
     # The wheel carries the migrations: they live inside the package hatch builds.
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'pgbeat = "pgbeat.cli:main"' in pyproject
-    assert 'packages = ["src/pgbeat"]' in pyproject
+    assert 'packages = ["src/pgbeat", "src/pgbeat_lab"]' in pyproject
     assert list((ROOT / "src/pgbeat/sql/migrations").glob("*.sql"))
 
 

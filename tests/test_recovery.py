@@ -34,7 +34,7 @@ from test_scheduler import (
 )
 
 from pgbeat import migrations, schedules
-from pgbeat.fleet import Fleet
+from pgbeat_lab.fleet import Fleet
 
 
 def db_now(url: str):

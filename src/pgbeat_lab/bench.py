@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +38,7 @@ import uvloop
 
 from pgbeat import migrations
 from pgbeat.config import Config
-from pgbeat.fleet import Fleet
+from pgbeat_lab.fleet import Fleet
 
 # ---------------------------------------------------------------- figures
 
@@ -792,7 +793,7 @@ def server_url(config: Config) -> str:
     return db.resolve_url(config)
 
 
-def cmd_bench(args: argparse.Namespace, config: Config) -> int:
+def run_from_args(args: argparse.Namespace, config: Config) -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     url = server_url(config)
     results = []
@@ -816,10 +817,10 @@ def cmd_bench(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="run a benchmark scenario and print its figures",
+def main(argv: list[str] | None = None, config: Config | None = None) -> int:
+    """`pgbeat bench ARGS`, or `python -m pgbeat_lab.bench ARGS` (configured from the environment)."""
+    p = argparse.ArgumentParser(
+        prog="pgbeat bench",
         description="Run a benchmark against real pgbeat processes in a fresh database on "
         "PGBEAT_DATABASE_URL's server (or the embedded one), with the pgbench floor measured first.",
     )
@@ -836,4 +837,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--floor-seconds", type=float, default=5.0, help="pgbench run length (0: skip)")
     p.add_argument("--json", metavar="FILE", help="write the raw figures here")
     p.add_argument("--logs", metavar="DIR", help="keep the pgbeat processes' logs here")
-    p.set_defaults(func=cmd_bench)
+    return run_from_args(p.parse_args(argv), config or Config.from_env())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

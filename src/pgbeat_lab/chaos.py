@@ -1,4 +1,4 @@
-"""The soak-and-chaos run (`pgbeat chaos`, `python -m pgbeat.chaos`) and its invariant checker.
+"""The soak-and-chaos run (`pgbeat chaos`, `python -m pgbeat_lab.chaos`) and its invariant checker.
 
 The run starts an api, 2 schedulers and 3 workers against one PostgreSQL (a
 private embedded server, so it can be restarted), creates a few hundred tasks
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import tempfile
@@ -30,7 +29,8 @@ from typing import Any
 import psycopg
 from aiohttp import web
 
-from pgbeat.fleet import Fleet, Process, free_port
+from pgbeat.config import Config
+from pgbeat_lab.fleet import Fleet, Process, free_port
 
 # ---------------------------------------------------------------------------
 # The invariant checker
@@ -819,12 +819,6 @@ def run(options: ChaosOptions) -> ChaosResult:
     return ChaosResult(chaos_run.failures(violations) == 0, report, violations)
 
 
-def add_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chaos", help="the soak-and-chaos run and its invariant checker")
-    add_arguments(p)
-    p.set_defaults(func=lambda args, config: run_from_args(args, config.database_url))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=60, help="seconds of load with faults (default 60)")
     parser.add_argument("--tasks", type=int, default=200, help="tasks created through the API (default 200)")
@@ -849,11 +843,12 @@ def run_from_args(args: argparse.Namespace, database_url: str | None) -> int:
     return 0 if result.passed else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pgbeat.chaos", description=__doc__)
+def main(argv: list[str] | None = None, config: Config | None = None) -> int:
+    """`pgbeat chaos ARGS`, or `python -m pgbeat_lab.chaos ARGS` (configured from the environment)."""
+    parser = argparse.ArgumentParser(prog="pgbeat chaos", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_from_args(args, os.environ.get("PGBEAT_DATABASE_URL") or None)
+    return run_from_args(args, (config or Config.from_env()).database_url)
 
 
 if __name__ == "__main__":
