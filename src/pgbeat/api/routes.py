@@ -212,6 +212,65 @@ def soonest(rows: list[asyncpg.Record], limit: int, until: datetime | None) -> l
     return list(itertools.islice(merged, limit))
 
 
+# ---------------------------------------------------------------- task operations
+# What the endpoints do, callable with a pool alone: the dashboard (pgbeat.api.ui)
+# takes its actions through these same calls.
+
+
+async def update_task(pool: asyncpg.Pool, task_id: int, changes: TaskChanges) -> Task:
+    doc, first_slot = spec_for_sql(changes)
+    async with pool.acquire() as conn:
+        if changes.paused is False and not isinstance(changes.schedule, ScheduleIn):
+            async with conn.transaction():
+                first_slot = await resume_cron_slot(conn, task_id)
+                row = await conn.fetchrow(
+                    "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
+                )
+        else:
+            row = await conn.fetchrow(
+                "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
+            )
+    return task_from_row(row)
+
+
+async def delete_task(pool: asyncpg.Pool, task_id: int) -> None:
+    await pool.fetchval("SELECT id FROM pgbeat.delete_task($1)", task_id)
+
+
+async def pause_task(pool: asyncpg.Pool, task_id: int) -> Task:
+    return task_from_row(await pool.fetchrow("SELECT * FROM pgbeat.api_pause_task($1)", task_id))
+
+
+async def resume_task(pool: asyncpg.Pool, task_id: int) -> Task:
+    async with pool.acquire() as conn, conn.transaction():
+        slot = await resume_cron_slot(conn, task_id)
+        row = await conn.fetchrow("SELECT * FROM pgbeat.api_resume_task($1, $2)", task_id, slot)
+    return task_from_row(row)
+
+
+async def trigger_task(pool: asyncpg.Pool, task_id: int) -> Run:
+    return run_from_row(await pool.fetchrow("SELECT * FROM pgbeat.api_trigger_task($1)", task_id))
+
+
+async def get_task(pool: asyncpg.Pool, task_id: int) -> TaskDetails:
+    row = await pool.fetchrow("SELECT * FROM pgbeat.get_task($1)", task_id)
+    if row is None:
+        raise NotFoundException(f"task {task_id} not found")
+    return task_details_from_row(row)
+
+
+async def get_run(pool: asyncpg.Pool, run_id: int) -> Run:
+    row = await pool.fetchrow("SELECT * FROM pgbeat.get_run($1)", run_id)
+    if row is None:
+        raise NotFoundException(f"run {run_id} not found")
+    return run_from_row(row)
+
+
+async def task_upcoming(pool: asyncpg.Pool, task_id: int, count: int) -> list[UpcomingRun]:
+    rows = await pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, NULL, $2)", count, task_id)
+    return soonest(rows, count, None)
+
+
 # ---------------------------------------------------------------- endpoints
 
 
@@ -258,10 +317,7 @@ class TaskController(Controller):
 
     @get("/{task_id:int}", summary="One task, with its last run and pending run", responses=_errors(404))
     async def get_task(self, state: State, task_id: TaskId) -> TaskDetails:
-        row = await state.pool.fetchrow("SELECT * FROM pgbeat.get_task($1)", task_id)
-        if row is None:
-            raise NotFoundException(f"task {task_id} not found")
-        return task_details_from_row(row)
+        return await get_task(state.pool, task_id)
 
     @patch(
         "/{task_id:int}",
@@ -269,23 +325,11 @@ class TaskController(Controller):
         responses=_errors(404, 409, 413, 422),
     )
     async def update_task(self, state: State, task_id: TaskId, data: JSONBody[TaskChanges]) -> Task:
-        doc, first_slot = spec_for_sql(data)
-        async with state.pool.acquire() as conn:
-            if data.paused is False and not isinstance(data.schedule, ScheduleIn):
-                async with conn.transaction():
-                    first_slot = await resume_cron_slot(conn, task_id)
-                    row = await conn.fetchrow(
-                        "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
-                    )
-            else:
-                row = await conn.fetchrow(
-                    "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
-                )
-        return task_from_row(row)
+        return await update_task(state.pool, task_id, data)
 
     @delete("/{task_id:int}", summary="Delete: future runs stop, history stays", responses=_errors(404))
     async def delete_task(self, state: State, task_id: TaskId) -> None:
-        await state.pool.fetchval("SELECT id FROM pgbeat.delete_task($1)", task_id)
+        await delete_task(state.pool, task_id)
 
     @post(
         "/{task_id:int}/pause",
@@ -294,8 +338,7 @@ class TaskController(Controller):
         responses=_errors(404, 409),
     )
     async def pause_task(self, state: State, task_id: TaskId) -> Task:
-        row = await state.pool.fetchrow("SELECT * FROM pgbeat.api_pause_task($1)", task_id)
-        return task_from_row(row)
+        return await pause_task(state.pool, task_id)
 
     @post(
         "/{task_id:int}/resume",
@@ -304,10 +347,7 @@ class TaskController(Controller):
         responses=_errors(404, 409),
     )
     async def resume_task(self, state: State, task_id: TaskId) -> Task:
-        async with state.pool.acquire() as conn, conn.transaction():
-            slot = await resume_cron_slot(conn, task_id)
-            row = await conn.fetchrow("SELECT * FROM pgbeat.api_resume_task($1, $2)", task_id, slot)
-        return task_from_row(row)
+        return await resume_task(state.pool, task_id)
 
     @post(
         "/{task_id:int}/trigger",
@@ -316,8 +356,7 @@ class TaskController(Controller):
         responses=_errors(404, 409),
     )
     async def trigger_task(self, state: State, task_id: TaskId) -> Run:
-        row = await state.pool.fetchrow("SELECT * FROM pgbeat.api_trigger_task($1)", task_id)
-        return run_from_row(row)
+        return await trigger_task(state.pool, task_id)
 
     @get("/{task_id:int}/runs", summary="A task's runs, newest first", responses=_errors(404))
     async def task_runs(
@@ -338,8 +377,7 @@ class TaskController(Controller):
     async def task_upcoming(
         self, state: State, task_id: TaskId, count: Annotated[int, QueryParameter(ge=1, le=500)] = 10
     ) -> UpcomingRuns:
-        rows = await state.pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, NULL, $2)", count, task_id)
-        return UpcomingRuns(soonest(rows, count, None))
+        return UpcomingRuns(await task_upcoming(state.pool, task_id, count))
 
 
 class RunController(Controller):
@@ -373,10 +411,7 @@ class RunController(Controller):
 
     @get("/{run_id:int}", summary="One run", responses=_errors(404))
     async def get_run(self, state: State, run_id: RunId) -> Run:
-        row = await state.pool.fetchrow("SELECT * FROM pgbeat.get_run($1)", run_id)
-        if row is None:
-            raise NotFoundException(f"run {run_id} not found")
-        return run_from_row(row)
+        return await get_run(state.pool, run_id)
 
 
 @get(
