@@ -5,6 +5,8 @@ exactly-once counters, retries and retention."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -540,3 +542,104 @@ def test_one_batch_shows_each_runs_own_counter_value(db_url):
     batch = [v for name, v in values if name == "batch"]
     assert batch == [2, 4, 6]
     assert (f"task:{alone['id']}", 5) in values
+
+
+def counter_value(conn: psycopg.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT value FROM pgbeat.counters WHERE name = %s", (name,)).fetchone()
+    return row and row["value"]
+
+
+@pytest.mark.parametrize("state", ["failed", "timed_out", "cancelled"])
+def test_a_counter_run_that_does_not_succeed_moves_no_counter(db_url, state):
+    """Rule 4: the increment commits with a succeeded run, and only with one. Neither
+    the claim nor an outcome other than `succeeded` moves the counter."""
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "counter", "schedule": HOUR, "params": {"counter": "c", "step": 5}})[
+        "id"
+    ]
+    trigger(conn, tid)
+    (c,) = claim(conn)
+    assert counter_value(conn, "c") is None
+    done = finish(conn, c["run_id"], state, error="it did not succeed")
+    assert (done["applied"], done["state"]) == (True, state)
+    assert done["result"] == {}  # no increment recorded either
+    assert counter_value(conn, "c") is None
+    release(conn, [tid])
+    # The same task's next run that succeeds moves it by exactly its step.
+    trigger(conn, tid)
+    (c,) = claim(conn)
+    assert finish(conn, c["run_id"])["result"] == {"counter": "c", "step": 5, "value": 5}
+    assert counter_value(conn, "c") == 5
+
+
+# A worker that claims one counter run, says so, and then hangs with its session open.
+CLAIMING_WORKER = """
+import sys, time, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    row = conn.execute("SELECT run_id, pg_backend_pid() FROM pgbeat.claim_runs(NULL, 1)").fetchone()
+    print(row[0], row[1], flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["pg_terminate_backend", "kill -9"])
+def test_a_killed_session_holding_a_counter_run_moves_no_counter(db_url, how):
+    """Rule 4 under a crash: the worker holding a claimed counter run dies (its session is
+    terminated, or its process is killed with -9) before it finishes; the run is abandoned
+    and the counter does not move."""
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "counter", "schedule": HOUR, "params": {"counter": "c", "step": 5}})[
+        "id"
+    ]
+    trigger(conn, tid)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", CLAIMING_WORKER, db_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout is not None
+        run_id, pid = map(int, worker.stdout.readline().split())
+        assert task_locks_of(conn, pid) == [tid]  # claimed and held
+        assert counter_value(conn, "c") is None
+        if how == "kill -9":
+            worker.kill()
+        else:
+            assert conn.execute("SELECT pg_terminate_backend(%s) AS ok", (pid,)).fetchone()["ok"]
+        wait_gone(conn, pid)
+    finally:
+        worker.kill()
+        worker.wait(10)
+    assert conn.execute("SELECT pgbeat.reap_abandoned_runs() AS n").fetchone()["n"] == 1
+    (run,) = runs(conn, tid)
+    assert (run["id"], run["state"], run["result"]) == (run_id, "abandoned", None)
+    assert counter_value(conn, "c") is None
+
+
+def test_a_run_whose_lock_is_held_is_never_reaped_however_old(db_url):
+    """Rule 5: only the absence of the lock proves a worker gone. A run that started a
+    day ago, of a worker whose heartbeat is a day old, is alive while its session
+    holds the task lock: no reaper takes it, and its worker still finishes it."""
+    worker, reaper = connect(db_url), connect(db_url)
+    tid = create_task(worker, {"kind": "counter", "schedule": HOUR})["id"]
+    daemon_id = worker.execute("SELECT pgbeat.register_daemon('worker', 'test', 1) AS id").fetchone()["id"]
+    trigger(worker, tid)
+    (c,) = claim(worker, daemon_id=daemon_id)
+    reaper.execute(
+        """UPDATE pgbeat.runs SET scheduled_for = scheduled_for - interval '1 day',
+                  due_at = due_at - interval '1 day', started_at = started_at - interval '1 day'
+            WHERE id = %s""",
+        (c["run_id"],),
+    )
+    reaper.execute(
+        "UPDATE pgbeat.daemons SET heartbeat_at = now() - interval '1 day' WHERE id = %s", (daemon_id,)
+    )
+    reaped = reaper.execute(
+        "SELECT pgbeat.reap_abandoned_runs() AS runs, pgbeat.reap_dead_daemons() AS daemons"
+    ).fetchone()
+    assert reaped == {"runs": 0, "daemons": 0}
+    (run,) = runs(reaper, tid)
+    assert run["state"] == "running"
+    # A claim elsewhere neither takes the task nor abandons its run.
+    trigger(reaper, tid)
+    assert claim(reaper) == []
+    assert [r["state"] for r in runs(reaper, tid)] == ["running", "pending"]
+    assert finish(worker, c["run_id"])["applied"]

@@ -130,35 +130,41 @@ def test_skip_policy_records_a_skipped_run_for_each_overlapping_slot(db_url):
     )
 
 
-def test_interval_slots_stay_on_the_grid_when_materialised_late(db_url):
+# (seconds the pass runs after the slot it decides, negative: ahead of it; slots
+# missed before it; the pass's look-ahead). The interval is 10 s.
+GRID_CASES = {
+    "a microsecond after its slot": (0.000001, 0, 0.0),
+    "mid-interval": (3.7, 0, 0.0),
+    "a microsecond before the next slot": (9.999999, 0, 0.0),
+    "two slots missed": (4.2, 2, 0.0),
+    "ahead of its slot": (-0.01, 0, 0.02),
+}
+
+
+@pytest.mark.parametrize("late, missed, ahead", GRID_CASES.values(), ids=GRID_CASES.keys())
+def test_interval_slots_stay_on_the_grid_when_materialised_late(db_url, late, missed, ahead):
+    """Rule 7 at a controlled clock: a transaction's now() is fixed at its start, so the
+    pass runs exactly `late` seconds after slot k of a grid laid out from that now().
+    The run takes slot k itself, and the task's next slot is k + 1, on the grid, however
+    late (or early) the pass ran."""
     conn = connect(db_url)
-    t = create_task(conn, {"kind": "sleep", "schedule": {"every": "0.2s"}})
-    anchor, every = t["anchor"], t["every"]
-    deadline = time.monotonic() + 1.8
-    delays = [0.05, 0.31, 0.13, 0.47, 0.2, 0.07, 0.26]
-    i = 0
-    while time.monotonic() < deadline:
-        materialize(conn)
-        # a worker drains what is pending, so each slot makes its own run or is coalesced
-        for c in claim(conn, 10):
-            finish(conn, c["run_id"])
-            release(conn, [c["task_id"]])
-        time.sleep(delays[i % len(delays)])
-        i += 1
-    slots = [r["scheduled_for"] for r in runs(conn, t["id"])]
-    assert len(slots) >= 4
-    for s in slots:
-        k = (s - anchor) / every
-        assert k == int(k), f"slot {s} is off the grid ({k} intervals from the anchor)"
-    assert slots == sorted(set(slots))
-    # Every slot up to now is accounted for: run once, or folded into a run.
-    fired = conn.execute(
-        "SELECT count(*) + sum(coalesced) AS n FROM pgbeat.runs WHERE task_id = %s", (t["id"],)
-    ).fetchone()["n"]
-    last_k = round((slots[-1] - anchor) / every)
-    assert fired == last_k + 1
-    nxt = task(conn, t["id"])["next_run_at"]
-    assert (nxt - anchor) / every == last_k + 1
+    tid = create_task(conn, {"kind": "sleep", "schedule": {"every": "10s"}})["id"]
+    every, k = timedelta(seconds=10), 5
+    with conn.transaction():
+        anchor = conn.execute(
+            """UPDATE pgbeat.tasks SET anchor = now() - every * %s - make_interval(secs => %s),
+                      next_run_at = now() - every * %s - make_interval(secs => %s)
+                WHERE id = %s RETURNING anchor""",
+            (k, late, missed, late, tid),
+        ).fetchone()["anchor"]
+        (fired,) = materialize(conn, ahead=ahead)
+        now = conn.execute("SELECT now() AS t").fetchone()["t"]
+    slot = anchor + k * every
+    assert slot == now - timedelta(seconds=late)  # the clock was where the case says
+    assert (fired["outcome"], fired["scheduled_for"], fired["missed"]) == ("queued", slot, missed)
+    (run,) = runs(conn, tid)
+    assert (run["scheduled_for"], run["due_at"], run["coalesced"]) == (slot, slot, missed)
+    assert task(conn, tid)["next_run_at"] == slot + every
 
 
 def test_misfire_run_once_folds_missed_slots_into_one_run_and_keeps_the_grid(db_url):
