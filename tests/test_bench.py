@@ -28,17 +28,23 @@ def server_url(pg_server, monkeypatch) -> str:
     return url
 
 
-def figures(path: Path) -> dict[str, float | None]:
-    [result] = json.loads(path.read_text())
-    assert result["floor"]["tps"] > 0
-    assert 0 < result["floor"]["latency_p50_ms"] <= result["floor"]["latency_p99_ms"]
-    assert 0.05 < result["python_loop_s"] < 60  # the host's speed, printed beside the floor
-    return {f["name"]: f["value"] for f in result["figures"]}
+def figures(path: Path) -> list[dict[str, float | None]]:
+    results = json.loads(path.read_text())
+    for result in results:
+        assert result["floor"]["tps"] > 0
+        assert 0 < result["floor"]["latency_p50_ms"] <= result["floor"]["latency_p99_ms"]
+        assert 0.05 < result["python_loop_s"] < 60  # the host's speed, printed beside the floor
+    return [{f["name"]: f["value"] for f in result["figures"]} for result in results]
 
 
-def run(scenario: str, tmp_path: Path) -> dict[str, float | None]:
+def run(scenario: str, tmp_path: Path, *extra: str) -> dict[str, float | None]:
+    [result] = run_rounds(scenario, tmp_path, *extra)
+    return result
+
+
+def run_rounds(scenario: str, tmp_path: Path, *extra: str) -> list[dict[str, float | None]]:
     out = tmp_path / "bench.json"
-    args = ["bench", scenario, *TINY[scenario], "--floor-seconds", "1", "--concurrency", "8"]
+    args = ["bench", scenario, *TINY[scenario], "--floor-seconds", "1", "--concurrency", "8", *extra]
     assert cli.main([*args, "--json", str(out), "--logs", str(tmp_path / "logs")]) == 0
     return figures(out)
 
@@ -85,6 +91,31 @@ def test_api(server_url, tmp_path):
     assert f["GET errors"] == 0 and f["POST errors"] == 0
     assert f["GET /tasks/{id} req/s"] > 0 and f["POST /tasks req/s"] > 0
     assert 0 < f["GET /tasks/{id} p50"] <= f["GET /tasks/{id} p99"]
+
+
+def test_burst_beside_pgqueuer_alternates_and_compares(server_url, tmp_path):
+    rounds = run_rounds("burst", tmp_path, "--peer", "pgqueuer", "--rounds", "2")
+    assert len(rounds) == 2
+    for f in rounds:
+        assert f["runs succeeded"] == f["counter total"] == 40
+        assert f["pgqueuer jobs done"] == 40 and f["pgqueuer jobs/s (batch_size 100)"] > 0
+        assert f["runs/s vs pgqueuer"] == pytest.approx(
+            f["runs/s (due -> all finished)"] / f["pgqueuer jobs/s (batch_size 100)"]
+        )
+
+
+def test_latency_beside_pgqueuer(server_url, tmp_path):
+    f = run("latency", tmp_path, "--peer", "pgqueuer", "--rounds", "1")
+    assert 0 < f["pgqueuer enqueue -> start p50"] <= f["pgqueuer enqueue -> start p99"]
+    assert f["trigger p99 vs pgqueuer p99"] == pytest.approx(
+        f["trigger -> started p99"] / f["pgqueuer enqueue -> start p99"]
+    )
+    assert f["lateness p99 vs pgqueuer p99"] is not None
+
+
+def test_peer_mode_refuses_scenarios_it_has_no_peer_for(server_url):
+    with pytest.raises(SystemExit, match="--peer runs with burst or latency"):
+        cli.main(["bench", "steady", "--peer", "pgqueuer"])
 
 
 def test_percentile():

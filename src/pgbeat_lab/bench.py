@@ -38,6 +38,7 @@ import uvloop
 
 from pgbeat import migrations
 from pgbeat.config import Config
+from pgbeat_lab import peers
 from pgbeat_lab.fleet import Fleet
 
 # ---------------------------------------------------------------- figures
@@ -153,14 +154,15 @@ def with_dbname(url: str, dbname: str) -> str:
 
 
 @contextmanager
-def bench_database(server_url: str) -> Iterator[str]:
-    """A fresh migrated database on server_url's server, dropped at the end."""
+def bench_database(server_url: str, migrate: bool = True) -> Iterator[str]:
+    """A fresh (migrated) database on server_url's server, dropped at the end."""
     name = f"pgbeat_bench_{secrets.token_hex(4)}"
     with psycopg.connect(server_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = with_dbname(server_url, name)
     try:
-        migrations.apply(url)
+        if migrate:
+            migrations.apply(url)
         yield url
     finally:
         with psycopg.connect(server_url, autocommit=True) as admin:
@@ -769,6 +771,9 @@ SCENARIOS: dict[str, tuple[Scenario, int, float, int]] = {
 }
 
 
+PEER_SCENARIOS = {"burst", "latency"}
+
+
 def run_scenario(name: str, opts: Options, server_url: str, log_dir: Path | None = None) -> Result:
     """Run one scenario in a fresh database on server_url's server, floor first."""
     function = SCENARIOS[name][0]
@@ -793,8 +798,53 @@ def server_url(config: Config) -> str:
     return db.resolve_url(config)
 
 
+def ratio(value: float | None, base: float | None) -> float | None:
+    return value / base if value is not None and base else None
+
+
+def measure_peer(name: str, server_url: str, opts: Options) -> dict[str, Any]:
+    """The peer's run of the same scenario, on a fresh database of the same server."""
+    with bench_database(server_url, migrate=False) as url:
+        if name == "burst":
+            return peers.pgqueuer_burst(url, opts.size, batch_size=100)
+        return {"latencies_ms": peers.pgqueuer_latency(url, opts.duration)}
+
+
+def peer_figures(name: str, peer: str, measured: dict[str, Any], result: Result, size: int) -> list[Figure]:
+    """The peer's figures, and pgbeat's as ratios to them (targets: burst >= 1.5x, p99 <= 0.5x)."""
+    if name == "burst":
+        rate = measured["jobs_per_s"]
+        return [
+            Figure(f"{peer} jobs/s (batch_size 100)", rate, "jobs/s"),
+            Figure(f"{peer} jobs done", measured["jobs"], "jobs", f">= {size}"),
+            Figure(
+                f"runs/s vs {peer}",
+                ratio(result.figure("runs/s (due -> all finished)").value, rate),
+                "x",
+                ">= 1.5",
+            ),
+        ]
+    latencies = measured["latencies_ms"]
+    p99 = percentile(latencies, 99)
+    return [
+        Figure(f"{peer} enqueue -> start p50", percentile(latencies, 50), "ms"),
+        Figure(f"{peer} enqueue -> start p99", p99, "ms"),
+        Figure(
+            f"trigger p99 vs {peer} p99",
+            ratio(result.figure("trigger -> started p99").value, p99),
+            "x",
+            "<= 0.5",
+        ),
+        Figure(f"lateness p99 vs {peer} p99", ratio(result.figure("lateness p99").value, p99), "x", "<= 0.5"),
+    ]
+
+
 def run_from_args(args: argparse.Namespace, config: Config) -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    if args.peer:
+        peers.require(args.peer)
+        if set(names) - PEER_SCENARIOS:
+            raise SystemExit(f"pgbeat bench: --peer runs with {' or '.join(sorted(PEER_SCENARIOS))}")
     url = server_url(config)
     results = []
     for name in names:
@@ -809,9 +859,19 @@ def run_from_args(args: argparse.Namespace, config: Config) -> int:
             floor_clients=args.floor_clients,
             floor_seconds=args.floor_seconds,
         )
-        result = run_scenario(name, opts, url, Path(args.logs) if args.logs else None)
-        print_result(result)
-        results.append(result)
+        for round_ in range(args.rounds if args.peer else 1):
+            # With a peer the two alternate (peer first in every other round), so that a
+            # machine getting faster or slower during the run favours neither.
+            peer_first = args.peer and round_ % 2 == 1
+            measured = measure_peer(name, url, opts) if peer_first else None
+            result = run_scenario(name, opts, url, Path(args.logs) if args.logs else None)
+            if args.peer:
+                measured = measured or measure_peer(name, url, opts)
+                result.figures += peer_figures(name, args.peer, measured, result, opts.size)
+                for f in result.figures:
+                    f.judge(result.floor)
+            print_result(result)
+            results.append(result)
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2, default=str) + "\n")
     return 0
@@ -835,6 +895,13 @@ def main(argv: list[str] | None = None, config: Config | None = None) -> int:
     p.add_argument("--api-tasks", type=int, help="scale: tasks created through the API (default size/10)")
     p.add_argument("--floor-clients", type=int, help="pgbench clients (default: one per worker)")
     p.add_argument("--floor-seconds", type=float, default=5.0, help="pgbench run length (0: skip)")
+    p.add_argument(
+        "--peer",
+        choices=peers.PEERS,
+        help="also run this peer's version of the scenario (burst, latency) on a fresh database of the "
+        "same server, and print pgbeat's figures as ratios to it (needs the bench extra)",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="with --peer: rounds of pgbeat and the peer")
     p.add_argument("--json", metavar="FILE", help="write the raw figures here")
     p.add_argument("--logs", metavar="DIR", help="keep the pgbeat processes' logs here")
     return run_from_args(p.parse_args(argv), config or Config.from_env())
