@@ -54,6 +54,9 @@ def test_burst(server_url, tmp_path):
     assert f["runs finished"] == f["runs succeeded"] == f["counter total"] == 40
     assert f["runs started under a task lock"] == 40
     assert f["runs/s (due -> all finished)"] > 0
+    assert (
+        f["WAL bytes per run"] > 0 and f["PostgreSQL CPU ms per run"] > 0 and f["daemon CPU ms per run"] > 0
+    )
 
 
 def test_steady(server_url, tmp_path):

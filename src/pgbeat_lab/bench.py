@@ -278,6 +278,39 @@ def cpu_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, 
     return sum(after[k].get("cpu_s", 0) - before.get(k, {}).get("cpu_s", 0) for k in after)
 
 
+@dataclass
+class Costs:
+    """What the database and the daemons spent so far: WAL written, CPU seconds of the
+    database's backends (this machine's processes, read from /proc) and of the daemons."""
+
+    wal_bytes: float
+    postgres_cpu_s: float
+    daemon_cpu_s: float
+
+    @classmethod
+    def now(cls, conn: psycopg.Connection, fleet: Fleet) -> Costs:
+        wal, pids = conn.execute(
+            """SELECT pg_current_wal_lsn() - '0/0'::pg_lsn,
+                      array(SELECT pid FROM pg_stat_activity
+                             WHERE datname = current_database() AND pid <> pg_backend_pid())""",
+        ).fetchone()
+        backends = sum(proc_stats(pid).get("cpu_s", 0.0) for pid in pids)
+        daemons = sum(s.get("cpu_s", 0.0) for s in fleet_stats(fleet).values())
+        return cls(float(wal), backends, daemons)
+
+    def per_run_figures(self, later: Costs, runs: int) -> list[Figure]:
+        """The cost of each run between two snapshots. Backends that ended between them
+        are not counted, so the PostgreSQL figure is a lower bound."""
+        per = max(runs, 1)
+        return [
+            Figure("WAL bytes per run", (later.wal_bytes - self.wal_bytes) / per, "bytes"),
+            Figure(
+                "PostgreSQL CPU ms per run", (later.postgres_cpu_s - self.postgres_cpu_s) * 1000 / per, "ms"
+            ),
+            Figure("daemon CPU ms per run", (later.daemon_cpu_s - self.daemon_cpu_s) * 1000 / per, "ms"),
+        ]
+
+
 def start_daemons(fleet: Fleet, url: str, opts: Options, scheduler: bool = True) -> None:
     """Start the scheduler and worker processes; return once they are registered."""
     if scheduler:
@@ -445,6 +478,7 @@ def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
             conn, n, "counter", {}, "jsonb_build_object('at', %(due)s::timestamptz)", due=due
         )
         start = max(due, db_now(conn))  # runs are due once both due and committed
+        before = Costs.now(conn, fleet)
         done = wait_for(
             conn,
             "SELECT count(*) FROM pgbeat.runs WHERE finished_at IS NOT NULL",
@@ -452,6 +486,7 @@ def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
             lambda v: v >= n,
             timeout=(start - db_now(conn)).total_seconds() + max(60, n / 200),
         )
+        after = Costs.now(conn, fleet)
         check_alive(fleet)
         row = conn.execute(
             """SELECT count(*) FILTER (WHERE state = 'succeeded'), max(finished_at), max(created_at),
@@ -474,6 +509,7 @@ def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
         Figure("runs started under a task lock", locked, "runs", f">= {n}"),
         Figure("counter total", counted, "", f">= {n}"),
         Figure("tasks created via SQL/s", created_per_s, "tasks/s"),
+        *before.per_run_figures(after, done),
     ]
     return figures, {}
 
