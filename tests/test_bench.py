@@ -18,6 +18,7 @@ TINY = {
     "scale": ["--size", "300", "--api-tasks", "50", "--duration", "3", "--clients", "4"],
     "idle": ["--size", "50", "--duration", "2"],
     "api": ["--size", "20", "--duration", "1", "--clients", "4"],
+    "history": ["--size", "4000", "--duration", "1"],
 }
 
 
@@ -94,6 +95,17 @@ def test_api(server_url, tmp_path):
     assert f["GET errors"] == 0 and f["POST errors"] == 0
     assert f["GET /tasks/{id} req/s"] > 0 and f["POST /tasks req/s"] > 0
     assert 0 < f["GET /tasks/{id} p50"] <= f["GET /tasks/{id} p99"]
+
+
+def test_history(server_url, tmp_path):
+    f = run("history", tmp_path)
+    assert f["GET errors"] == 0
+    assert 0 < f["GET /runs p50"] <= f["GET /runs p99"]
+    assert 0 < f["GET /tasks/{id}/runs p50"] <= f["GET /tasks/{id}/runs p99"]
+    # 40 days of history, 30 kept: a quarter of it is older (give or take the boundary run).
+    assert abs(f["runs pruned (older than 30 days)"] - 1000) <= 1
+    assert f["runs triggered"] >= 100 and f["triggered runs started"] == f["runs triggered"]
+    assert f["runs table + indexes before"] > 0 and f["runs table + indexes after"] > 0
 
 
 def test_burst_beside_pgqueuer_alternates_and_compares(server_url, tmp_path):

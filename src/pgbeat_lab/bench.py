@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -311,12 +312,14 @@ class Costs:
         ]
 
 
-def start_daemons(fleet: Fleet, url: str, opts: Options, scheduler: bool = True) -> None:
+def start_daemons(
+    fleet: Fleet, url: str, opts: Options, scheduler: bool = True, env: dict[str, str] | None = None
+) -> None:
     """Start the scheduler and worker processes; return once they are registered."""
     if scheduler:
-        fleet.start("scheduler")
+        fleet.start("scheduler", env=env)
     for _ in range(opts.workers):
-        fleet.start("worker", "--concurrency", str(opts.concurrency))
+        fleet.start("worker", "--concurrency", str(opts.concurrency), env=env)
     wanted = opts.workers + (1 if scheduler else 0)
     deadline = time.monotonic() + 60
     with connect(url) as conn:
@@ -786,6 +789,120 @@ def api(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, 
     return figures, {"get_statuses": gets.statuses, "post_statuses": posts.statuses}
 
 
+def history_size(conn: psycopg.Connection) -> float:
+    """Bytes of the runs table with its indexes (all of its partitions, if it has any)."""
+    return float(
+        conn.execute(
+            """SELECT coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size('pgbeat.runs'))
+                 FROM pg_partition_tree('pgbeat.runs')"""
+        ).fetchone()[0]
+    )
+
+
+def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """N finished runs of history (bulk SQL, spread over 40 days), then: GET /runs and
+    GET /tasks/{id}/runs p99, one retention pass of 30 days with triggered runs claimed
+    meanwhile (the pause it causes them), and the table's size before and after."""
+    n, retention_days, span_days = opts.size, 30, 40
+    with connect(url) as conn:
+        create_tasks(conn, max(10, n // 10_000), "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
+        tasks = task_ids(conn)
+        started = time.perf_counter()
+        # Run i belongs to task i % len(tasks); slots step back from now over span_days.
+        conn.execute(
+            """INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, state, started_at,
+                                        finished_at, result, created_at)
+               SELECT t.ids[1 + i %% t.k], 'sleep', s.at, s.at, 'succeeded', s.at,
+                      s.at + interval '2 ms', '{"slept": 0}', s.at
+                 FROM (SELECT %(tasks)s::int[] AS ids, cardinality(%(tasks)s::int[]) AS k) t,
+                      generate_series(0, %(n)s - 1) AS i,
+                      LATERAL (SELECT now() - (%(span)s * interval '1 day') * (i + 1) / %(n)s AS at) s""",
+            {"tasks": tasks, "n": n, "span": span_days},
+        )
+        conn.execute("VACUUM ANALYZE pgbeat.runs")
+        generated_s = time.perf_counter() - started
+        size_before = history_size(conn)
+        create_tasks(conn, 100, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
+        triggered = [t for t in task_ids(conn) if t not in set(tasks)]
+    _, base = fleet.start_api()
+    # The worker's own retention would prune at its start: the pass measured here is the bench's.
+    start_daemons(fleet, url, opts, scheduler=False, env={"PGBEAT_RETENTION_DAYS": "36500"})
+    rng = random.Random(7)
+    http_load(base, 4, lambda i: ("GET", "/runs?limit=100", None), total=50)  # warm up
+    all_runs = http_load(base, 1, lambda i: ("GET", "/runs?limit=100", None), seconds=opts.duration / 2)
+    task_runs = http_load(
+        base,
+        1,
+        lambda i: ("GET", f"/tasks/{rng.choice(tasks)}/runs?limit=100", None),
+        seconds=opts.duration / 2,
+    )
+
+    # One retention pass, in batches as the daemons run it, while a run is triggered every 10 ms.
+    pruned, batches = 0, []
+    window: dict[str, datetime] = {}
+
+    def prune() -> None:
+        nonlocal pruned
+        with connect(url) as prune_conn:
+            window["start"] = db_now(prune_conn)
+            while True:
+                t0 = time.perf_counter()
+                got = prune_conn.execute(
+                    "SELECT pgbeat.prune_history(make_interval(days => %s), 10000)", (retention_days,)
+                ).fetchone()[0]
+                batches.append((time.perf_counter() - t0) * 1000)
+                pruned += got
+                if got < 10000:
+                    break
+            window["end"] = db_now(prune_conn)
+
+    pruner = threading.Thread(target=prune)
+    with connect(url) as conn:
+        pruner.start()
+        i = 0
+        while pruner.is_alive() or i < 100:
+            conn.execute("SELECT (pgbeat.trigger_task(%s)).id", (triggered[i % len(triggered)],))
+            i += 1
+            time.sleep(0.010)
+        pruner.join()
+        wait_for(conn, UNFINISHED_SQL, {"end": db_now(conn)}, lambda v: v == 0, timeout=30)
+        check_alive(fleet)
+        during = sample_ms(
+            conn,
+            """SELECT extract(epoch FROM started_at - scheduled_for) * 1000 FROM pgbeat.runs
+                WHERE task_id = ANY (%(tasks)s) AND started_at IS NOT NULL
+                  AND scheduled_for BETWEEN %(start)s AND %(end)s""",
+            {"tasks": triggered, **window},
+        )
+        size_after = history_size(conn)
+        started_runs = conn.execute(
+            "SELECT count(*) FROM pgbeat.runs WHERE task_id = ANY (%s) AND started_at IS NOT NULL",
+            (triggered,),
+        ).fetchone()[0]
+    prune_s = (window["end"] - window["start"]).total_seconds()
+    mb = 1024 * 1024
+    figures = [
+        Figure("runs of history", n, "runs"),
+        Figure("seconds to generate", generated_s, "s"),
+        Figure("GET /runs p50", percentile(all_runs.latencies_ms, 50), "ms"),
+        Figure("GET /runs p99", percentile(all_runs.latencies_ms, 99), "ms", "<= 20"),
+        Figure("GET /tasks/{id}/runs p50", percentile(task_runs.latencies_ms, 50), "ms"),
+        Figure("GET /tasks/{id}/runs p99", percentile(task_runs.latencies_ms, 99), "ms", "<= 10"),
+        Figure("GET errors", all_runs.errors + task_runs.errors, "", "<= 0"),
+        Figure("runs pruned (older than 30 days)", pruned, "runs"),
+        Figure("retention pass seconds", prune_s, "s"),
+        Figure("longest retention statement", max(batches, default=None), "ms"),
+        Figure("runs triggered", i, "runs"),
+        Figure("triggered runs started", started_runs, "runs", f">= {i}"),
+        Figure("runs triggered during retention", len(during), "runs"),
+        Figure("trigger -> started p99, retention", percentile(during, 99), "ms"),
+        Figure("trigger -> started max, retention", max(during, default=None), "ms", "<= 10"),
+        Figure("runs table + indexes before", size_before / mb, "MB"),
+        Figure("runs table + indexes after", size_after / mb, "MB"),
+    ]
+    return figures, {}
+
+
 Scenario = Callable[[str, Options, Fleet], tuple[list[Figure], dict[str, Any]]]
 
 # The processes' logs (3 lines per run, about 1.3 MB/s at 1,700 runs/s) stay in memory
@@ -804,6 +921,7 @@ SCENARIOS: dict[str, tuple[Scenario, int, float, int]] = {
     "scale": (scale, 100_000, 60, 100),
     "idle": (idle, 10_000, 60, 100),
     "api": (api, 1_000, 10, 100),
+    "history": (history, 10_000_000, 10, 100),
 }
 
 
