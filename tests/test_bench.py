@@ -15,7 +15,7 @@ TINY = {
     "burst": ["--size", "40"],
     "steady": ["--size", "10", "--duration", "3"],
     "latency": ["--size", "10", "--duration", "2"],
-    "scale": ["--size", "300", "--api-tasks", "50", "--duration", "3", "--clients", "4"],
+    "scale": ["--size", "300", "--api-tasks", "50", "--duration", "3", "--clients", "4", "--every", "30"],
     "idle": ["--size", "50", "--duration", "2"],
     "api": ["--size", "20", "--duration", "1", "--clients", "4"],
     "history": ["--size", "4000", "--duration", "1"],
@@ -82,6 +82,7 @@ def test_scale(server_url, tmp_path):
     assert f["tasks created via API/s"] > 0 and f["tasks created via SQL/s"] > 0
     assert 0 < f["GET /upcoming p50"] <= f["GET /upcoming p99"]
     assert f["scheduler-0 RSS"] > 10 and f["worker-0 RSS"] > 10
+    assert f["worker-0 RSS growth over the window"] is not None
 
 
 def test_idle(server_url, tmp_path):

@@ -454,6 +454,7 @@ class Options:
     api_tasks: int | None = None
     floor_clients: int | None = None
     floor_seconds: float = 5.0
+    every: float = 60.0  # scale: the tasks' interval, seconds
 
 
 LATENESS_SQL = """
@@ -627,18 +628,19 @@ def latency(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
 
 
 def scale(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
-    """N tasks on 60 s intervals: creation rate (API and SQL), /upcoming p99, lateness p99, RSS."""
-    n, seconds = opts.size, opts.duration
+    """N tasks on `--every` (60) s intervals, their slots spread evenly over the interval:
+    creation rate (API and SQL), /upcoming p99, lateness p99, RSS over the window."""
+    n, seconds, every = opts.size, opts.duration, opts.every
     via_api = min(n, opts.api_tasks if opts.api_tasks is not None else n // 10)
     _, base = fleet.start_api()
     with connect(url) as conn:
-        # Slots spread evenly over the minute after `first`: n/60 runs per second.
+        # Slots spread evenly over the interval after `first`: n/every runs per second.
         first = db_now(conn).replace(microsecond=0) + timedelta(seconds=5 + via_api / 1000 + n / 5000)
-        spread_ms = 60_000 / max(n, 1)
+        spread_ms = every * 1000 / max(n, 1)
 
         def post(i: int) -> tuple[str, str, dict]:
             start = first + timedelta(milliseconds=i * spread_ms)
-            return "POST", "/tasks", task_body(i, {"every": 60, "start": start.isoformat()})
+            return "POST", "/tasks", task_body(i, {"every": every, "start": start.isoformat()})
 
         created = http_load(base, opts.clients, post, total=via_api)
         sql_per_s = create_tasks(
@@ -646,8 +648,9 @@ def scale(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
             n - via_api,
             "sleep",
             {"seconds": 0},
-            "jsonb_build_object('every', 60, 'start', %(first)s::timestamptz"
+            "jsonb_build_object('every', %(every)s::float8, 'start', %(first)s::timestamptz"
             " + (%(offset)s + i) * %(spread)s * interval '1 ms')",
+            every=every,
             first=first,
             offset=via_api,
             spread=spread_ms,
@@ -695,6 +698,8 @@ def scale(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
     for name, stats in after.items():
         if stats and not name.startswith("api"):
             figures.append(Figure(f"{name} RSS", stats["rss_mb"], "MB"))
+            grown = stats["rss_mb"] - before.get(name, {}).get("rss_mb", stats["rss_mb"])
+            figures.append(Figure(f"{name} RSS growth over the window", grown, "MB"))
     return figures, {}
 
 
@@ -1012,6 +1017,7 @@ def run_from_args(args: argparse.Namespace, config: Config) -> int:
             api_tasks=args.api_tasks,
             floor_clients=args.floor_clients,
             floor_seconds=args.floor_seconds,
+            every=args.every,
         )
         for round_ in range(args.rounds if args.peer else 1):
             # With a peer the two alternate (peer first in every other round), so that a
@@ -1046,6 +1052,7 @@ def main(argv: list[str] | None = None, config: Config | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients (scale, api)")
+    p.add_argument("--every", type=float, default=60.0, help="scale: the tasks' interval in seconds")
     p.add_argument("--api-tasks", type=int, help="scale: tasks created through the API (default size/10)")
     p.add_argument("--floor-clients", type=int, help="pgbench clients (default: one per worker)")
     p.add_argument("--floor-seconds", type=float, default=5.0, help="pgbench run length (0: skip)")
