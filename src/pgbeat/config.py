@@ -26,6 +26,7 @@ class Config:
     retention_days: float = 30.0
     shutdown_grace: float = 30.0
     rate_limit_per_minute: int = 600_000  # per API key (or address); 0 turns rate limiting off
+    ui_secret: str | None = None  # signs the dashboard's sessions and CSRF tokens (pgbeat.api.dashboard)
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -39,4 +40,5 @@ class Config:
             retention_days=_float("PGBEAT_RETENTION_DAYS", 30.0),
             shutdown_grace=_float("PGBEAT_SHUTDOWN_GRACE", 30.0),
             rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 600_000)),
+            ui_secret=os.environ.get("PGBEAT_UI_SECRET") or None,
         )

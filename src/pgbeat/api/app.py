@@ -38,6 +38,7 @@ from prometheus_client import Gauge
 
 import pgbeat
 from pgbeat import db, migrations
+from pgbeat.api import dashboard
 from pgbeat.api.creations import TaskCreations
 from pgbeat.api.errors import EXCEPTION_HANDLERS
 from pgbeat.api.models import Health, Readiness
@@ -48,6 +49,8 @@ log = logging.getLogger("pgbeat.api")
 
 # Open to anyone: probes, scrapers and the API description.
 OPEN_PATHS = ["^/health$", "^/ready$", "^/metrics", "^/schema"]
+# The dashboard signs in with a form and keeps a session instead (pgbeat.api.dashboard).
+KEYLESS_PATHS = [*OPEN_PATHS, "^/ui(/|$)"]
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -280,7 +283,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware
     ]
     if config.api_keys:
-        middleware.append(DefineMiddleware(ApiKeyMiddleware, keys=config.api_keys, exclude=OPEN_PATHS))
+        middleware.append(DefineMiddleware(ApiKeyMiddleware, keys=config.api_keys, exclude=KEYLESS_PATHS))
     if config.rate_limit_per_minute > 0:
         rate_limit = RateLimitConfig(
             rate_limit=("minute", config.rate_limit_per_minute),
@@ -291,7 +294,15 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         middleware.append(rate_limit.middleware)
 
     return Litestar(
-        route_handlers=[TaskController, RunController, upcoming, health, ready, MetricsController],
+        route_handlers=[
+            TaskController,
+            RunController,
+            upcoming,
+            health,
+            ready,
+            MetricsController,
+            *dashboard.route_handlers(config),
+        ],
         lifespan=[database],
         middleware=middleware,
         stores={"rate_limit": WindowStore()},
@@ -302,7 +313,9 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             version=pgbeat.__version__,
             description="A task scheduler whose every coordination rule lives in PostgreSQL.",
             path="/schema",
+            render_plugins=[dashboard.api_docs()],
         ),
+        template_config=dashboard.TEMPLATES,
         logging_config=None,  # pgbeat.logs configures logging
     )
 
