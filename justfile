@@ -28,7 +28,7 @@ fmt:
     {{bin}}/ruff format .
     {{bin}}/ruff check --fix .
 
-# Apply the SQL migrations to PGBEAT_DATABASE_URL (or the embedded server).
+# Apply the SQL migrations to PGBEAT_DATABASE_URL.
 migrate *ARGS:
     {{bin}}/pgbeat migrate {{ARGS}}
 
@@ -47,12 +47,31 @@ psql:
 bench *ARGS:
     {{bin}}/pgbeat bench {{ARGS}}
 
-# --- Deployment (docker compose, kind) -------------------------------------
+# --- Deployment (docker compose, kind, minikube) ------------------------------
 
-# docker compose: PostgreSQL, migrations, API on :8000, 2 schedulers, 3 workers (secrets from .env).
-up:
+# Pin the dependencies the image installs (requirements.lock, with hashes) to what pyproject.toml allows.
+lock:
+    {{bin}}/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes --no-header --quiet -o requirements.lock.new
+    (head -2 requirements.lock; cat requirements.lock.new) > requirements.lock.tmp && rm requirements.lock.new && mv requirements.lock.tmp requirements.lock
+
+# Write .env (compose) and k8s/base/secrets/*.env (kustomize) with random secrets, where missing.
+secrets:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rand() { python3 -c 'import secrets; print(secrets.token_urlsafe(24))'; }
+    if [ ! -f .env ]; then
+        printf 'PGBEAT_API_KEYS=%s\nPGBEAT_DB_PASSWORD=%s\nPOSTGRES_PASSWORD=%s\n' "$(rand)" "$(rand)" "$(rand)" > .env
+        echo "wrote .env (API key: PGBEAT_API_KEYS in it)"
+    fi
+    dir=k8s/base/secrets
+    [ -f $dir/db.env ] || printf 'username=pgbeat\npassword=%s\n' "$(rand)" > $dir/db.env
+    [ -f $dir/api.env ] || printf 'PGBEAT_API_KEYS=%s\n' "$(rand)" > $dir/api.env
+    [ -f $dir/postgres.env ] || printf 'POSTGRES_PASSWORD=%s\n' "$(rand)" > $dir/postgres.env
+
+# docker compose: PostgreSQL, migrations, API on 127.0.0.1:8000, 2 schedulers, 3 workers (secrets from .env).
+up: secrets
     docker compose up --build --detach
-    @echo "pgbeat API on http://localhost:8000 (key: PGBEAT_API_KEYS from .env, default pgbeat-dev-key)"
+    @echo "pgbeat API on http://127.0.0.1:8000 (key: PGBEAT_API_KEYS in .env)"
 
 # Stop the compose stack (the database volume stays; `docker compose down -v` drops it).
 down:
@@ -62,25 +81,51 @@ down:
 logs *SERVICES:
     docker compose logs --follow --tail=100 {{SERVICES}}
 
+# Roll the pgbeat Deployments of a cluster that already ran, and wait for everything.
+[private]
+k8s-wait CONTEXT:
+    kubectl --context "{{CONTEXT}}" -n pgbeat rollout status statefulset/postgres --timeout=300s
+    for d in api scheduler worker; do kubectl --context "{{CONTEXT}}" -n pgbeat rollout status "deployment/$d" --timeout=300s; done
+
 # kind: create the cluster, build and load the image, apply k8s/, wait, port-forward the API to :8000.
-kind-up:
+kind-up: secrets
     #!/usr/bin/env bash
     set -euo pipefail
     ctx=kind-pgbeat
     existed=false
     if kind get clusters | grep -qx pgbeat; then existed=true; else kind create cluster --config k8s/kind-cluster.yaml; fi
     docker build -t pgbeat:dev .
-    kind load docker-image pgbeat:dev --name pgbeat
+    # An archive loads under every Docker image store (`kind load docker-image`
+    # fails under the containerd one).
+    archive="$(mktemp -d)/pgbeat.tar"
+    docker save pgbeat:dev -o "$archive"
+    kind load image-archive "$archive" --name pgbeat
+    rm -rf "$(dirname "$archive")"
     kubectl --context "$ctx" apply -k k8s
     if $existed; then kubectl --context "$ctx" -n pgbeat rollout restart deployment/api deployment/scheduler deployment/worker; fi
-    kubectl --context "$ctx" -n pgbeat rollout status statefulset/postgres --timeout=300s
-    for d in api scheduler worker; do kubectl --context "$ctx" -n pgbeat rollout status "deployment/$d" --timeout=300s; done
+    just k8s-wait "$ctx"
     echo "pgbeat API on http://localhost:8000 (Ctrl-C stops the port-forward; the cluster keeps running)"
     kubectl --context "$ctx" -n pgbeat port-forward service/api 8000:8000
 
 # Delete the kind cluster and everything in it.
 kind-down:
     kind delete cluster --name pgbeat
+
+# minikube: start a profile, build the image inside it, apply k8s/, wait, port-forward the API to :8000.
+minikube-up: secrets
+    #!/usr/bin/env bash
+    set -euo pipefail
+    minikube start --profile pgbeat --nodes 3 --kubernetes-version v1.31.2
+    minikube --profile pgbeat image build --all -t pgbeat:dev .
+    kubectl --context pgbeat apply -k k8s
+    kubectl --context pgbeat -n pgbeat rollout restart deployment/api deployment/scheduler deployment/worker
+    just k8s-wait pgbeat
+    echo "pgbeat API on http://localhost:8000 (Ctrl-C stops the port-forward; the cluster keeps running)"
+    kubectl --context pgbeat -n pgbeat port-forward service/api 8000:8000
+
+# Delete the minikube profile and everything in it.
+minikube-down:
+    minikube delete --profile pgbeat
 
 # The soak-and-chaos run: faults for DURATION seconds, then the invariant checker (exit 1 on a violation).
 chaos DURATION="600":

@@ -1,34 +1,54 @@
-"""Offline validation of the deployment files: Dockerfile, docker-compose.yml, k8s/ and the justfile.
+"""Offline validation of the deployment files: Dockerfile, requirements.lock, docker-compose.yml,
+k8s/ (the base, the StatefulSet variant and the CloudNativePG overlay) and the justfile.
 
 There is no Docker engine or cluster here, so these tests check what can be checked without one:
 every Kubernetes manifest against the pinned Kubernetes version's schemas (strict: unknown fields
-fail), the kustomization renders, the compose file names its services, replicas and dependencies,
-and every role a container runs is a command the `pgbeat` CLI accepts.
+fail), the kustomizations render with kubectl's kustomize, the CloudNativePG Cluster against the
+operator's published CRD schema, the compose file against the Compose Specification's schema,
+the conventions and wiring an operator relies on, and every role a container runs is a command
+the `pgbeat` CLI accepts. What only a real cluster shows is walked through in README.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from pgbeat import cli, config
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
 K8S = ROOT / "k8s"
+SECRETS = K8S / "base" / "secrets"
+CNPG = K8S / "overlays" / "cnpg"
 # The Kubernetes version the manifests target; k8s/kind-cluster.yaml runs the same minor.
+# 1.30 is the minimum (the API's preStop `sleep` action).
 K8S_VERSION = "1.31.0"
-NOT_MANIFESTS = {"kustomization.yaml", "kind-cluster.yaml"}
+MIN_K8S_MINOR = 30
 ROLES = {"api": 2, "scheduler": 2, "worker": 3}
 POD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+# Not Kubernetes objects: kustomize's own files, kind's cluster config.
+NOT_MANIFESTS = {"kustomization.yaml", "kustomizeconfig.yaml", "kind-cluster.yaml"}
+# A scheduler's or worker's /health and /metrics port (PGBEAT_METRICS_PORT's default).
+DAEMON_PORT = 9100
+CONVENTION = {"app.kubernetes.io/name": "pgbeat", "app.kubernetes.io/instance": "pgbeat"}
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
 
 
 def load_all(path: Path) -> list[dict]:
@@ -36,40 +56,51 @@ def load_all(path: Path) -> list[dict]:
 
 
 def manifest_files() -> list[Path]:
-    return sorted(p for p in K8S.glob("*.yaml") if p.name not in NOT_MANIFESTS)
+    """Every Kubernetes manifest in k8s/ that the Kubernetes schemas know (the CloudNativePG
+    Cluster is checked against its own CRD schema)."""
+    return sorted(
+        p
+        for p in K8S.rglob("*.yaml")
+        if p.name not in NOT_MANIFESTS
+        and all(d["apiVersion"].startswith(("v1", "apps/", "policy/")) for d in load_all(p))
+    )
 
 
-def kustomization() -> dict:
-    return yaml.safe_load((K8S / "kustomization.yaml").read_text())
+def kustomization(directory: Path) -> dict:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
 
 
-def render_in_python() -> list[dict]:
-    """The subset of kustomize this base uses: resources, namespace, image tags."""
-    kust = kustomization()
-    images = {i["name"]: i for i in kust.get("images", [])}
-    docs = []
-    for name in kust["resources"]:
-        for doc in load_all(K8S / name):
-            if doc["kind"] != "Namespace" and "namespace" in kust:
-                doc["metadata"]["namespace"] = kust["namespace"]
-            for container in all_containers(doc):
-                image, _, tag = container["image"].partition(":")
-                if image in images:
-                    new = images[image]
-                    container["image"] = f"{new.get('newName', image)}:{new.get('newTag', tag)}"
-            docs.append(doc)
-    return docs
+@pytest.fixture(scope="module")
+def k8s_copy(tmp_path_factory) -> Path:
+    """k8s/ with its git-ignored secret files made from the shipped examples, so the render
+    does not depend on (or reveal) a developer's own secrets."""
+    copy = tmp_path_factory.mktemp("deploy") / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("*.env"))
+    for example in (copy / "base" / "secrets").glob("*.env.example"):
+        shutil.copy(example, example.with_suffix(""))
+    return copy
 
 
-def render_with_kubectl() -> list[dict]:
+def render(directory: Path) -> list[dict]:
     out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-def rendered() -> list[dict]:
-    return render_with_kubectl() if shutil.which("kubectl") else render_in_python()
+@pytest.fixture(scope="module")
+def docs(k8s_copy: Path) -> list[dict]:
+    return render(k8s_copy)
+
+
+@pytest.fixture(scope="module")
+def cnpg_docs(k8s_copy: Path) -> list[dict]:
+    return render(k8s_copy / "overlays" / "cnpg")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def pod_spec(doc: dict) -> dict | None:
@@ -85,20 +116,46 @@ def all_containers(doc: dict) -> list[dict]:
     return spec.get("initContainers", []) + spec["containers"]
 
 
+def pgbeat_containers(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [
+        (d["metadata"]["name"], c)
+        for d in docs
+        for c in all_containers(d)
+        if c["image"].startswith("pgbeat:")
+    ]
+
+
 def find(docs: list[dict], kind: str, name: str) -> dict:
-    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    """One object by kind and name; a generated ConfigMap or Secret by its name before the hash."""
+    matches = [
+        d
+        for d in docs
+        if d["kind"] == kind
+        and (
+            d["metadata"]["name"] == name
+            or (
+                kind in {"ConfigMap", "Secret"}
+                and re.fullmatch(rf"{name}-[a-z0-9]{{10}}", d["metadata"]["name"])
+            )
+        )
+    ]
     assert len(matches) == 1, f"expected one {kind}/{name}, found {len(matches)}"
     return matches[0]
 
 
-@pytest.fixture(scope="module")
-def docs() -> list[dict]:
-    return rendered()
+def secret_data(secret: dict) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+def env_refs(container: dict) -> dict[str, tuple[str, str]]:
+    """name -> (Secret or ConfigMap name, key) for every env entry read from one."""
+    refs = {}
+    for entry in container.get("env", []):
+        source = entry.get("valueFrom", {})
+        for kind in ("secretKeyRef", "configMapKeyRef"):
+            if kind in source:
+                refs[entry["name"]] = (source[kind]["name"], source[kind]["key"])
+    return refs
 
 
 def cli_commands() -> dict[str, argparse.ArgumentParser]:
@@ -130,6 +187,20 @@ def dockerfile_exec_form(keyword: str) -> list[str]:
     return json.loads(values[-1])  # exec (JSON) form, or this fails
 
 
+def strict(schema: object) -> object:
+    """A CRD's structural schema as `kubectl apply --validate=strict` reads it: an object
+    with declared properties admits no other field (unless it says it keeps unknown ones)."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        if not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
 # --- Kubernetes ---------------------------------------------------------------
 
 
@@ -137,6 +208,7 @@ def test_every_manifest_validates_strictly_with_kubernetes_validate():
     tool = Path(sys.executable).with_name("kubernetes-validate")
     command = [str(tool)] if tool.exists() else ["kubernetes-validate"]
     files = [str(p) for p in manifest_files()]
+    assert {Path(f).name for f in files} >= {"postgres.yaml", "api.yaml", "scheduler.yaml", "worker.yaml"}
     result = subprocess.run(
         [*command, "--strict", "--kubernetes-version", K8S_VERSION, *files],
         capture_output=True,
@@ -148,44 +220,63 @@ def test_every_manifest_validates_strictly_with_kubernetes_validate():
 
 
 def test_strict_validation_rejects_an_unknown_field():
-    deployment = find(load_all(K8S / "worker.yaml"), "Deployment", "worker")
+    deployment = find(load_all(K8S / "base" / "worker.yaml"), "Deployment", "worker")
     deployment["spec"]["replica"] = 3  # a typo for replicas
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
-def test_kustomization_lists_every_manifest_and_only_existing_files():
-    listed = kustomization()["resources"]
-    assert len(listed) == len(set(listed))
-    for name in listed:
-        assert (K8S / name).is_file(), f"kustomization.yaml lists missing {name}"
-    assert sorted(listed) == sorted(p.name for p in manifest_files())
+def test_kustomizations_list_every_manifest_and_only_existing_files():
+    base = kustomization(K8S / "base")["resources"]
+    assert sorted(base) == sorted(
+        p.name for p in (K8S / "base").glob("*.yaml") if p.name not in NOT_MANIFESTS
+    )
+    assert kustomization(K8S)["resources"] == ["base", "postgres.yaml"]
+    assert kustomization(CNPG)["resources"] == ["../../base", "cluster.yaml"]
+    for directory in (K8S, K8S / "base", CNPG):
+        for name in kustomization(directory)["resources"]:
+            assert (directory / name).exists(), f"{directory}: lists missing {name}"
 
 
-def test_kustomization_renders_and_every_resource_validates(docs):
-    assert {d["kind"] for d in docs} >= {
-        "Namespace",
-        "ConfigMap",
-        "Secret",
-        "Service",
-        "StatefulSet",
-        "Deployment",
-        "PodDisruptionBudget",
-    }
-    for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+@pytest.mark.parametrize("variant", ["statefulset", "cnpg"])
+def test_kustomization_renders_and_every_resource_validates(variant, docs, cnpg_docs):
+    rendered = docs if variant == "statefulset" else cnpg_docs
+    kinds = {d["kind"] for d in rendered}
+    assert kinds >= {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "PodDisruptionBudget"}
+    assert ("StatefulSet" in kinds) == (variant == "statefulset")
+    assert ("Cluster" in kinds) == (variant == "cnpg")
+    for doc in rendered:
+        if doc["kind"] != "Cluster":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "pgbeat", doc["metadata"]["name"]
 
 
-def test_python_renderer_agrees_with_kustomize():
-    if not shutil.which("kubectl"):
-        pytest.skip("kubectl not installed; the Python renderer is the only one")
-
-    def key(d):
-        return d["kind"], d["metadata"]["name"], d["metadata"].get("namespace")
-
-    assert sorted(map(key, render_in_python())) == sorted(map(key, render_with_kubectl()))
+@pytest.mark.parametrize("variant", ["statefulset", "cnpg"])
+def test_recommended_labels_and_stable_selectors(variant, docs, cnpg_docs):
+    """app.kubernetes.io/name is the application, component the part of it; selectors hold
+    only what never changes (a Deployment's selector is immutable), so not the version."""
+    rendered = docs if variant == "statefulset" else cnpg_docs
+    for doc in rendered:
+        labels = doc["metadata"].get("labels", {})
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        assert CONVENTION.items() <= labels.items(), where
+        assert labels.get("app.kubernetes.io/managed-by") == "kustomize", where
+        if doc["kind"] in {"Deployment", "StatefulSet", "Service", "PodDisruptionBudget", "Cluster"}:
+            assert "app.kubernetes.io/component" in labels, where
+        selector = doc.get("spec", {}).get("selector")
+        if selector is not None and doc["kind"] != "Cluster":
+            selector = selector.get("matchLabels", selector)
+            assert set(selector) == {*CONVENTION, "app.kubernetes.io/component"}, where
+            assert selector["app.kubernetes.io/component"] == labels["app.kubernetes.io/component"], where
+        if pod_spec(doc) is not None:
+            template = doc["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= template.items(), where
+            assert "app.kubernetes.io/version" in template, where
+    for role in ROLES:
+        deployment = find(rendered, "Deployment", role)
+        assert deployment["metadata"]["labels"]["app.kubernetes.io/component"] == role
+        assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"] == VERSION
 
 
 def test_role_replicas(docs):
@@ -217,10 +308,86 @@ def test_namespace_enforces_restricted_pod_security(docs):
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-def test_every_role_migrates_before_it_starts(docs):
+def test_every_role_migrates_before_it_starts_and_waits_for_the_database(docs):
     for role in ROLES:
         init = pod_spec(find(docs, "Deployment", role)).get("initContainers", [])
-        assert [c["args"] for c in init] == [["migrate"]], role
+        assert [c["args"][0] for c in init] == ["migrate"], role
+        args = cli.build_parser().parse_args(init[0]["args"])
+        assert args.wait >= 60, role  # a first apply: PostgreSQL is still being pulled and started
+
+
+def test_generated_config_and_secrets_roll_the_pods(docs):
+    """Generated with a content hash in their names: a changed setting or secret is a new
+    name in the pod template, so the Deployments roll."""
+    generated = {d["metadata"]["name"] for d in docs if d["kind"] in {"ConfigMap", "Secret"}}
+    assert len(generated) == 5
+    assert all(re.fullmatch(r"[a-z-]+-[a-z0-9]{10}", name) for name in generated), generated
+    for doc in docs:
+        for container in all_containers(doc):
+            refs = [name for name, _ in env_refs(container).values()]
+            refs += [
+                s.get("configMapRef", s.get("secretRef", {})).get("name")
+                for s in container.get("envFrom", [])
+            ]
+            for ref in refs:
+                assert ref in generated, f"{doc['metadata']['name']}/{container['name']}: {ref}"
+        for volume in (pod_spec(doc) or {}).get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in generated
+
+
+def test_secrets_come_from_git_ignored_files_with_shipped_examples():
+    files = []
+    for directory in (K8S / "base", K8S):
+        for generator in kustomization(directory).get("secretGenerator", []):
+            files += [directory / name for name in generator["envs"]]
+    assert {f.name for f in files} == {"db.env", "api.env", "postgres.env"}
+    for path in files:
+        assert path.parent == SECRETS
+        assert path.with_name(path.name + ".example").is_file(), path
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)], check=False)
+        assert ignored.returncode == 0, f"{path} is not git-ignored"
+    assert not list(K8S.rglob("secrets.yaml")), "no secret values in a manifest"
+
+
+def test_one_password_reaches_the_database_and_the_url_carries_none(docs):
+    url = urlsplit(find(docs, "ConfigMap", "pgbeat-config")["data"]["PGBEAT_DATABASE_URL"])
+    assert url.password is None  # it travels alone, in PGPASSWORD: no URL escaping
+    db_secret = find(docs, "Secret", "pgbeat-db")
+    assert db_secret["type"] == "kubernetes.io/basic-auth"
+    assert secret_data(db_secret).keys() == {"username", "password"}
+    assert url.username == secret_data(db_secret)["username"] == "pgbeat"
+    password_ref = (db_secret["metadata"]["name"], "password")
+    for where, container in pgbeat_containers(docs):
+        assert env_refs(container).get("PGPASSWORD") == password_ref, where
+        assert {
+            "configMapRef": {"name": find(docs, "ConfigMap", "pgbeat-config")["metadata"]["name"]}
+        } in container["envFrom"], where
+    # The database creates the role with that same secret's password.
+    (postgres,) = pod_spec(find(docs, "StatefulSet", "postgres"))["containers"]
+    assert env_refs(postgres)["PGBEAT_DB_PASSWORD"] == password_ref
+    superuser = env_refs(postgres)["POSTGRES_PASSWORD"]
+    assert superuser[0] == find(docs, "Secret", "postgres-superuser")["metadata"]["name"]
+    assert all("POSTGRES_PASSWORD" not in env_refs(c) for _, c in pgbeat_containers(docs))
+
+
+def test_api_keys_reach_only_the_api(docs):
+    api_secret = find(docs, "Secret", "pgbeat-api")
+    assert set(secret_data(api_secret)) == {"PGBEAT_API_KEYS"}
+    readers = [
+        (doc["metadata"]["name"], container["name"])
+        for doc in docs
+        for container in all_containers(doc)
+        if api_secret["metadata"]["name"]
+        in [name for name, _ in env_refs(container).values()]
+        + [s.get("secretRef", {}).get("name") for s in container.get("envFrom", [])]
+    ]
+    assert readers == [("api", "api")]
+    configmap = find(docs, "ConfigMap", "pgbeat-config")
+    # Every pgbeat variable set anywhere is one pgbeat reads (a typo would be silently ignored).
+    source = Path(config.__file__).read_text()
+    for name in [*configmap["data"], *secret_data(api_secret)]:
+        assert f'"{name}"' in source, f"pgbeat does not read {name}"
 
 
 def test_api_probes_service_and_prometheus_annotations(docs):
@@ -232,23 +399,37 @@ def test_api_probes_service_and_prometheus_annotations(docs):
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     for probe in ("readinessProbe", "livenessProbe"):
         assert ports[container[probe]["httpGet"]["port"]] == 8000
-
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-    assert annotations["prometheus.io/port"] == "8000"
-    assert annotations["prometheus.io/path"] == "/metrics"
-
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "8000",
+        "prometheus.io/path": "/metrics",
+    }
     service = find(docs, "Service", "api")
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["port"] == 8000
 
 
-def test_worker_grace_period_outlasts_its_drain(docs):
-    configmap = find(docs, "ConfigMap", "pgbeat-config")
-    drain = float(configmap["data"]["PGBEAT_SHUTDOWN_GRACE"])
-    worker = find(docs, "Deployment", "worker")
-    assert pod_spec(worker)["terminationGracePeriodSeconds"] > drain
-    assert all({"configMapRef": {"name": "pgbeat-config"}} in c["envFrom"] for c in all_containers(worker))
+def test_scheduler_and_worker_probes_ask_the_daemon_port(docs):
+    for role in ("scheduler", "worker"):
+        deployment = find(docs, "Deployment", role)
+        (container,) = pod_spec(deployment)["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"metrics": DAEMON_PORT}, role
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"] == {"path": "/health", "port": "metrics"}, (role, probe)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/port"] == str(DAEMON_PORT)
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_grace_periods_outlast_every_drain(docs):
+    drain = float(find(docs, "ConfigMap", "pgbeat-config")["data"]["PGBEAT_SHUTDOWN_GRACE"])
+    assert pod_spec(find(docs, "Deployment", "worker"))["terminationGracePeriodSeconds"] > drain
+    api = pod_spec(find(docs, "Deployment", "api"))
+    (container,) = api["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert api["terminationGracePeriodSeconds"] >= pre_stop + 10 + 10  # + uvicorn's drain + pool close
 
 
 def test_every_role_has_a_pod_disruption_budget(docs):
@@ -262,36 +443,33 @@ def test_every_role_has_a_pod_disruption_budget(docs):
             assert 0 < pdb["spec"]["maxUnavailable"] < replicas
 
 
-def test_config_in_configmap_and_secrets_in_secret(docs):
-    secret = find(docs, "Secret", "pgbeat")
-    assert {"PGBEAT_DATABASE_URL", "PGBEAT_API_KEYS"} <= set(secret["stringData"])
-    configmap = find(docs, "ConfigMap", "pgbeat-config")
-    assert not {"PGBEAT_DATABASE_URL", "PGBEAT_API_KEYS"} & set(configmap["data"])
-    # Every pgbeat variable set anywhere is one pgbeat reads (a typo would be silently ignored).
-    source = Path(config.__file__).read_text()
-    for name in [*secret["stringData"], *configmap["data"]]:
-        assert f'"{name}"' in source, f"pgbeat does not read {name}"
-    # Every envFrom points at a ConfigMap or Secret that exists.
-    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for doc in docs:
-        for container in all_containers(doc):
-            for source_ref in container.get("envFrom", []):
-                if "configMapRef" in source_ref:
-                    assert ("ConfigMap", source_ref["configMapRef"]["name"]) in names
-                else:
-                    assert ("Secret", source_ref["secretRef"]["name"]) in names
-
-
-def test_postgres_statefulset_keeps_its_data(docs):
+def test_postgres_statefulset(docs):
     statefulset = find(docs, "StatefulSet", "postgres")
     service = find(docs, "Service", statefulset["spec"]["serviceName"])
     assert service["spec"]["clusterIP"] == "None"  # headless
+    url = find(docs, "ConfigMap", "pgbeat-config")["data"]["PGBEAT_DATABASE_URL"]
+    assert urlsplit(url).hostname == service["metadata"]["name"] and urlsplit(url).port == 5432
+    spec = pod_spec(statefulset)
+    (container,) = spec["containers"]
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
-    (container,) = pod_spec(statefulset)["containers"]
-    assert claim["metadata"]["name"] in {m["name"] for m in container["volumeMounts"]}
-    assert container["envFrom"] == [{"secretRef": {"name": "postgres"}}]
-    url = find(docs, "Secret", "pgbeat")["stringData"]["PGBEAT_DATABASE_URL"]
-    assert f"@{service['metadata']['name']}:5432/" in url
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert mounts["/var/lib/postgresql/data"] == claim["metadata"]["name"]
+    # An exact release, not a floating major.
+    assert re.fullmatch(r"postgres:\d+\.\d+(-[a-z]+)?(@sha256:[0-9a-f]{64})?", container["image"])
+    assert statefulset["metadata"]["labels"]["app.kubernetes.io/version"] in container["image"]
+    # Crash recovery is not cut short by liveness: a startupProbe holds it off, over TCP.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"][:3] == ["pg_isready", "-h", "127.0.0.1"], probe
+    # /dev/shm sized (a container's default is 64 MiB).
+    shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+    assert shm["medium"] == "Memory" and shm["sizeLimit"]
+    # The application role is made by the init script from the mounted ConfigMap.
+    init = volumes[mounts["/docker-entrypoint-initdb.d"]]["configMap"]
+    assert init["name"] == find(docs, "ConfigMap", "postgres-init")["metadata"]["name"]
+    assert init["defaultMode"] == 0o555
 
 
 def test_kind_cluster_config_matches_the_pinned_version():
@@ -300,12 +478,92 @@ def test_kind_cluster_config_matches_the_pinned_version():
     assert cluster["apiVersion"] == "kind.x-k8s.io/v1alpha4"
     assert cluster["name"] == "pgbeat"
     minor = ".".join(K8S_VERSION.split(".")[:2])
+    assert int(minor.split(".")[1]) >= MIN_K8S_MINOR
     for node in cluster["nodes"]:
         assert node["image"].startswith(f"kindest/node:v{minor}."), node
     assert [n["role"] for n in cluster["nodes"]].count("control-plane") == 1
 
 
+# --- CloudNativePG overlay -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cnpg_schema() -> dict:
+    crd = json.loads((DATA / "cnpg-1.29.1-cluster-crd.json").read_text())
+    return crd
+
+
+def test_cnpg_cluster_validates_against_the_operators_crd_schema(cnpg_docs, cnpg_schema):
+    cluster = find(cnpg_docs, "Cluster", "pgbeat-db")
+    assert cluster["apiVersion"] == f"{cnpg_schema['group']}/{cnpg_schema['version']}"
+    validator = jsonschema.Draft7Validator(strict(cnpg_schema["openAPIV3Schema"]))
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(cluster)]
+    assert errors == []
+    # The strict schema catches what the API server would prune or refuse.
+    typo = json.loads(json.dumps(cluster))
+    typo["spec"]["instance"] = 3
+    assert not validator.is_valid(typo)
+    typo = json.loads(json.dumps(cluster))
+    typo["spec"]["primaryUpdateStrategy"] = "sometimes"
+    assert not validator.is_valid(typo)
+
+
+def test_cnpg_cluster_is_highly_available_and_pgbeat_uses_its_primary(cnpg_docs):
+    cluster = find(cnpg_docs, "Cluster", "pgbeat-db")
+    spec = cluster["spec"]
+    assert spec["instances"] == 3
+    assert spec["affinity"]["enablePodAntiAffinity"] is True  # one instance per node
+    # A committed claim or result survives a failover: synchronous to a replica, and only
+    # a replica that has every synchronous commit may be promoted.
+    sync = spec["postgresql"]["synchronous"]
+    assert sync["number"] >= 1 and sync["dataDurability"] == "required" and sync["failoverQuorum"] is True
+    assert re.fullmatch(r"ghcr\.io/cloudnative-pg/postgresql:\d+\.\d+(-[a-z-]+)?", spec["imageName"])
+    assert spec["enableSuperuserAccess"] is False
+    assert spec["ephemeralVolumesSizeLimit"]["shm"]
+    # pgbeat connects to the operator's read-write Service, as the database's owner (not a
+    # superuser), with the password of the generated pgbeat-db secret.
+    url = urlsplit(find(cnpg_docs, "ConfigMap", "pgbeat-config")["data"]["PGBEAT_DATABASE_URL"])
+    assert url.hostname == f"{cluster['metadata']['name']}-rw"
+    assert url.password is None
+    initdb = spec["bootstrap"]["initdb"]
+    db_secret = find(cnpg_docs, "Secret", "pgbeat-db")
+    assert initdb["secret"]["name"] == db_secret["metadata"]["name"]
+    assert initdb["owner"] == url.username == secret_data(db_secret)["username"]
+    assert initdb["database"] == url.path.lstrip("/")
+    assert not [
+        d for d in cnpg_docs if d["kind"] == "StatefulSet" or "postgres-superuser" in d["metadata"]["name"]
+    ]
+    # The rest of the application is the base's, unchanged.
+    for role, replicas in ROLES.items():
+        assert find(cnpg_docs, "Deployment", role)["spec"]["replicas"] == replicas
+
+
 # --- docker compose -----------------------------------------------------------
+
+REQUIRED_SECRETS = {"PGBEAT_API_KEYS", "PGBEAT_DB_PASSWORD", "POSTGRES_PASSWORD"}
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} (raising for the last)."""
+
+    def one(match: re.Match) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise LookupError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{(?P<name>\w+)(?:(?P<op>:[-?])(?P<arg>[^}]*))?\}", one, value)
+
+
+def test_compose_file_validates_against_the_compose_specification(compose):
+    schema = json.loads((DATA / "compose-spec.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    assert [e.message for e in validator.iter_errors(compose)] == []
+    typo = json.loads(json.dumps(compose))
+    typo["services"]["worker"]["stop_grace"] = "45s"
+    assert not validator.is_valid(typo)
 
 
 def test_compose_services_replicas_and_dependencies(compose):
@@ -313,16 +571,11 @@ def test_compose_services_replicas_and_dependencies(compose):
     assert set(services) == {"postgres", "migrate", "api", "scheduler", "worker"}
     assert services["scheduler"]["deploy"]["replicas"] == 2
     assert services["worker"]["deploy"]["replicas"] == 3
-    assert services["api"]["ports"] == ["8000:8000"]
-
-    postgres = services["postgres"]
-    assert re.fullmatch(r"postgres:1[67](\..*)?", postgres["image"])
-    assert "pg_isready" in postgres["healthcheck"]["test"]
-    volume = postgres["volumes"][0].split(":")[0]
+    volume = services["postgres"]["volumes"][0].split(":")[0]
     assert volume in compose["volumes"]  # a named volume, not a bind mount
-
     assert services["migrate"]["restart"] == "no"
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert cli.build_parser().parse_args(services["migrate"]["command"]).wait > 0
     for role in ("api", "scheduler", "worker"):
         assert services[role]["depends_on"] == {
             "postgres": {"condition": "service_healthy"},
@@ -330,62 +583,161 @@ def test_compose_services_replicas_and_dependencies(compose):
         }, role
 
 
-def test_compose_api_key_from_env_file_and_worker_stop_grace(compose):
+def test_compose_postgres_health_over_tcp_pinned_images_and_shm(compose):
+    postgres = compose["services"]["postgres"]
+    test = postgres["healthcheck"]["test"]
+    assert test[:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"]
+    assert postgres["shm_size"]
+    for name, service in compose["services"].items():
+        if "build" not in service:  # pulled, not built here: an exact release
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?", service["image"]), name
+    # The init script k8s uses, mounted read-only.
+    script = next(v for v in postgres["volumes"] if "docker-entrypoint-initdb.d" in v)
+    assert (ROOT / script.split(":")[0]).resolve() == (K8S / "postgres" / "create-app-role.sh").resolve()
+
+
+def test_compose_secrets_are_required_and_the_url_carries_no_password(compose):
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in REQUIRED_SECRETS:
+        uses = re.findall(rf"\$\{{{name}(:[-?])?", text)
+        assert uses and set(uses) == {":?"}, f"{name}: every use must be ${{{name}:?...}}"
     services = compose["services"]
-    env = services["api"]["environment"]
-    assert re.fullmatch(r"\$\{PGBEAT_API_KEYS:-[^}]+\}", env["PGBEAT_API_KEYS"])
-    assert env["PGBEAT_DATABASE_URL"].startswith("postgresql://")
-    for role in ("scheduler", "worker", "migrate"):  # no HTTP server: the image's HEALTHCHECK is off
-        assert services[role]["healthcheck"] == {"disable": True}, role
-    grace = re.fullmatch(r"(\d+)s", services["worker"]["stop_grace_period"])
-    assert grace and int(grace[1]) > float(services["worker"]["environment"]["PGBEAT_SHUTDOWN_GRACE"])
+    for role in ("migrate", "api", "scheduler", "worker"):
+        env = services[role]["environment"]
+        url = urlsplit(env["PGBEAT_DATABASE_URL"])
+        assert url.password is None and url.username == "pgbeat", role
+        assert env["PGPASSWORD"].startswith("${PGBEAT_DB_PASSWORD:?"), role
+        assert ("PGBEAT_API_KEYS" in env) == (role == "api"), role
+        assert "POSTGRES_PASSWORD" not in env, role
+    assert services["postgres"]["environment"]["PGBEAT_DB_PASSWORD"].startswith("${PGBEAT_DB_PASSWORD:?")
+    with pytest.raises(LookupError, match="PGBEAT_API_KEYS"):
+        interpolate(services["api"]["environment"]["PGBEAT_API_KEYS"], {})
 
 
-# --- image and CLI ------------------------------------------------------------
+def test_compose_publishes_the_api_on_localhost_unless_told(compose):
+    (port,) = compose["services"]["api"]["ports"]
+    assert interpolate(port, {}) == "127.0.0.1:8000:8000"
+    assert interpolate(port, {"PGBEAT_API_BIND": "0.0.0.0"}) == "0.0.0.0:8000:8000"
+    for name, service in compose["services"].items():
+        assert name == "api" or "ports" not in service, name
 
 
-def test_every_role_is_a_pgbeat_command(compose, docs):
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, duration
+    return float(match[1])
+
+
+def test_compose_stop_grace_covers_every_drain_and_daemons_have_healthchecks(compose):
+    services = compose["services"]
+    drain = float(services["worker"]["environment"]["PGBEAT_SHUTDOWN_GRACE"])
+    for role in ("migrate", "api", "scheduler", "worker"):
+        assert seconds(services[role]["stop_grace_period"]) > drain, role
+    assert seconds(services["api"]["stop_grace_period"]) >= 20  # 10 s of requests + the pool's close
+    for role in ("scheduler", "worker"):
+        test = " ".join(services[role]["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{DAEMON_PORT}/health" in test, role
+    assert "http://127.0.0.1:8000/health" in " ".join(services["api"]["healthcheck"]["test"])
+    assert services["migrate"]["healthcheck"] == {"disable": True}
+
+
+def test_env_example_names_every_required_secret():
+    example = (ROOT / ".env.example").read_text()
+    assert REQUIRED_SECRETS <= set(re.findall(r"^(\w+)=", example, re.M))
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", ".env"], check=False)
+    assert ignored.returncode == 0
+
+
+# --- image, lock file and CLI -------------------------------------------------
+
+
+def test_every_role_is_a_pgbeat_command(compose, docs, cnpg_docs):
     """Every command a container runs (Dockerfile CMD, compose `command`, k8s `args`) parses."""
     commands = cli_commands()
     assert {"serve", "api", "scheduler", "worker", "migrate"} <= set(commands)
     used = [dockerfile_exec_form("CMD")]
     used += [s["command"] for s in compose["services"].values() if s.get("image") == "pgbeat:dev"]
-    used += [c["args"] for d in docs for c in all_containers(d) if c["image"].startswith("pgbeat:")]
-    assert len(used) == 1 + 4 + 6
+    used += [c["args"] for _, c in pgbeat_containers(docs) + pgbeat_containers(cnpg_docs)]
+    assert len(used) == 1 + 4 + 6 + 6
     parser = cli.build_parser()
     for argv in used:
         assert argv[0] in commands, argv
         parser.parse_args(argv)  # exits (fails the test) on an unknown option
-    assert {argv[0] for argv in used} == {"api", "scheduler", "worker", "migrate"}
+    assert {argv[0] for argv in used} == {"serve", "api", "scheduler", "worker", "migrate"}
 
 
 def test_dockerfile_one_image_for_every_role():
     instructions = dockerfile_instructions()
     stages = [rest for kw, rest in instructions if kw == "FROM"]
-    assert len(stages) == 2, "multi-stage: build the wheel, then install it"
+    assert len(stages) == 2, "multi-stage: build the virtualenv, then copy it"
     base = next(rest for kw, rest in instructions if kw == "ARG" and rest.startswith("PYTHON_IMAGE="))
-    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11-slim(-\w+)?", base)
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim(-\w+)?", base), "an exact Python release"
 
     assert dockerfile_exec_form("ENTRYPOINT") == ["pgbeat"]
-    assert dockerfile_exec_form("CMD") == ["api", "--host", "0.0.0.0"]
+    # The bare image is `pgbeat serve` reachable from outside the container, its data in a volume.
+    assert dockerfile_exec_form("CMD") == ["serve", "--host", "0.0.0.0"]
+    env = " ".join(rest for kw, rest in instructions if kw == "ENV")
+    data_dir = re.search(r"PGBEAT_DATA_DIR=(\S+)", env)
+    assert data_dir and dockerfile_exec_form("VOLUME") == [data_dir[1]]
     user = [rest for kw, rest in instructions if kw == "USER"][-1]
     assert user.split(":")[0] not in {"root", "0"}
     assert user.split(":")[0].isdigit(), "numeric, so Kubernetes can verify runAsNonRoot"
-    assert ("EXPOSE", "8000") in instructions
+    assert ("EXPOSE", f"8000 {DAEMON_PORT}") in instructions
     (healthcheck,) = [rest for kw, rest in instructions if kw == "HEALTHCHECK"]
     assert "urllib.request" in healthcheck and "http://127.0.0.1:8000/health" in healthcheck
 
-    # The wheel carries the migrations: they live inside the package hatch builds.
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'pgbeat = "pgbeat.cli:main"' in pyproject
-    assert 'packages = ["src/pgbeat", "src/pgbeat_lab"]' in pyproject
-    assert list((ROOT / "src/pgbeat/sql/migrations").glob("*.sql"))
+    # The wheel carries the SQL: it lives inside the package hatch builds.
+    assert PYPROJECT["project"]["scripts"]["pgbeat"] == "pgbeat.cli:main"
+    assert PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == [
+        "src/pgbeat",
+        "src/pgbeat_lab",
+    ]
+    assert list((ROOT / "src/pgbeat/sql").rglob("*.sql"))
+
+
+def test_dockerfile_installs_the_locked_dependencies_in_their_own_layer():
+    """The lock file is copied and installed (hashes checked) before the source, so editing
+    pgbeat rebuilds only pgbeat's layer."""
+    instructions = dockerfile_instructions()
+    stages = [i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM"]
+    build = instructions[stages[0] : stages[1]]
+    steps = [f"{kw} {rest}" for kw, rest in build]
+
+    def index(pattern: str) -> int:
+        (i,) = [i for i, step in enumerate(steps) if re.search(pattern, step)]
+        return i
+
+    copy_lock = index(r"^COPY requirements\.lock ")
+    install_deps = index(r"^RUN .*pip install --require-hashes .*-r requirements\.lock")
+    copy_src = index(r"^COPY src ")
+    install_pgbeat = index(r"^RUN .*pip install --no-deps \.")
+    assert copy_lock < install_deps < copy_src < install_pgbeat
+    assert not [s for s in steps[:install_deps] if re.match(r"COPY (src|pyproject|README)", s)]
+
+
+def test_lock_file_pins_every_dependency_with_hashes():
+    text = (ROOT / "requirements.lock").read_text()
+    entries = re.findall(
+        r"^([A-Za-z0-9_.-]+)==([^\s;]+)(?: ;[^\\\n]*)?((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})+)", text, re.M
+    )
+    pinned = {name.lower().replace("_", "-"): version for name, version, _ in entries}
+    requirement_lines = [ln for ln in text.splitlines() if re.match(r"^[A-Za-z0-9]", ln)]
+    assert len(entries) == len(requirement_lines), "every requirement has its hashes"
+    for spec in PYPROJECT["project"]["dependencies"]:
+        requirement = Requirement(spec)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pinned, f"{name} is not in requirements.lock (run `just lock`)"
+        assert requirement.specifier.contains(pinned[name], prereleases=True), (
+            f"{name}=={pinned[name]}: {spec}"
+        )
+    # What the extras bring: litestar[prometheus], psycopg[binary].
+    assert {"prometheus-client", "psycopg-binary"} <= pinned.keys()
 
 
 def test_dockerignore_sends_only_the_build_inputs():
     lines = [ln for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln and ln[0] != "#"]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!src/"} <= set(lines)
+    assert {"!requirements.lock", "!pyproject.toml", "!README.md", "!src/"} <= set(lines)
 
 
 def test_hadolint_passes():
@@ -400,5 +752,26 @@ def test_hadolint_passes():
 
 
 def test_justfile_deploy_recipes():
-    recipes = set(re.findall(r"^([a-z][a-z0-9-]*)\b[^\n:=]*:(?!=)", (ROOT / "justfile").read_text(), re.M))
-    assert {"up", "down", "logs", "kind-up", "kind-down"} <= recipes
+    text = (ROOT / "justfile").read_text()
+    recipes = set(re.findall(r"^([a-z][a-z0-9-]*)\b[^\n:=]*:(?!=)", text, re.M))
+    assert {"up", "down", "logs", "kind-up", "kind-down", "minikube-up", "minikube-down", "lock"} <= recipes
+    # `kind load docker-image` fails under Docker's containerd image store; an archive loads everywhere.
+    assert not re.search(r"^\s*kind load docker-image", text, re.M)
+    assert re.search(
+        r"docker save pgbeat:dev -o \"\$archive\"\n\s+kind load image-archive \"\$archive\"", text
+    )
+
+
+@pytest.mark.parametrize("role", ["api", "scheduler", "worker", "migrate"])
+def test_roles_refuse_to_start_without_a_database_url(role, tmp_path):
+    """Only `serve` may start an embedded PostgreSQL; any other role without
+    PGBEAT_DATABASE_URL would run on a private, empty database of its own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGBEAT_")}
+    env["PGBEAT_DATA_DIR"] = str(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "pgbeat.cli", role], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert f"pgbeat {role}: PGBEAT_DATABASE_URL is not set" in result.stderr
+    assert "pgbeat serve" in result.stderr  # what to do instead
+    assert not (tmp_path / "data").exists()  # no embedded server was started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from pgbeat import logs
@@ -18,10 +19,30 @@ LAB_COMMANDS = {
 }
 
 
+def require_database_url(config: Config, role: str) -> str:
+    """The roles meant to run beside others (api, scheduler, worker, migrate) share one
+    database, so each needs it named: an embedded server of their own would be a silent
+    island (healthy, never migrated, or migrated where nobody reads). Only `serve`, which
+    runs every role in one process, may start one."""
+    if config.database_url:
+        return config.database_url
+    raise SystemExit(
+        f"pgbeat {role}: PGBEAT_DATABASE_URL is not set. Set it to the shared database, e.g.\n"
+        "  PGBEAT_DATABASE_URL=postgresql://pgbeat@db.example:5432/pgbeat  (password in PGPASSWORD)\n"
+        "or run `pgbeat serve`, which starts an embedded PostgreSQL when no URL is set."
+    )
+
+
 def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
     from pgbeat import db, migrations
 
-    url = db.resolve_url(config)
+    url = require_database_url(config, "migrate")
+    # PID 1 in a container ignores a signal it has no handler for: make SIGTERM
+    # interrupt like ^C, so psycopg cancels the statement in flight, the transaction
+    # rolls back, and the session (and its migration lock) ends with the process.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if args.wait:
+        db.wait_for_database(url, args.wait)
     if args.rollback:
         done = migrations.rollback(url, count=args.count)
         print("rolled back: " + (", ".join(done) or "nothing"))
@@ -32,26 +53,26 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat import daemon, db, scheduler
+    from pgbeat import daemon, scheduler
 
-    url = db.resolve_url(config)
+    url = require_database_url(config, "scheduler")
     return daemon.run_until_signalled(lambda stop: scheduler.run_scheduler(url, config, stop))
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat import daemon, db, worker
+    from pgbeat import daemon, worker
 
-    url = db.resolve_url(config)
+    url = require_database_url(config, "worker")
     return daemon.run_until_signalled(
         lambda stop: worker.run_worker(url, config, stop, concurrency=args.concurrency)
     )
 
 
 def cmd_api(args: argparse.Namespace, config: Config) -> int:
-    from pgbeat import daemon, db
+    from pgbeat import daemon
     from pgbeat.api import app
 
-    url = db.resolve_url(config)
+    url = require_database_url(config, "api")
     return daemon.run_until_signalled(lambda stop: app.run_api(url, config, args.host, args.port, stop))
 
 
@@ -91,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply (or roll back) the SQL migrations")
     p.add_argument("--rollback", action="store_true", help="roll back instead of applying")
     p.add_argument("--count", type=int, default=None, help="with --rollback: how many (default all)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the database to accept connections (retrying with backoff)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     for name, (help_text, _) in LAB_COMMANDS.items():

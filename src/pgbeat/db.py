@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -92,6 +93,41 @@ def resolve_url(config: Config) -> str:
         flush=True,
     )
     return start_embedded(config.data_dir)
+
+
+def wait_for_database(url: str, timeout: float) -> None:
+    """Return once the server accepts a session, trying for up to `timeout` seconds with
+    exponential backoff (0.5 s doubling to 10 s) and one log line per failed try; then
+    raise the last error. A fresh cluster's PostgreSQL may still be pulling, starting or
+    recovering when pgbeat's pods start."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    delay = 0.5
+    attempt = 0
+    while True:
+        attempt += 1
+        remaining = deadline - time.monotonic()
+        try:
+            with psycopg.connect(url, connect_timeout=max(2, min(10, int(remaining)))) as conn:
+                conn.execute("SELECT 1")
+            if attempt > 1:
+                log.info("database reachable", extra={"event": "database_ready", "attempt": attempt})
+            return
+        except psycopg.OperationalError as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            pause = min(delay, remaining)
+            log.warning(
+                "database not reachable yet (try %d, next in %.1f s): %s",
+                attempt,
+                pause,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                extra={"event": "database_wait", "attempt": attempt, "retry_in": round(pause, 1)},
+            )
+            time.sleep(pause)
+            delay = min(delay * 2, 10.0)
 
 
 def connect_kwargs(url: str) -> dict[str, Any]:
