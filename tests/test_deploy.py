@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib.metadata
 import json
 import os
 import re
@@ -715,23 +716,49 @@ def test_dockerfile_installs_the_locked_dependencies_in_their_own_layer():
     assert not [s for s in steps[:install_deps] if re.match(r"COPY (src|pyproject|README)", s)]
 
 
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def runtime_closure() -> set[str]:
+    """pgbeat's runtime dependencies and theirs, by name, from the installed packages'
+    metadata: each requirement with its extras, markers evaluated for this interpreter."""
+    needed: dict[str, set[str]] = {}
+    todo = [Requirement(spec) for spec in PYPROJECT["project"]["dependencies"]]
+    while todo:
+        requirement = todo.pop()
+        name = canonical(requirement.name)
+        extras = needed.setdefault(name, set())
+        new = ({""} | set(requirement.extras)) - extras
+        if not new:
+            continue
+        extras |= new
+        for line in importlib.metadata.distribution(name).requires or []:
+            dependency = Requirement(line)
+            if dependency.marker is None or any(dependency.marker.evaluate({"extra": e}) for e in new):
+                todo.append(dependency)
+    return set(needed)
+
+
 def test_lock_file_pins_every_dependency_with_hashes():
     text = (ROOT / "requirements.lock").read_text()
     entries = re.findall(
         r"^([A-Za-z0-9_.-]+)==([^\s;]+)(?: ;[^\\\n]*)?((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})+)", text, re.M
     )
-    pinned = {name.lower().replace("_", "-"): version for name, version, _ in entries}
+    pinned = {canonical(name): version for name, version, _ in entries}
     requirement_lines = [ln for ln in text.splitlines() if re.match(r"^[A-Za-z0-9]", ln)]
     assert len(entries) == len(requirement_lines), "every requirement has its hashes"
     for spec in PYPROJECT["project"]["dependencies"]:
         requirement = Requirement(spec)
-        name = requirement.name.lower().replace("_", "-")
+        name = canonical(requirement.name)
         assert name in pinned, f"{name} is not in requirements.lock (run `just lock`)"
         assert requirement.specifier.contains(pinned[name], prereleases=True), (
             f"{name}=={pinned[name]}: {spec}"
         )
-    # What the extras bring: litestar[prometheus], psycopg[binary].
-    assert {"prometheus-client", "psycopg-binary"} <= pinned.keys()
+    # Everything the runtime needs, extras and transitive dependencies included (as the
+    # installed packages declare them on this Python), is pinned too.
+    missing = runtime_closure() - pinned.keys()
+    assert not missing, f"not in requirements.lock (run `just lock`): {sorted(missing)}"
 
 
 def test_dockerignore_sends_only_the_build_inputs():
