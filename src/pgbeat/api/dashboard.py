@@ -34,7 +34,7 @@ from litestar.middleware import DefineMiddleware
 from litestar.middleware.csrf import CSRFMiddleware
 from litestar.middleware.session.client_side import CookieBackendConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.params import Body
+from litestar.params import Body, FromPath, FromQuery
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
@@ -276,7 +276,12 @@ def _choice(value: str, allowed: tuple[str, ...], field: str) -> str | None:
 
 @get("/tasks")
 async def tasks(
-    request: Request, state: State, name: str = "", kind: str = "", status: str = "", after: str = ""
+    request: Request,
+    state: State,
+    name: FromQuery[str] = "",
+    kind: FromQuery[str] = "",
+    status: FromQuery[str] = "",
+    after: FromQuery[str] = "",
 ) -> Template:
     filters = {
         "name": name.strip(),
@@ -350,7 +355,9 @@ DONE = {
 
 
 @get("/tasks/{task_id:int}")
-async def task_page(request: Request, state: State, task_id: int, before: str | None = None) -> Template:
+async def task_page(
+    request: Request, state: State, task_id: routes.TaskId, before: FromQuery[str | None] = None
+) -> Template:
     context = await task_context(state.pool, task_id, before)
     return page("task.html", request, done=DONE.get(request.query_params.get("done", "")), **context)
 
@@ -405,7 +412,9 @@ def schedule_from_form(form: dict[str, str]) -> ScheduleIn:
 
 
 @post("/tasks/{task_id:int}/{action:str}", status_code=303)
-async def task_action(request: Request, state: State, task_id: int, action: str, data: FormData) -> Response:
+async def task_action(
+    request: Request, state: State, task_id: routes.TaskId, action: FromPath[str], data: FormData
+) -> Response:
     if action not in ("pause", "resume", "trigger", "delete", "schedule"):
         raise NotFoundException(f"no action {action!r}")
     return await _act(request, state, task_id, action, data)
@@ -415,9 +424,7 @@ async def task_action(request: Request, state: State, task_id: int, action: str,
 
 
 @get("/runs/{run_id:int}")
-async def run_page(request: Request, state: State, run_id: int) -> Template:
-    if run_id > routes.MAX_INT8:
-        raise NotFoundException(f"run {run_id} not found")
+async def run_page(request: Request, state: State, run_id: routes.RunId) -> Template:
     run = await routes.get_run(state.pool, run_id)
     return page(
         "run.html",
@@ -439,7 +446,7 @@ def _safe_next(target: str | None) -> str:
 
 
 @get("/sign-in", opt={"public": True})
-async def sign_in_form(request: Request, next: str | None = None) -> Response:
+async def sign_in_form(request: Request, next: FromQuery[str | None] = None) -> Response:
     auth = auth_of(request)
     if auth.signed_in(request):
         return Redirect(status_code=303, path=_safe_next(next))
