@@ -1,5 +1,5 @@
 """The REST API in-process (Litestar's AsyncTestClient) against a real database:
-every endpoint's success path and error paths (DESIGN §5)."""
+every endpoint's success path and error paths (README, "REST API")."""
 
 from __future__ import annotations
 
@@ -398,7 +398,7 @@ async def test_trigger_returns_202_and_the_pending_run(client):
     assert RUN_FIELDS <= set(run)
     assert run["task_id"] == task["id"] and run["state"] == "pending" and run["kind"] == "sleep"
     again = (await client.post(f"/tasks/{task['id']}/trigger")).json()
-    assert again["id"] == run["id"]  # one pending run per task (rule 3)
+    assert again["id"] == run["id"]  # one pending run per task (Rule 3)
 
 
 async def test_delete_is_204_future_runs_stop_and_history_stays(client):

@@ -1,44 +1,137 @@
-"""Migrations: apply, roll back, apply again; the schema comes back identical."""
+"""`pgbeat migrate`: the database holds exactly what the schema files define, however it
+was made (from scratch, again, after a rollback, or by the pre-v1 migrations), and
+migrating twice changes nothing. Databases are compared through their catalog
+(tests/catalog.py): functions with their settings and source, columns with types and
+defaults, constraints, indexes, sequences, views and triggers."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
+import pytest
+from catalog import catalog, defined_in_database, defined_in_schema_files, diff
+from yoyo import get_backend, read_migrations
 
 from pgbeat import migrations
 
-# Every migration, by file name (the rollbacks sit beside them).
-NAMES = [p.stem for p in migrations.MIGRATIONS_DIR.glob("*.sql") if not p.stem.endswith(".rollback")]
+PRE_V1_DIR = Path(__file__).parent / "fixtures" / "pre_v1_migrations"
 
 
-def _schema(url: str) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(
-            """
-            SELECT 'rel', c.relname, c.relkind::text, pg_get_viewdef(c.oid)
-              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'pgbeat'
-            UNION ALL
-            SELECT 'con', conname, contype::text, pg_get_constraintdef(oid)
-              FROM pg_constraint WHERE connamespace = 'pgbeat'::regnamespace
-            UNION ALL
-            SELECT 'fn', p.proname, pg_get_function_identity_arguments(p.oid), md5(p.prosrc)
-              FROM pg_proc p WHERE p.pronamespace = 'pgbeat'::regnamespace
-            UNION ALL
-            SELECT 'trg', tgname, tgrelid::regclass::text, pg_get_triggerdef(oid)
-              FROM pg_trigger WHERE NOT tgisinternal
-            ORDER BY 1, 2, 3
-            """
-        ).fetchall()
+@pytest.fixture
+def empty_db(pg_server) -> Iterator[str]:
+    """A new database with nothing in it; dropped afterwards."""
+    name = f"pgbeat_empty_{uuid.uuid4().hex[:12]}"
+    admin = pg_server.url(pg_server.maintenance_dbname)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield pg_server.url(name)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def test_apply_is_idempotent_and_rollback_round_trips(db_url):
-    before = _schema(db_url)
-    assert any(row[1] == "claim_runs" for row in before)
-    assert migrations.apply(db_url) == []  # already applied: a no-op
+def apply_pre_v1(url: str, upto: str | None = None) -> None:
+    """Build a database as pgbeat's migrations did before the v1 baseline (up to `upto`)."""
+    backend = get_backend(migrations.yoyo_url(url))
+    old = read_migrations(str(PRE_V1_DIR))
+    if upto is not None:
+        old = old.__class__([m for m in old if m.id <= upto])
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(old))
+
+
+def execute(url: str, *statements: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def test_the_database_holds_what_the_schema_files_define_each_once(db_url):
+    in_files = defined_in_schema_files()
+    repeated = [(kind, name) for (kind, name), n in Counter((k, n) for k, n, _ in in_files).items() if n > 1]
+    assert repeated == [], "each function, view and trigger is defined in exactly one place"
+    assert sorted({(kind, name) for kind, name, _ in in_files}) == defined_in_database(db_url)
+    # Overloads would make one name two functions: there are none.
+    assert len(defined_in_database(db_url)) == len(in_files)
+
+
+def test_migrating_twice_changes_nothing(db_url):
+    before = catalog(db_url)
+    assert migrations.pending(db_url) == []
+    assert migrations.apply(db_url) == []
+    assert diff(catalog(db_url), before) == []
     assert migrations.pending(db_url) == []
 
-    rolled_back = migrations.rollback(db_url)
-    assert rolled_back == sorted(NAMES, reverse=True) and rolled_back[-1] == "0001_schema"
+
+def test_rollback_then_migrate_rebuilds_the_same_schema(db_url):
+    before = catalog(db_url)
+    assert migrations.rollback(db_url) == [migrations.BASELINE]
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT to_regnamespace('pgbeat')").fetchone() == (None,)
-    assert migrations.pending(db_url)
+    assert migrations.pending(db_url) == [migrations.BASELINE, migrations.SCHEMA_PENDING]
+    assert migrations.apply(db_url) == [migrations.BASELINE]
+    assert diff(catalog(db_url), before) == []
 
+
+def test_migrate_puts_back_what_the_files_define_and_drops_the_rest(db_url):
+    """Whatever was changed by hand (a function's body or settings, a view, a trigger)
+    or left behind (a function, view or trigger no file defines any more) is gone."""
+    before = catalog(db_url)
+    execute(
+        db_url,
+        "CREATE FUNCTION pgbeat.retired(integer) RETURNS integer LANGUAGE sql AS $$ SELECT $1 $$",
+        "CREATE VIEW pgbeat.retired_view AS SELECT id FROM pgbeat.tasks",
+        "CREATE TRIGGER retired_trigger AFTER DELETE ON pgbeat.tasks FOR EACH STATEMENT"
+        " EXECUTE FUNCTION pgbeat.notify_workers()",
+        "CREATE OR REPLACE FUNCTION pgbeat.next_due_at() RETURNS timestamptz"
+        " LANGUAGE sql AS $$ SELECT now() $$",
+        "ALTER FUNCTION pgbeat.claim_runs(integer, integer) RESET ALL",
+        "DROP VIEW pgbeat.live_daemons",
+        "CREATE VIEW pgbeat.live_daemons AS SELECT * FROM pgbeat.daemons",
+    )
+    assert diff(catalog(db_url), before) != []
+    assert migrations.pending(db_url) == []  # a change by hand leaves the digest alone...
     migrations.apply(db_url)
-    assert _schema(db_url) == before
+    assert diff(catalog(db_url), before) == []  # ...and migrate undoes it all the same
+
+
+def test_readiness_sees_schema_files_the_database_does_not_hold(db_url):
+    execute(db_url, "COMMENT ON SCHEMA pgbeat IS 'pgbeat schema files sha256:older'")
+    assert migrations.pending(db_url) == [migrations.SCHEMA_PENDING]
+    assert migrations.apply(db_url) == []
+    assert migrations.pending(db_url) == []
+
+
+def test_a_function_a_table_uses_is_kept_and_must_stay_defined(db_url):
+    """A function in a CHECK constraint cannot be dropped with the others: migrate keeps
+    it, and refuses (writing nothing) when no schema file defines it any more."""
+    execute(
+        db_url,
+        "CREATE FUNCTION pgbeat.short(text) RETURNS boolean LANGUAGE sql IMMUTABLE"
+        " AS $$ SELECT length($1) < 9 $$",
+        "ALTER TABLE pgbeat.counters ADD CONSTRAINT counters_short CHECK (pgbeat.short(name))",
+    )
+    before = catalog(db_url)
+    with pytest.raises(migrations.MigrationError, match=r"no schema file defines pgbeat\.short\(text\)"):
+        migrations.apply(db_url)
+    assert diff(catalog(db_url), before) == []
+
+
+def test_a_database_made_by_the_pre_v1_migrations_is_adopted(db_url, empty_db):
+    apply_pre_v1(empty_db)
+    assert migrations.pending(empty_db) == [migrations.BASELINE, migrations.SCHEMA_PENDING]
+    assert migrations.apply(empty_db) == []  # the baseline is recorded, not run
+    assert migrations.pending(empty_db) == []
+    # Its tables were the baseline's, and its functions are now the schema files'.
+    assert diff(catalog(empty_db), catalog(db_url)) == []
+
+
+def test_a_database_made_by_part_of_the_pre_v1_migrations_is_refused(empty_db):
+    apply_pre_v1(empty_db, upto="0007_api")
+    before = catalog(empty_db)
+    with pytest.raises(migrations.MigrationError, match="pre-release migrations up to 0007_api"):
+        migrations.apply(empty_db)
+    assert diff(catalog(empty_db), before) == []

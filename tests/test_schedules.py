@@ -141,15 +141,6 @@ def test_cron_catch_up_across_fall_back_counts_the_repeated_hour_once() -> None:
     ("expr", "tz"),
     [("* * * *", "UTC"), ("61 * * * *", "UTC"), ("* * * * *", "Mars/Olympus"), ("a b c d e", "UTC")],
 )
-def test_check_cron_rejects(expr: str, tz: str) -> None:
+def test_a_bad_cron_expression_or_zone_is_a_value_error(expr: str, tz: str) -> None:
     with pytest.raises(ValueError):
-        schedules.check_cron(expr, tz)
-
-
-def test_interval_slots_lie_on_a_grid() -> None:
-    first = utc(2026, 1, 1, 0, 0, 0, 123456)
-    assert schedules.interval_slots(first, timedelta(seconds=1), 3) == [
-        first,
-        first + timedelta(seconds=1),
-        first + timedelta(seconds=2),
-    ]
+        schedules.next_cron_slot(expr, tz, utc(2026, 1, 1))

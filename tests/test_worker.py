@@ -22,7 +22,7 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import query, wait_for
 
-from pgbeat.worker import CLAIM_SQL
+from pgbeat.worker import CLAIM_RUNS
 from pgbeat_lab.fleet import Fleet, Process
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -434,11 +434,10 @@ async def test_a_run_falling_due_during_a_claim_is_claimed_next_not_left_to_the_
         async with conn.transaction():  # the claim's `now()` is this transaction's start
             trigger(db_url, task_id)  # due at the trigger's `now()`: after the claim's
             await asyncio.sleep(0.05)
-            rows = await conn.fetch(CLAIM_SQL, None, 10, [])
-        *claimed, last = rows
-        assert claimed == []  # not due at the claim's start
-        assert last["wake_in"] is not None and last["wake_in"] <= 0, last["wake_in"]
-        *claimed, _ = await conn.fetch(CLAIM_SQL, None, 10, [])
-        assert [r["task_id"] for r in claimed] == [task_id]
+            (row,) = await conn.fetch(CLAIM_RUNS, None, 10, [])
+        assert row["run_id"] is None  # nothing claimed: not due at the claim's start
+        assert row["wake_in"] is not None and row["wake_in"] <= 0, row["wake_in"]
+        (row,) = await conn.fetch(CLAIM_RUNS, None, 10, [])
+        assert row["task_id"] == task_id and row["run_id"] is not None
     finally:
         await conn.close()

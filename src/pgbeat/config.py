@@ -1,4 +1,4 @@
-"""Configuration from the environment (DESIGN §6). Every variable is optional."""
+"""Configuration from the environment (README, "Configuration"). Every variable is optional."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Any, Self
 import asyncpg
 import uvloop
 
-from pgbeat import db
+from pgbeat import db, queries
 
 log = logging.getLogger("pgbeat.daemon")
 
@@ -108,7 +108,7 @@ class DaemonSession:
             for channel in self.channels:
                 await self.conn.add_listener(channel, self._on_notify)
             self.daemon_id = await self.conn.fetchval(
-                "SELECT pgbeat.register_daemon($1, $2, $3)",
+                queries.get("register_daemon"),
                 self.role,
                 socket.gethostname(),
                 os.getpid(),
@@ -127,7 +127,7 @@ class DaemonSession:
         if conn is None or conn.is_closed():
             return
         with contextlib.suppress(*db.CONNECTION_ERRORS, asyncpg.PostgresError):
-            await conn.execute("SELECT pgbeat.stop_daemon($1)", self.daemon_id, timeout=5)
+            await conn.execute(queries.get("stop_daemon"), self.daemon_id, timeout=5)
         with contextlib.suppress(*db.CONNECTION_ERRORS):
             await conn.close(timeout=5)
         if conn and not conn.is_closed():
@@ -160,23 +160,22 @@ async def reap(pool: asyncpg.Pool) -> int:
     """Abandon runs whose worker session is gone; record dead daemons as stopped.
     Returns how many runs were abandoned."""
     # One statement, one transaction: an idle daemon's cost is a query every few seconds.
-    abandoned = await pool.fetchval(
-        "SELECT abandoned FROM pgbeat.reap_abandoned_runs() abandoned, pgbeat.reap_dead_daemons()"
-    )
+    abandoned = await pool.fetchval(queries.get("reap"))
     if abandoned:
         log.warning("abandoned runs reaped", extra={"event": "runs_abandoned", "count": abandoned})
     return abandoned
+
+
+PRUNE_BATCH = 10_000  # runs deleted per transaction
 
 
 async def prune(pool: asyncpg.Pool, retention_days: float) -> None:
     """Delete history older than the retention period, in bounded batches."""
     total = 0
     while True:
-        n = await pool.fetchval(
-            "SELECT pgbeat.prune_history(make_interval(secs => $1), 10000)", retention_days * 86400
-        )
+        n = await pool.fetchval(queries.get("prune_history"), retention_days * 86400, PRUNE_BATCH)
         total += n
-        if n < 10000:
+        if n < PRUNE_BATCH:
             break
     if total:
         log.info("history pruned", extra={"event": "history_pruned", "runs": total})

@@ -17,7 +17,7 @@ from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.db")
 
-# Channels the triggers NOTIFY (sql/migrations/0005_notify.sql).
+# Channels the triggers NOTIFY (sql/schema/50_daemons.sql).
 SCHEDULER_CHANNEL = "pgbeat_scheduler"
 WORKER_CHANNEL = "pgbeat_worker"
 

@@ -1,13 +1,60 @@
-"""Apply and roll back the SQL migrations in sql/migrations with yoyo."""
+"""`pgbeat migrate`: bring a database to the schema this code defines.
+
+Two kinds of SQL file (CONTRIBUTING.md, "Database code"):
+
+* sql/migrations/NNNN_*.sql change what a database keeps: tables, columns,
+  constraints, indexes, types. yoyo applies each once; a released one is never edited.
+* sql/schema/NN_*.sql define every function, view and trigger, each once, in its
+  current form. After the migrations, in one transaction, pgbeat drops its
+  functions, views and triggers and runs these files, so the database holds
+  exactly what they define; the files' digest is recorded, and readiness reports
+  a database whose functions are older than the code.
+
+All of it runs under yoyo's lock, so replicas that start together migrate once.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
+from psycopg import sql
 from yoyo import get_backend, read_migrations
+from yoyo.migrations import get_migration_hash
 
-MIGRATIONS_DIR = Path(__file__).parent / "sql" / "migrations"
+from pgbeat import queries
+
+SQL_DIR = Path(__file__).parent / "sql"
+MIGRATIONS_DIR = SQL_DIR / "migrations"
+SCHEMA_DIR = SQL_DIR / "schema"
+
+BASELINE = "0001_baseline"
+# The migrations pgbeat had before the v1 baseline squashed them. A database they
+# made holds exactly the baseline's tables (tests/test_migrations.py proves it), so
+# it is adopted: the baseline is recorded as applied and the schema files replace
+# its functions. A database they made only in part is refused.
+PRE_V1 = (
+    "0001_schema",
+    "0002_tasks",
+    "0003_scheduling",
+    "0004_workers",
+    "0005_notify",
+    "0006_views",
+    "0007_api",
+    "0008_plan_once",
+    "0009_cheaper_calls",
+    "0010_materialize_ahead",
+    "0011_notify_near_slots",
+    "0012_create_tasks",
+)
+# What readiness lists when the database's functions are not the schema files'.
+SCHEMA_PENDING = "sql/schema"
+
+
+class MigrationError(Exception):
+    """The database cannot be brought to this code's schema; the message says why."""
 
 
 def yoyo_url(url: str) -> str:
@@ -18,19 +65,69 @@ def yoyo_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+def schema_files() -> list[Path]:
+    """The schema files in the order they run (their names start with a number)."""
+    return sorted(SCHEMA_DIR.glob("*.sql"))
+
+
+def schema_digest() -> str:
+    digest = hashlib.sha256()
+    for path in schema_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return "pgbeat schema files sha256:" + digest.hexdigest()
+
+
+def adopt_pre_v1(backend, migrations) -> None:
+    """Record the baseline as applied on a database the pre-v1 migrations made."""
+    applied = set(backend.get_applied_migration_hashes())
+    baseline = [m for m in migrations if m.id == BASELINE]
+    if not applied or baseline[0].hash in applied:
+        return
+    old = [m for m in PRE_V1 if get_migration_hash(m) in applied]
+    if len(old) == len(PRE_V1):
+        backend.mark_migrations(baseline)
+    elif old:
+        raise MigrationError(
+            f"this database was made by pgbeat's pre-release migrations up to {old[-1]}, not "
+            f"through {PRE_V1[-1]}: apply those with the pgbeat version that has them, or "
+            "migrate a new database"
+        )
+
+
+def apply_schema(url: str) -> None:
+    """Replace pgbeat's functions, views and triggers with the schema files', in one transaction."""
+    with psycopg.connect(url) as conn:  # one transaction, committed when the block ends
+        conn.execute(queries.get("schema_drop_objects"))
+        for path in schema_files():
+            conn.execute(path.read_text(encoding="utf-8"))
+        stale = [row[0] for row in conn.execute(queries.get("schema_kept_not_redefined"))]
+        if stale:
+            raise MigrationError(
+                f"no schema file defines {', '.join(stale)}, which a table still uses: "
+                "a migration must drop that use first"
+            )
+        digest = sql.SQL(queries.get("schema_record_digest")).format(digest=sql.Literal(schema_digest()))
+        conn.execute(digest)
+
+
 def apply(url: str) -> list[str]:
-    """Apply pending migrations under yoyo's lock (safe when replicas start together).
-    Returns the ids applied; applying twice is a no-op."""
+    """Apply pending migrations, then the schema files, under yoyo's lock (safe when
+    replicas start together). Returns the ids of the migrations applied; applying
+    twice changes nothing."""
     backend = get_backend(yoyo_url(url))
     migrations = read_migrations(str(MIGRATIONS_DIR))
     with backend.lock():
+        adopt_pre_v1(backend, migrations)
         todo = backend.to_apply(migrations)
         backend.apply_migrations(todo)
+        apply_schema(url)
     return [m.id for m in todo]
 
 
 def rollback(url: str, count: int | None = None) -> list[str]:
-    """Roll back applied migrations, newest first (all of them unless count is given)."""
+    """Roll back applied migrations, newest first (all of them unless count is given).
+    Rolling back the baseline drops the pgbeat schema with everything in it; after a
+    partial rollback, migrate with the code that matches the remaining migrations."""
     backend = get_backend(yoyo_url(url))
     migrations = read_migrations(str(MIGRATIONS_DIR))
     with backend.lock():
@@ -42,6 +139,13 @@ def rollback(url: str, count: int | None = None) -> list[str]:
 
 
 def pending(url: str) -> list[str]:
-    """Migrations not yet applied (readiness: the schema is current when empty)."""
+    """What `pgbeat migrate` would do (readiness: the schema is current when empty):
+    the migrations not yet applied, and SCHEMA_PENDING when the database's functions
+    are not those of the schema files."""
     backend = get_backend(yoyo_url(url))
-    return [m.id for m in backend.to_apply(read_migrations(str(MIGRATIONS_DIR)))]
+    todo = [m.id for m in backend.to_apply(read_migrations(str(MIGRATIONS_DIR)))]
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(queries.get("schema_digest")).fetchone()
+    if row is None or row[0] != schema_digest():
+        todo.append(SCHEMA_PENDING)
+    return todo

@@ -7,7 +7,7 @@ first; then it asks the database to turn every due slot into a run
 plain slots up to AHEAD early, so that a worker claims each at its slot;
 due_cron_tasks + fire_cron_slots for cron tasks, whose calendar maths is
 croniter's). Which slot becomes which run, misfires, coalescing and overlap are
-the database's decisions (sql/migrations/0003_scheduling.sql, 0010_materialize_ahead.sql);
+the database's (sql/schema/30_scheduling.sql; Rules 1, 3, 6, 7, 8);
 this loop only decides when to ask. Any number of schedulers may run at once.
 """
 
@@ -23,14 +23,14 @@ from typing import Any
 
 import asyncpg
 
-from pgbeat import daemon, db, schedules
+from pgbeat import daemon, db, queries, schedules
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.scheduler")
 
 BATCH = 500  # tasks fired per call of a stored function
 SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds); slots over 60 s
-# away are not announced (sql/migrations/0011_notify_near_slots.sql): this poll finds them
+# away are not announced (notify_schedulers, sql/schema/50_daemons.sql): this poll finds them
 QUERY_TIMEOUT = 10.0  # a query slower than this means the connection is gone
 RETRY_AFTER_ERROR = 1.0  # pause after a database error that is not a lost connection
 HEARTBEAT_EVERY = 30.0
@@ -135,7 +135,7 @@ class Scheduler:
         fired = 0
         while True:
             rows = await self.conn.fetch(
-                "SELECT *, clock_timestamp() AS decided_at FROM pgbeat.materialize_due_runs($1, $2)",
+                queries.get("materialize_due_runs"),
                 BATCH,
                 AHEAD,
                 timeout=QUERY_TIMEOUT,
@@ -145,13 +145,11 @@ class Scheduler:
             if len(rows) < BATCH:
                 break
         while True:
-            due = await self.conn.fetch(
-                "SELECT * FROM pgbeat.due_cron_tasks($1)", BATCH, timeout=QUERY_TIMEOUT
-            )
+            due = await self.conn.fetch(queries.get("due_cron_tasks"), BATCH, timeout=QUERY_TIMEOUT)
             if not due:
                 break
             rows = await self.conn.fetch(
-                "SELECT *, clock_timestamp() AS decided_at FROM pgbeat.fire_cron_slots($1)",
+                queries.get("fire_cron_slots"),
                 cron_slots(due),
                 timeout=QUERY_TIMEOUT,
             )
@@ -164,9 +162,7 @@ class Scheduler:
     async def next_wake(self, stuck: bool, pass_started: float) -> float | None:
         """Monotonic time of the earliest due slot (None: nothing scheduled)."""
         sent_at = time.monotonic()
-        row = await self.conn.fetchrow(
-            "SELECT pgbeat.next_due_at() AS due_at, clock_timestamp() AS db_now", timeout=QUERY_TIMEOUT
-        )
+        row = await self.conn.fetchrow(queries.get("next_due_at"), timeout=QUERY_TIMEOUT)
         assert row is not None
         self.clock = DatabaseClock(row["db_now"], sent_at, time.monotonic())
         if row["due_at"] is None:
@@ -270,7 +266,7 @@ async def run_scheduler(url: str, config: Config, stop: asyncio.Event) -> None:
             daemon_id = session.daemon_id
 
             async def heartbeat() -> None:
-                await pool.execute("SELECT pgbeat.heartbeat_daemon($1)", daemon_id, timeout=QUERY_TIMEOUT)
+                await pool.execute(queries.get("heartbeat_daemon"), daemon_id, timeout=QUERY_TIMEOUT)
 
             try:
                 # The side tasks end when the loop ends (supervise cancels them), so a

@@ -1,6 +1,6 @@
 """Calendar maths the database leaves to Python: durations as users write them,
 and cron slots (croniter, IANA time zones, DST-correct). The rules that use these
-slots live in the database (sql/migrations/0003_scheduling.sql)."""
+slots live in the database (sql/schema/30_scheduling.sql; Rule 7)."""
 
 from __future__ import annotations
 
@@ -89,11 +89,6 @@ def _iter(expr: str, tz: str, start: datetime) -> croniter:
         raise ValueError(f"{expr!r} is not a valid cron expression: {exc}") from exc
 
 
-def check_cron(expr: str, tz: str = "UTC") -> None:
-    """Raise ValueError naming the problem if expr or tz is not valid."""
-    next_cron_slot(expr, tz, datetime.now(UTC))
-
-
 def _is_repeated_wall_time(slot: datetime, zone: ZoneInfo) -> bool:
     """True when slot is the second occurrence of its local wall time (the hour that
     repeats when the clocks go back)."""
@@ -145,7 +140,3 @@ def cron_catch_up(
     just_after_now = now + timedelta(microseconds=1)  # get_prev is strict: latest may equal now
     latest = max(slot, _iter(expr, tz, just_after_now).get_prev(datetime).astimezone(UTC))
     return latest, next_cron_slot(expr, tz, now), missed
-
-
-def interval_slots(first: datetime, every: timedelta, count: int) -> list[datetime]:
-    return [first + every * i for i in range(count)]

@@ -18,14 +18,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from pgbeat import daemon, db, kinds
+from pgbeat import daemon, db, kinds, queries
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.worker")
@@ -38,17 +38,8 @@ SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open
 CLAIM_ERROR_PAUSE = 1.0
 
 # Release the locks of runs recorded since the last claim, claim, and in the same round
-# trip learn the seconds until the next pending run falls due (NULL: none; 0 or less:
-# claim again now). The claim takes runs due at its transaction's start, `now()`; runs
-# due by then that it could not take wait for their task's lock, and the holder's
-# release notifies. Every later run counts, even one that fell due while the claim ran:
-# nothing would announce it again. The last row is always this one: a UNION ALL's
-# branches run in order, so its clock is read after the claim.
-CLAIM_SQL = """
-    SELECT *, NULL::float8 AS wake_in FROM pgbeat.release_and_claim_runs($3, $1, $2)
-    UNION ALL
-    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-           extract(epoch FROM pgbeat.next_pending_due_at(now()) - clock_timestamp())::float8"""
+# trip learn the seconds until the next pending run falls due (sql/queries.sql).
+CLAIM_RUNS = queries.get("claim_runs")
 
 # aiohttp's own limits; the task's timeout bounds the whole run on top of them.
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
@@ -67,9 +58,16 @@ class ClaimedRun:
     attempt: int
     started_at: datetime
 
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> ClaimedRun:
+        return cls(**{name: row[name] for name in CLAIMED_FIELDS})
+
     @property
     def lateness_ms(self) -> float:
         return round((self.started_at - self.scheduled_for).total_seconds() * 1000, 3)
+
+
+CLAIMED_FIELDS = tuple(field.name for field in fields(ClaimedRun))
 
 
 @dataclass(frozen=True)
@@ -210,18 +208,18 @@ class Worker:
         release = self.take_recorded_locks()
         try:
             async with self.session_lock:
-                rows = await self.conn.fetch(CLAIM_SQL, self.session.daemon_id, limit, release)
+                rows = await self.conn.fetch(CLAIM_RUNS, self.session.daemon_id, limit, release)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, db.CONNECTION_ERRORS):
                 raise
             await self.claim_failed(exc)
             return CLAIM_ERROR_PAUSE
-        *claimed, last = rows
+        claimed = [row for row in rows if row["run_id"] is not None]  # none: one row, run_id NULL
         for row in claimed:
-            self.start(ClaimedRun(*tuple(row)[:-1]))  # (the last column is wake_in)
+            self.start(ClaimedRun.from_row(row))
         if len(claimed) == limit:
             return 0  # maybe more: the loop claims again while there are free slots
-        return last["wake_in"]
+        return rows[0]["wake_in"]
 
     async def claim_failed(self, exc: asyncpg.PostgresError) -> None:
         """A claim transaction failed: its row changes rolled back, but advisory locks it took
@@ -229,7 +227,7 @@ class Worker:
         log.error("claim failed", extra={"event": "claim_failed", "error": repr(exc)})
         held = sorted({run.task_id for run in self.in_flight.values()})
         async with self.session_lock:
-            released = await self.conn.fetchval("SELECT pgbeat.release_stray_task_locks($1)", held)
+            released = await self.conn.fetchval(queries.get("release_stray_task_locks"), held)
         if released:
             log.warning(
                 "stray task locks released", extra={"event": "stray_locks_released", "count": released}
@@ -273,7 +271,7 @@ class Worker:
         async with self.session_lock:
             try:
                 rows = await self.conn.fetch(
-                    "SELECT run_id, state, applied FROM pgbeat.finish_runs($1, $2, $3, $4)",
+                    queries.get("finish_runs"),
                     [o.run.run_id for o in outcomes],
                     [o.state for o in outcomes],
                     [o.result for o in outcomes],
@@ -321,7 +319,7 @@ class Worker:
     async def release_recorded_locks(self) -> None:
         """Release the locks of the tasks whose runs were recorded (call under session_lock)."""
         if release := self.take_recorded_locks():
-            await self.conn.fetchval("SELECT pgbeat.release_task_locks($1)", release)
+            await self.conn.fetchval(queries.get("release_task_locks"), release)
 
     async def finish_one_by_one(self, outcomes: list[Outcome], exc: asyncpg.PostgresError) -> list[Any]:
         """The batch failed (one bad outcome rolls back all): record each alone; one that
@@ -336,7 +334,7 @@ class Worker:
             for state, result, error in attempts:
                 try:
                     rows += await self.conn.fetch(
-                        "SELECT run_id, state, applied FROM pgbeat.finish_run($1, $2, $3, $4)",
+                        queries.get("finish_run"),
                         o.run.run_id,
                         state,
                         result,
@@ -375,7 +373,7 @@ class Worker:
         is busy with long runs and the main loop makes no calls."""
         async with self.session_lock:
             try:
-                await self.conn.fetchval("SELECT 1", timeout=SESSION_CHECK_EVERY)
+                await self.conn.fetchval(queries.get("ping"), timeout=SESSION_CHECK_EVERY)
             except (TimeoutError, *db.CONNECTION_ERRORS) as exc:
                 raise daemon.SessionLost(f"worker session check failed: {exc!r}") from exc
 
@@ -403,7 +401,7 @@ async def run_session(
         )
 
         async def heartbeat() -> None:
-            await pool.execute("SELECT pgbeat.heartbeat_daemon($1)", session.daemon_id)
+            await pool.execute(queries.get("heartbeat_daemon"), session.daemon_id)
 
         async def reap() -> None:
             if await daemon.reap(pool):

@@ -758,7 +758,7 @@ class ChaosRun:
         return "\n".join(lines)
 
     def failures(self, violations: dict[str, list[str]]) -> int:
-        """Invariant violations, SIGTERMed daemons that did not exit 0 (rule 8), crashes,
+        """Invariant violations, SIGTERMed daemons that did not exit 0 (Rule 15), crashes,
         and API calls that failed outside the fault windows."""
         bad_exits = sum(1 for code in self.sigterm_exits if code != 0)
         return (

@@ -1,1 +1,1 @@
-"""The REST API (DESIGN §5)."""
+"""The REST API (README, "REST API"; its OpenAPI at /schema)."""

@@ -37,7 +37,7 @@ from litestar.types import Message, Send
 from prometheus_client import Gauge
 
 import pgbeat
-from pgbeat import db, migrations
+from pgbeat import db, migrations, queries
 from pgbeat.api import dashboard
 from pgbeat.api.creations import TaskCreations
 from pgbeat.api.errors import EXCEPTION_HANDLERS
@@ -196,7 +196,7 @@ async def health() -> Health:
 )
 async def ready(state: State) -> Response[Readiness]:
     try:
-        await state.pool.fetchval("SELECT 1", timeout=2)
+        await state.pool.fetchval(queries.get("ping"), timeout=2)
         pending = await state.schema_check.pending_migrations()
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         return Response(Readiness("not ready", f"database unreachable: {exc}"), status_code=503)
@@ -229,16 +229,16 @@ DATABASE_UP = Gauge("pgbeat_database_up", "1 when the api could read the databas
 
 async def read_database_gauges(pool: asyncpg.Pool) -> None:
     try:
-        rows = await pool.fetch("SELECT * FROM pgbeat.metric_values()", timeout=5)
+        rows = await pool.fetch(queries.get("metric_values"), timeout=5)
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         log.warning("metrics: database unreadable", extra={"event": "metrics_db_error", "error": str(exc)})
         DATABASE_UP.set(0)
         return
     DATABASE_UP.set(1)
-    for metric, label, value in rows:
-        gauge = DATABASE_GAUGES.get(metric)
+    for row in rows:
+        gauge = DATABASE_GAUGES.get(row["metric"])
         if gauge is not None:
-            (gauge.labels(label) if label else gauge).set(value)
+            (gauge.labels(row["label"]) if row["label"] else gauge).set(row["value"])
 
 
 class MetricsController(PrometheusController):

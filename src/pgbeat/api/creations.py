@@ -1,7 +1,7 @@
 """Task creations that arrive together are written together.
 
 A creation's cost is its transaction: the round trip and the commit, not the insert
-(sql/migrations/0012_create_tasks.sql has the figures). So POST /tasks does not call
+(pgbeat.api_create_tasks in sql/schema/70_api.sql). So POST /tasks does not call
 the database itself: it queues its spec here, and the creations queued while earlier
 ones are in flight go to pgbeat.api_create_tasks as one call, in one transaction. A
 lone request is sent at once; nothing waits for company.
@@ -20,7 +20,9 @@ from typing import Any
 
 import asyncpg
 
-CREATE_SQL = "SELECT * FROM pgbeat.api_create_tasks($1, $2)"
+from pgbeat import queries
+
+CREATE_TASKS = queries.get("create_tasks")
 
 
 def refused_input(exc: BaseException) -> bool:
@@ -62,7 +64,7 @@ class TaskCreations:
     async def send(self, batch: list[tuple[dict[str, Any], datetime | None, asyncio.Future]]) -> None:
         answers = [answer for *_, answer in batch]
         try:
-            rows = await self.pool.fetch(CREATE_SQL, [b[0] for b in batch], [b[1] for b in batch])
+            rows = await self.pool.fetch(CREATE_TASKS, [b[0] for b in batch], [b[1] for b in batch])
             answered = list(zip(answers, rows, strict=True))
         except asyncio.CancelledError:
             for answer in answers:

@@ -41,6 +41,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from markupsafe import Markup
 
+from pgbeat import queries
 from pgbeat.api import charts, routes, words
 from pgbeat.api.errors import BadInput, bad_input_handler, postgres_error_handler
 from pgbeat.api.models import ScheduleIn, TaskChanges
@@ -60,64 +61,6 @@ TASKS_PER_PAGE = 50
 RUNS_PER_PAGE = 25
 STRIP_RUNS = 20
 SESSION_HOURS = 12
-
-# The dashboard's reads (its writes are the API's).
-SQL = {
-    "status_counts": "SELECT status, count(*) AS tasks FROM pgbeat.task_status GROUP BY status",
-    # Finished runs per minute and their lateness over the last hour (runs_finished index).
-    "minutes": """
-        SELECT date_trunc('minute', r.finished_at) AS minute,
-               count(*) FILTER (WHERE r.state = 'succeeded') AS succeeded,
-               count(*) FILTER (WHERE r.state IN ('failed', 'timed_out', 'abandoned')) AS failed,
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY r.lateness) FILTER (WHERE r.attempt = 1) AS p50,
-               percentile_cont(0.99) WITHIN GROUP (ORDER BY r.lateness) FILTER (WHERE r.attempt = 1) AS p99
-          FROM (SELECT finished_at, state, attempt,
-                       extract(epoch FROM started_at - scheduled_for) * 1000 AS lateness
-                  FROM pgbeat.runs
-                 WHERE finished_at >= $1 AND started_at IS NOT NULL) r
-         GROUP BY 1 ORDER BY 1""",
-    # Tasks whose last executed run failed, among the last 20,000 runs finished within
-    # the hour (a bounded window, whatever the history's size).
-    "failing": """
-        WITH recent AS (
-            SELECT r.task_id, r.state FROM pgbeat.runs r
-             WHERE r.finished_at > now() - interval '1 hour'
-             ORDER BY r.finished_at DESC LIMIT 20000),
-        failing AS (SELECT DISTINCT task_id FROM recent WHERE state IN ('failed', 'timed_out', 'abandoned'))
-        SELECT t.id, t.name, t.kind, last.id AS run_id, last.state, last.error, last.finished_at,
-               count(*) OVER () AS failing
-          FROM failing f
-          JOIN pgbeat.tasks t ON t.id = f.task_id AND t.deleted_at IS NULL
-         CROSS JOIN LATERAL (
-               SELECT r.id, r.state, r.error, r.finished_at FROM pgbeat.runs r
-                WHERE r.task_id = f.task_id AND r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned')
-                ORDER BY r.id DESC LIMIT 1) last
-         WHERE last.state IN ('failed', 'timed_out', 'abandoned')
-         ORDER BY last.finished_at DESC
-         LIMIT 20""",
-    # Live daemons (their liveness lock is held) and the runs each worker has in hand.
-    "daemons": """
-        SELECT d.id, d.role, d.host, d.pid, d.started_at, d.heartbeat_at, w.running, w.tasks
-          FROM pgbeat.live_daemons d
-          LEFT JOIN LATERAL (
-               SELECT count(*) AS running, (array_agg(t.name ORDER BY r.started_at))[1:3] AS tasks
-                 FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
-                WHERE r.state = 'running' AND r.daemon_id = d.id) w ON true
-         ORDER BY d.role, d.started_at""",
-    # Due runs waiting for a worker (counted up to 10,001), and runs executing now.
-    "backlog": """
-        SELECT (SELECT count(*) FROM (SELECT 1 FROM pgbeat.runs WHERE state = 'pending' AND due_at <= now()
-                                       ORDER BY due_at LIMIT 10001) due) AS due,
-               (SELECT min(due_at) FROM pgbeat.runs WHERE state = 'pending') AS oldest_due,
-               (SELECT count(*) FROM pgbeat.runs WHERE state = 'running') AS running""",
-    # The last runs of each task on a page (runs_task_history index).
-    "recent_runs": """
-        SELECT s.task_id, r.id, r.state, r.scheduled_for,
-               extract(epoch FROM r.started_at - r.scheduled_for) * 1000 AS lateness_ms
-          FROM unnest($1::integer[]) AS s(task_id)
-         CROSS JOIN LATERAL (SELECT * FROM pgbeat.runs r WHERE r.task_id = s.task_id
-                              ORDER BY r.id DESC LIMIT $2) r""",
-}
 
 
 # ---------------------------------------------------------------- secrets and sessions
@@ -237,11 +180,13 @@ async def overview_context(pool: asyncpg.Pool) -> dict[str, Any]:
     now = datetime.now(UTC)
     start = now.replace(second=0, microsecond=0) - timedelta(minutes=59)
     async with pool.acquire() as conn:
-        statuses = {row["status"]: row["tasks"] for row in await conn.fetch(SQL["status_counts"])}
-        minutes = await conn.fetch(SQL["minutes"], start)
-        failing = await conn.fetch(SQL["failing"])
-        daemons = await conn.fetch(SQL["daemons"])
-        backlog = await conn.fetchrow(SQL["backlog"])
+        statuses = {
+            row["status"]: row["tasks"] for row in await conn.fetch(queries.get("dashboard_status_counts"))
+        }
+        minutes = await conn.fetch(queries.get("dashboard_minutes"), start)
+        failing = await conn.fetch(queries.get("dashboard_failing"))
+        daemons = await conn.fetch(queries.get("dashboard_daemons"))
+        backlog = await conn.fetchrow(queries.get("dashboard_backlog"))
     return {
         "now": now,
         "statuses": statuses,
@@ -293,16 +238,17 @@ async def tasks(
     except BadInput as exc:
         raise HTTPException(str(exc), status_code=400) from None
     rows = await state.pool.fetch(
-        "SELECT * FROM pgbeat.list_tasks($1, $2, NULL, $3, $4, $5)",
+        queries.get("list_tasks"),
         filters["kind"],
         filters["status"],
+        None,
         filters["name"] or None,
         after_id,
         TASKS_PER_PAGE,
     )
     listed = [routes.task_from_row(row) for row in rows]
     recent: dict[int, list] = {task.id: [] for task in listed}
-    for run in await state.pool.fetch(SQL["recent_runs"], list(recent), STRIP_RUNS):
+    for run in await state.pool.fetch(queries.get("dashboard_recent_runs"), list(recent), STRIP_RUNS):
         recent[run["task_id"]].append(run)
     shown = {key: value for key, value in filters.items() if value}
     cursor = routes.next_cursor(rows, TASKS_PER_PAGE)
@@ -331,9 +277,7 @@ async def task_context(pool: asyncpg.Pool, task_id: int, before: str | None) -> 
         before_id = routes.parse_cursor(before, routes.MAX_INT8)
     except BadInput as exc:
         raise HTTPException(str(exc), status_code=400) from None
-    rows = await pool.fetch(
-        "SELECT * FROM pgbeat.task_runs($1, NULL, $2, $3)", task_id, before_id, RUNS_PER_PAGE
-    )
+    rows = await pool.fetch(queries.get("task_runs"), task_id, None, before_id, RUNS_PER_PAGE)
     cursor = routes.next_cursor(rows, RUNS_PER_PAGE)
     return {
         "task": task,

@@ -14,7 +14,7 @@ from pgbeat.api.models import Error
 
 log = logging.getLogger("pgbeat.api")
 
-# The stored functions' contract (sql/migrations/0002_tasks.sql).
+# The stored functions' contract (sql/schema/10_input.sql; Rule 10).
 STATUS_BY_SQLSTATE = {
     "22023": 422,  # invalid_parameter_value: "field: problem", COLUMN = field
     "P0002": 404,  # no_data_found: unknown or deleted task

@@ -1,4 +1,4 @@
-"""Request and response bodies of the REST API (DESIGN §5), as msgspec Structs.
+"""Request and response bodies of the REST API, as msgspec Structs.
 
 Request bodies are validated by msgspec (types, unknown fields); everything else
 (kinds, params, ranges, past times) by the stored functions, which name the field.

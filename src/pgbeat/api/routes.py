@@ -1,5 +1,5 @@
 """The task, run and upcoming endpoints: each validates, calls one stored function
-(sql/migrations/0007_api.sql wraps those of 0002) and shapes the rows it returns."""
+(sql/schema/70_api.sql wraps those of 20_tasks.sql) and shapes the rows it returns."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import Body, FromQuery, JSONBody, PathParameter, QueryParameter
 
-from pgbeat import schedules
+from pgbeat import queries, schedules
 from pgbeat.api.errors import BadInput
 from pgbeat.api.models import (
     Error,
@@ -166,7 +166,7 @@ def spec_for_sql(spec: TaskChanges) -> tuple[dict[str, Any], datetime | None]:
 
 async def resume_cron_slot(conn: asyncpg.Connection, task_id: int) -> datetime | None:
     """Lock the task (P0002 when unknown) and, for a cron task, compute where it resumes."""
-    row = await conn.fetchrow("SELECT cron, timezone FROM pgbeat.lock_task($1)", task_id)
+    row = await conn.fetchrow(queries.get("lock_task_schedule"), task_id)
     if row["cron"] is None:
         return None
     return schedules.next_cron_slot(row["cron"], row["timezone"], datetime.now(UTC))
@@ -223,51 +223,47 @@ async def update_task(pool: asyncpg.Pool, task_id: int, changes: TaskChanges) ->
         if changes.paused is False and not isinstance(changes.schedule, ScheduleIn):
             async with conn.transaction():
                 first_slot = await resume_cron_slot(conn, task_id)
-                row = await conn.fetchrow(
-                    "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
-                )
+                row = await conn.fetchrow(queries.get("update_task"), task_id, doc, first_slot)
         else:
-            row = await conn.fetchrow(
-                "SELECT * FROM pgbeat.api_update_task($1, $2, $3)", task_id, doc, first_slot
-            )
+            row = await conn.fetchrow(queries.get("update_task"), task_id, doc, first_slot)
     return task_from_row(row)
 
 
 async def delete_task(pool: asyncpg.Pool, task_id: int) -> None:
-    await pool.fetchval("SELECT id FROM pgbeat.delete_task($1)", task_id)
+    await pool.fetchval(queries.get("delete_task"), task_id)
 
 
 async def pause_task(pool: asyncpg.Pool, task_id: int) -> Task:
-    return task_from_row(await pool.fetchrow("SELECT * FROM pgbeat.api_pause_task($1)", task_id))
+    return task_from_row(await pool.fetchrow(queries.get("pause_task"), task_id))
 
 
 async def resume_task(pool: asyncpg.Pool, task_id: int) -> Task:
     async with pool.acquire() as conn, conn.transaction():
         slot = await resume_cron_slot(conn, task_id)
-        row = await conn.fetchrow("SELECT * FROM pgbeat.api_resume_task($1, $2)", task_id, slot)
+        row = await conn.fetchrow(queries.get("resume_task"), task_id, slot)
     return task_from_row(row)
 
 
 async def trigger_task(pool: asyncpg.Pool, task_id: int) -> Run:
-    return run_from_row(await pool.fetchrow("SELECT * FROM pgbeat.api_trigger_task($1)", task_id))
+    return run_from_row(await pool.fetchrow(queries.get("trigger_task"), task_id))
 
 
 async def get_task(pool: asyncpg.Pool, task_id: int) -> TaskDetails:
-    row = await pool.fetchrow("SELECT * FROM pgbeat.get_task($1)", task_id)
+    row = await pool.fetchrow(queries.get("get_task"), task_id)
     if row is None:
         raise NotFoundException(f"task {task_id} not found")
     return task_details_from_row(row)
 
 
 async def get_run(pool: asyncpg.Pool, run_id: int) -> Run:
-    row = await pool.fetchrow("SELECT * FROM pgbeat.get_run($1)", run_id)
+    row = await pool.fetchrow(queries.get("get_run"), run_id)
     if row is None:
         raise NotFoundException(f"run {run_id} not found")
     return run_from_row(row)
 
 
 async def task_upcoming(pool: asyncpg.Pool, task_id: int, count: int) -> list[UpcomingRun]:
-    rows = await pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, NULL, $2)", count, task_id)
+    rows = await pool.fetch(queries.get("upcoming_slots"), count, None, task_id)
     return soonest(rows, count, None)
 
 
@@ -305,7 +301,7 @@ class TaskController(Controller):
     ) -> TaskPage:
         after = parse_cursor(cursor, MAX_INT4)
         rows = await state.pool.fetch(
-            "SELECT * FROM pgbeat.list_tasks($1, $2, $3, $4, $5, $6)",
+            queries.get("list_tasks"),
             kind,
             status,
             paused,
@@ -368,9 +364,7 @@ class TaskController(Controller):
         cursor: Cursor = None,
     ) -> RunPage:
         before = parse_cursor(cursor, MAX_INT8)
-        rows = await state.pool.fetch(
-            "SELECT * FROM pgbeat.task_runs($1, $2, $3, $4)", task_id, run_state, before, limit
-        )
+        rows = await state.pool.fetch(queries.get("task_runs"), task_id, run_state, before, limit)
         return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
 
     @get("/{task_id:int}/upcoming", summary="A task's next executions", responses=_errors(404))
@@ -398,7 +392,7 @@ class RunController(Controller):
     ) -> RunPage:
         before = parse_cursor(cursor, MAX_INT8)
         rows = await state.pool.fetch(
-            "SELECT * FROM pgbeat.list_runs($1, $2, $3, $4, $5, $6, $7)",
+            queries.get("list_runs"),
             task_id,
             run_state,
             kind,
@@ -426,5 +420,5 @@ async def upcoming(
     until: Annotated[datetime | None, QueryParameter(description="only executions up to this time")] = None,
 ) -> UpcomingRuns:
     until = as_utc(until)
-    rows = await state.pool.fetch("SELECT * FROM pgbeat.upcoming_slots($1, $2)", limit, until)
+    rows = await state.pool.fetch(queries.get("upcoming_slots"), limit, until, None)
     return UpcomingRuns(soonest(rows, limit, until))

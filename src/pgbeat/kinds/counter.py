@@ -1,7 +1,7 @@
 """counter {"counter"?: name, "step"?: 1}: the increment is the database's.
 
 pgbeat.finish_runs adds `step` to the counter in the same transaction that records
-the run as succeeded (DESIGN rule 4), and fills the result with the new value, so
+the run as succeeded (Rule 4), and fills the result with the new value, so
 the counter always equals succeeded runs times step. Here there is nothing to do
 but succeed: an increment made here could commit without its run, or twice.
 """

@@ -1,0 +1,2 @@
+-- Everything pgbeat owns lives in its schema.
+DROP SCHEMA pgbeat CASCADE;

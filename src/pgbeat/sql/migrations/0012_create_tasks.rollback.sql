@@ -1,1 +1,0 @@
-DROP FUNCTION pgbeat.api_create_tasks(jsonb[], timestamptz[]);

@@ -1,0 +1,379 @@
+-- Tasks: create, update, pause, resume, delete and trigger a task, and the
+-- checks of its fields (kind params, schedule, options). Each operation locks the
+-- task row, validates everything (Rule 10), then writes. Cron maths is croniter's:
+-- the caller passes the first (or next) cron slot.
+
+-- The params each kind accepts, checked here so psql users get the same rules
+-- as the API. Returns the params with defaults filled in.
+CREATE OR REPLACE FUNCTION pgbeat.check_params(p_kind text, p_params jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    url text;
+BEGIN
+    IF p_params IS NULL OR jsonb_typeof(p_params) = 'null' THEN
+        p_params := '{}';
+    ELSIF jsonb_typeof(p_params) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('params', 'must be an object');
+    END IF;
+    CASE p_kind
+    WHEN 'sleep' THEN
+        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['seconds']);
+        PERFORM pgbeat.parse_number('params.seconds', coalesce(p_params->'seconds', '1'), 0, 86400);
+        RETURN jsonb_build_object('seconds', coalesce(p_params->'seconds', '1'));
+    WHEN 'counter' THEN
+        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['counter', 'step']);
+        IF p_params ? 'counter' THEN
+            PERFORM pgbeat.parse_text('params.counter', p_params->'counter', 200);
+        END IF;
+        -- Stored as an integer (2.0 -> 2): finishing a run casts it to bigint.
+        RETURN p_params || jsonb_build_object('step',
+            pgbeat.parse_number('params.step', coalesce(p_params->'step', '1'), -1e9, 1e9, true)::bigint);
+    WHEN 'http' THEN
+        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['url', 'method', 'expect_status']);
+        url := pgbeat.parse_text('params.url', coalesce(p_params->'url', '"https://httpbin.org/status/200"'), 2048);
+        IF url !~* '^https?://[^/?#\s]+([/?#]\S*)?$' THEN
+            PERFORM pgbeat.raise_invalid('params.url', format('%s is not an http:// or https:// URL', to_jsonb(url)));
+        END IF;
+        IF p_params ? 'method' AND (jsonb_typeof(p_params->'method') <> 'string'
+                OR upper(p_params->>'method') NOT IN ('GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS')) THEN
+            PERFORM pgbeat.raise_invalid('params.method', 'must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS');
+        END IF;
+        IF p_params ? 'expect_status' THEN
+            p_params := p_params || jsonb_build_object('expect_status',
+                pgbeat.parse_number('params.expect_status', p_params->'expect_status', 100, 599, true)::integer);
+        END IF;
+        RETURN p_params || jsonb_build_object('url', url, 'method', upper(coalesce(p_params->>'method', 'GET')));
+    ELSE
+        PERFORM pgbeat.raise_invalid('kind', format('unknown kind %s (expected sleep, counter or http)',
+                                                    coalesce(to_jsonb(p_kind)::text, 'null')));
+    END CASE;
+    RETURN NULL;
+END $$;
+
+-- An IANA time zone name as the tz database spells it ('europe/paris' ->
+-- 'Europe/Paris'), because croniter (zoneinfo) is case-sensitive; POSIX specs
+-- such as 'UTC+3', which PostgreSQL accepts but zoneinfo does not, are refused.
+CREATE OR REPLACE FUNCTION pgbeat.canonical_time_zone(p_field text, p_name text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    saved text := current_setting('timezone');
+    canonical text;
+BEGIN
+    BEGIN
+        PERFORM set_config('timezone', p_name, true);
+        canonical := current_setting('timezone');
+    EXCEPTION WHEN invalid_parameter_value THEN
+        canonical := NULL;
+    END;
+    PERFORM set_config('timezone', saved, true);
+    IF canonical IS NULL OR canonical !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$' THEN
+        PERFORM pgbeat.raise_invalid(p_field, format('unknown time zone %s (use an IANA name such as "Europe/Paris")',
+                                                     to_jsonb(p_name)));
+    END IF;
+    RETURN canonical;
+END $$;
+
+-- Apply a schedule object ({"every"} | {"at"} | {"in"} | {"cron","timezone"})
+-- to a task row in memory: sets every/anchor/run_at/cron/timezone/next_run_at.
+-- Cron maths is croniter's: the caller passes the first cron slot.
+CREATE OR REPLACE FUNCTION pgbeat.apply_schedule(t pgbeat.tasks, p_schedule jsonb, p_first_slot timestamptz)
+RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    forms text[];
+BEGIN
+    IF p_schedule IS NULL OR jsonb_typeof(p_schedule) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('schedule', 'must be an object with one of every, at, in or cron');
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('schedule', p_schedule, ARRAY['every', 'at', 'in', 'cron', 'timezone', 'start']);
+    forms := ARRAY(SELECT f FROM unnest(ARRAY['every', 'at', 'in', 'cron']) f WHERE p_schedule ? f);
+    IF cardinality(forms) <> 1 THEN
+        PERFORM pgbeat.raise_invalid('schedule', format('must have exactly one of every, at, in or cron (got %s)',
+            coalesce(nullif(array_to_string(forms, ', '), ''), 'none')));
+    END IF;
+    IF p_schedule ? 'timezone' AND forms[1] <> 'cron' THEN
+        PERFORM pgbeat.raise_invalid('schedule.timezone', 'applies only to cron schedules');
+    END IF;
+    IF p_schedule ? 'start' AND forms[1] <> 'every' THEN
+        PERFORM pgbeat.raise_invalid('schedule.start', 'applies only to every schedules');
+    END IF;
+    t.every := NULL; t.anchor := NULL; t.run_at := NULL; t.cron := NULL; t.timezone := 'UTC';
+    CASE forms[1]
+    WHEN 'every' THEN
+        t.every := pgbeat.parse_duration('schedule.every', p_schedule->'every');
+        -- The grid's origin: the first slot is one interval from now unless a start is given.
+        t.anchor := coalesce(pgbeat.parse_timestamp('schedule.start', p_schedule->'start'), now() + t.every);
+        t.next_run_at := CASE WHEN t.anchor > now() THEN t.anchor
+                              ELSE pgbeat.grid_slot_after(t.anchor, t.every, now()) END;
+    WHEN 'at' THEN
+        t.run_at := pgbeat.parse_timestamp('schedule.at', p_schedule->'at');
+        IF t.run_at IS NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.at', 'is required');
+        ELSIF t.run_at <= now() THEN
+            PERFORM pgbeat.raise_invalid('schedule.at', format('%s is in the past', p_schedule->'at'));
+        END IF;
+        t.next_run_at := t.run_at;
+    WHEN 'in' THEN
+        t.run_at := now() + pgbeat.parse_duration('schedule.in', p_schedule->'in');
+        t.next_run_at := t.run_at;
+    WHEN 'cron' THEN
+        t.cron := btrim(pgbeat.parse_text('schedule.cron', p_schedule->'cron', 200));
+        IF cardinality(regexp_split_to_array(t.cron, '\s+')) NOT IN (5, 6) THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s must have 5 fields (or 6 with seconds)', to_jsonb(t.cron)));
+        END IF;
+        IF t.cron !~ '^[0-9A-Za-z*/,?#LW\-\s]+$' THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s has characters cron does not use', to_jsonb(t.cron)));
+        END IF;
+        IF p_schedule ? 'timezone' THEN
+            t.timezone := pgbeat.canonical_time_zone('schedule.timezone',
+                pgbeat.parse_text('schedule.timezone', p_schedule->'timezone', 64));
+        END IF;
+        IF p_first_slot IS NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', 'the first slot must be computed by the caller (croniter)');
+        END IF;
+        t.next_run_at := p_first_slot;
+    END CASE;
+    IF t.until IS NOT NULL AND t.next_run_at > t.until THEN
+        t.next_run_at := NULL;
+    END IF;
+    RETURN t;
+END $$;
+
+-- Apply the optional fields every task has (shared by create and update).
+CREATE OR REPLACE FUNCTION pgbeat.apply_options(t pgbeat.tasks, p_spec jsonb) RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_spec ? 'name' THEN
+        t.name := pgbeat.parse_text('name', p_spec->'name', 200);
+    END IF;
+    IF p_spec ? 'timeout' THEN
+        t.timeout := pgbeat.parse_number('timeout', p_spec->'timeout', 0.001, 86400);
+    END IF;
+    IF p_spec ? 'paused' THEN
+        t.paused := pgbeat.parse_boolean('paused', p_spec->'paused');
+    END IF;
+    IF p_spec ? 'until' THEN
+        t.until := pgbeat.parse_timestamp('until', p_spec->'until');
+        IF t.until <= now() THEN
+            PERFORM pgbeat.raise_invalid('until', format('%s is in the past', p_spec->'until'));
+        END IF;
+    END IF;
+    IF p_spec ? 'max_runs' THEN
+        t.max_runs := CASE WHEN jsonb_typeof(p_spec->'max_runs') = 'null' THEN NULL
+                           ELSE pgbeat.parse_number('max_runs', p_spec->'max_runs', 1, 2147483647, true) END;
+        IF t.max_runs < t.fired THEN
+            PERFORM pgbeat.raise_invalid('max_runs', format('the task has already fired %s times', t.fired));
+        END IF;
+    END IF;
+    IF p_spec ? 'overlap' THEN
+        IF coalesce(p_spec->>'overlap', '') NOT IN ('queue', 'skip') THEN
+            PERFORM pgbeat.raise_invalid('overlap', 'must be "queue" or "skip"');
+        END IF;
+        t.overlap_policy := p_spec->>'overlap';
+    END IF;
+    IF p_spec ? 'misfire' THEN
+        IF coalesce(p_spec->>'misfire', '') NOT IN ('run_once', 'skip') THEN
+            PERFORM pgbeat.raise_invalid('misfire', 'must be "run_once" or "skip"');
+        END IF;
+        t.misfire_policy := p_spec->>'misfire';
+    END IF;
+    IF p_spec ? 'misfire_grace' THEN
+        t.misfire_grace := pgbeat.parse_number('misfire_grace', p_spec->'misfire_grace', 0, 86400);
+    END IF;
+    IF p_spec ? 'max_retries' THEN
+        t.max_retries := pgbeat.parse_number('max_retries', p_spec->'max_retries', 0, 100, true);
+    END IF;
+    IF p_spec ? 'retry_backoff' THEN
+        t.retry_backoff := pgbeat.parse_number('retry_backoff', p_spec->'retry_backoff', 0, 86400);
+    END IF;
+    RETURN t;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.task_fields() RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['name', 'kind', 'params', 'schedule', 'timeout', 'paused', 'until', 'max_runs',
+                 'overlap', 'misfire', 'misfire_grace', 'max_retries', 'retry_backoff']
+$$;
+
+-- create_task('{"name": "ping", "kind": "http", "params": {...}, "schedule": {"every": "30s"}}')
+-- p_first_slot: the first cron slot (required for cron schedules, ignored otherwise).
+CREATE OR REPLACE FUNCTION pgbeat.create_task(p_spec jsonb, p_first_slot timestamptz DEFAULT NULL)
+RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    IF p_spec IS NULL OR jsonb_typeof(p_spec) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('', p_spec, pgbeat.task_fields());
+    IF NOT p_spec ? 'kind' OR jsonb_typeof(p_spec->'kind') <> 'string' THEN
+        PERFORM pgbeat.raise_invalid('kind', 'is required (sleep, counter or http)');
+    END IF;
+    t.kind := p_spec->>'kind';
+    t.params := pgbeat.check_params(t.kind, p_spec->'params');
+    t.name := coalesce(p_spec->>'name', t.kind);
+    t.timeout := 60; t.paused := false; t.fired := 0;
+    t.overlap_policy := 'queue'; t.misfire_policy := 'run_once'; t.misfire_grace := 60;
+    t.max_retries := 0; t.retry_backoff := 10;
+    t := pgbeat.apply_options(t, p_spec);
+    IF NOT p_spec ? 'schedule' THEN
+        PERFORM pgbeat.raise_invalid('schedule', 'is required');
+    END IF;
+    t := pgbeat.apply_schedule(t, p_spec->'schedule', p_first_slot);
+    IF t.next_run_at IS NULL THEN
+        -- A task that could never run is a mistake, not a task.
+        PERFORM pgbeat.raise_invalid('until', format('%s is before the first slot', p_spec->'until'));
+    END IF;
+    INSERT INTO pgbeat.tasks (name, kind, params, every, run_at, cron, timezone, anchor, until, max_runs,
+                              timeout, paused, next_run_at, overlap_policy, misfire_policy, misfire_grace,
+                              max_retries, retry_backoff)
+    VALUES (t.name, t.kind, t.params, t.every, t.run_at, t.cron, t.timezone, t.anchor, t.until, t.max_runs,
+            t.timeout, t.paused, t.next_run_at, t.overlap_policy, t.misfire_policy, t.misfire_grace,
+            t.max_retries, t.retry_backoff)
+    RETURNING * INTO t;
+    RETURN t;
+END $$;
+
+-- The live task, locked for the rest of the transaction, or P0002.
+CREATE OR REPLACE FUNCTION pgbeat.lock_task(p_id integer) RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    SELECT * INTO t FROM pgbeat.tasks WHERE id = p_id AND deleted_at IS NULL FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM pgbeat.raise_not_found(p_id);
+    END IF;
+    RETURN t;
+END $$;
+
+-- Cancel the task's pending run, if any (pause, delete, schedule change).
+CREATE OR REPLACE FUNCTION pgbeat.cancel_pending_run(p_task_id integer, p_reason text) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE pgbeat.runs
+       SET state = 'cancelled', started_at = now(), finished_at = now(), error = p_reason
+     WHERE task_id = p_task_id AND state = 'pending'
+$$;
+
+-- update_task(7, '{"schedule": {"every": "1m"}, "paused": true}')
+-- Only the given fields change; a new schedule starts a new grid (and drops a
+-- pending run of the old schedule). Cron: pass the first slot of the new schedule.
+CREATE OR REPLACE FUNCTION pgbeat.update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
+RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+    was_paused boolean;
+BEGIN
+    IF p_changes IS NULL OR jsonb_typeof(p_changes) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('', p_changes, pgbeat.task_fields());
+    t := pgbeat.lock_task(p_id);
+    was_paused := t.paused;
+    IF p_changes ? 'kind' AND p_changes->>'kind' IS DISTINCT FROM t.kind THEN
+        PERFORM pgbeat.raise_invalid('kind', 'cannot be changed; create a new task');
+    END IF;
+    IF p_changes ? 'params' THEN
+        t.params := pgbeat.check_params(t.kind, p_changes->'params');
+    END IF;
+    t := pgbeat.apply_options(t, p_changes);
+    IF p_changes ? 'schedule' THEN
+        t.fired := 0;
+        t := pgbeat.apply_schedule(t, p_changes->'schedule', p_first_slot);
+        PERFORM pgbeat.cancel_pending_run(p_id, 'schedule changed');
+    ELSIF p_changes ? 'until' OR p_changes ? 'max_runs' THEN
+        IF t.next_run_at IS NULL AND t.run_at IS NULL THEN
+            -- Limits raised (or removed) on a repeating task they had completed:
+            -- it continues with its next slot after now (cron: the caller's).
+            t.next_run_at := CASE WHEN t.every IS NOT NULL THEN pgbeat.grid_slot_after(t.anchor, t.every, now())
+                                  ELSE p_first_slot END;
+        END IF;
+        IF (t.until IS NOT NULL AND t.next_run_at > t.until) OR t.fired >= t.max_runs THEN
+            t.next_run_at := NULL;
+        END IF;
+    END IF;
+    IF t.paused AND NOT was_paused THEN
+        PERFORM pgbeat.cancel_pending_run(p_id, 'task paused');
+    ELSIF was_paused AND NOT t.paused AND NOT p_changes ? 'schedule' THEN
+        t.next_run_at := pgbeat.resume_slot(t, p_first_slot);
+    END IF;
+    UPDATE pgbeat.tasks
+       SET name = t.name, params = t.params, every = t.every, run_at = t.run_at, cron = t.cron,
+           timezone = t.timezone, anchor = t.anchor, until = t.until, max_runs = t.max_runs,
+           fired = t.fired, timeout = t.timeout, paused = t.paused, next_run_at = t.next_run_at,
+           overlap_policy = t.overlap_policy, misfire_policy = t.misfire_policy,
+           misfire_grace = t.misfire_grace, max_retries = t.max_retries,
+           retry_backoff = t.retry_backoff, updated_at = now()
+     WHERE id = p_id
+    RETURNING * INTO t;
+    RETURN t;
+END $$;
+
+-- Where a resumed task continues: the next grid slot after now (slots that fell
+-- due while paused were paused on purpose and are not misfires), the pending
+-- one-shot time, or the caller's next cron slot.
+CREATE OR REPLACE FUNCTION pgbeat.resume_slot(t pgbeat.tasks, p_next_cron_slot timestamptz) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF t.next_run_at IS NULL THEN
+        RETURN NULL;  -- complete: nothing to resume
+    ELSIF t.every IS NOT NULL THEN
+        RETURN greatest(t.next_run_at, pgbeat.grid_slot_after(t.anchor, t.every, now()));
+    ELSIF t.cron IS NOT NULL AND t.next_run_at < now() THEN
+        IF p_next_cron_slot IS NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', 'resuming needs the next cron slot from the caller (croniter)');
+        END IF;
+        RETURN p_next_cron_slot;
+    END IF;
+    RETURN t.next_run_at;  -- one-shot keeps its time (runs now if it passed while paused)
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.pause_task(p_id integer) RETURNS pgbeat.tasks
+LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, '{"paused": true}') $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.resume_task(p_id integer, p_next_cron_slot timestamptz DEFAULT NULL)
+RETURNS pgbeat.tasks
+LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, '{"paused": false}', p_next_cron_slot) $$;
+
+-- Delete: future runs stop (the pending one is cancelled), a running one
+-- finishes, and history stays readable (the row is kept, marked deleted).
+CREATE OR REPLACE FUNCTION pgbeat.delete_task(p_id integer) RETURNS pgbeat.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    t := pgbeat.lock_task(p_id);
+    PERFORM pgbeat.cancel_pending_run(p_id, 'task deleted');
+    UPDATE pgbeat.tasks SET deleted_at = now(), next_run_at = NULL, updated_at = now()
+     WHERE id = p_id RETURNING * INTO t;
+    RETURN t;
+END $$;
+
+-- Run now: the task's pending run is made due now, or a new run is queued for
+-- now (it starts as soon as a running one finishes). Works on paused tasks too:
+-- an explicit request. Returns the pending run.
+CREATE OR REPLACE FUNCTION pgbeat.trigger_task(p_id integer) RETURNS pgbeat.runs
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+    r pgbeat.runs;
+BEGIN
+    t := pgbeat.lock_task(p_id);
+    -- The task already has a pending run: that is the run. If it is not yet due
+    -- (a retry's backoff) it is made due now. Its slot may be a hair after this
+    -- transaction's now() (a concurrent trigger committed while we waited for the
+    -- task lock): it is pending all the same, never a second pending run.
+    UPDATE pgbeat.runs SET due_at = greatest(scheduled_for, least(due_at, now()))
+     WHERE task_id = p_id AND state = 'pending'
+    RETURNING * INTO r;
+    IF FOUND THEN
+        PERFORM pg_notify('pgbeat_worker', '');
+    ELSE
+        INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at)
+        VALUES (p_id, t.kind, now(), now())
+        RETURNING * INTO r;
+    END IF;
+    RETURN r;
+END $$;

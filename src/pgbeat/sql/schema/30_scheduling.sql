@@ -1,0 +1,314 @@
+-- Scheduling: what a due slot becomes. The scheduler materialises due slots
+-- (materialize_due_runs for interval and one-shot tasks, due_cron_tasks +
+-- fire_cron_slots for cron), and fire_slot decides each slot that is not plain:
+-- coalesce, skip, misfire, expiry (Rules 1, 3, 6, 7, 8). Many schedulers may call
+-- these at once: each task row is locked (SKIP LOCKED) while its slot fires, and
+-- runs_one_per_slot backs that up (Rule 1). A scheduler's own moving on of
+-- next_run_at is quiet (pgbeat.quiet): it wakes no other scheduler.
+
+-- First slot on an interval grid strictly after p_after. Computed from the
+-- anchor every time, so slots never drift (Rule 7).
+CREATE OR REPLACE FUNCTION pgbeat.grid_slot_after(p_anchor timestamptz, p_every interval, p_after timestamptz)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT p_anchor + p_every * (floor(
+        (extract(epoch FROM p_after - p_anchor) * 1000000)::numeric
+        / (extract(epoch FROM p_every) * 1000000)::numeric) + 1)
+$$;
+
+-- Fire the due slot of a task the caller has locked.
+--   p_latest  the latest slot that is due now (>= t.next_run_at)
+--   p_next    the first slot after now (NULL: no more slots)
+--   p_missed  due slots before p_latest that were not run (the scheduler was down)
+-- Returns what was decided, one row.
+CREATE OR REPLACE FUNCTION pgbeat.fire_slot(t pgbeat.tasks, p_latest timestamptz, p_next timestamptz, p_missed integer,
+    OUT task_id integer, OUT run_id bigint, OUT scheduled_for timestamptz, OUT outcome text,
+    OUT missed integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    pending_id bigint;
+    is_running boolean;
+    folded integer := p_missed;
+BEGIN
+    -- Nothing runs after `until`, even when the scheduler was down across it.
+    -- (Interval tasks arrive with the last slot before until already computed;
+    -- for cron the first missed slot is the one known to be before it.)
+    IF p_latest > t.until THEN
+        IF t.next_run_at > t.until THEN
+            PERFORM set_config('pgbeat.quiet', 'on', true);
+            UPDATE pgbeat.tasks SET next_run_at = NULL WHERE id = t.id;
+            PERFORM set_config('pgbeat.quiet', 'off', true);
+            task_id := t.id; missed := 0; outcome := 'expired';
+            RETURN;
+        END IF;
+        p_latest := t.next_run_at; p_missed := 0; folded := 0;
+    END IF;
+    task_id := t.id; scheduled_for := p_latest; missed := p_missed;
+
+    -- Rule 6: misfires. 'run_once' folds the missed slots into one run now;
+    -- 'skip' records them as one skipped run, and skips the latest slot too when
+    -- it is later than the grace period.
+    IF t.misfire_policy = 'skip' THEN
+        IF now() - p_latest > make_interval(secs => t.misfire_grace) THEN
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
+                                          started_at, finished_at, error)
+            VALUES (t.id, t.kind, p_latest, p_latest, 'skipped', p_missed, now(), now(),
+                    format('misfire: %s slot(s) missed, latest by %s', p_missed + 1, now() - p_latest))
+            ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
+            outcome := 'misfire_skipped';
+            folded := -1;
+        ELSIF p_missed > 0 THEN
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
+                                          started_at, finished_at, error)
+            VALUES (t.id, t.kind, t.next_run_at, t.next_run_at, 'skipped', p_missed - 1, now(), now(),
+                    format('misfire: %s slot(s) missed', p_missed))
+            ON CONFLICT DO NOTHING;
+            folded := 0;
+        END IF;
+    END IF;
+
+    IF folded >= 0 THEN
+        -- Rule 3: at most one pending run; Rule 8: the overlap policy.
+        SELECT r.id INTO pending_id FROM pgbeat.runs r
+         WHERE r.task_id = t.id AND r.state = 'pending' FOR UPDATE;
+        is_running := EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'running');
+        IF pending_id IS NOT NULL AND t.overlap_policy = 'queue' THEN
+            UPDATE pgbeat.runs r SET coalesced = r.coalesced + 1 + folded WHERE r.id = pending_id;
+            run_id := pending_id;
+            outcome := 'coalesced';
+        ELSIF pending_id IS NOT NULL OR (is_running AND t.overlap_policy = 'skip') THEN
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
+                                          started_at, finished_at, error)
+            VALUES (t.id, t.kind, p_latest, p_latest, 'skipped', folded, now(), now(),
+                    'overlap: the previous run was still ' || CASE WHEN is_running THEN 'running' ELSE 'pending' END)
+            ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
+            outcome := 'skipped';
+        ELSE
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, coalesced)
+            VALUES (t.id, t.kind, p_latest, p_latest, folded)
+            ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
+            outcome := CASE WHEN run_id IS NULL THEN 'duplicate' ELSE 'queued' END;
+        END IF;
+    END IF;
+
+    -- Move the task forward. Scheduler updates do not wake the other schedulers.
+    PERFORM set_config('pgbeat.quiet', 'on', true);
+    UPDATE pgbeat.tasks
+       SET fired = fired + 1,
+           next_run_at = CASE WHEN p_next > until OR fired + 1 >= max_runs THEN NULL ELSE p_next END
+     WHERE id = t.id;
+    PERFORM set_config('pgbeat.quiet', 'off', true);
+END $$;
+
+-- Materialise the due slots of interval and one-shot tasks, at most p_limit
+-- tasks per call (call again while it returns p_limit rows). Cron tasks go
+-- through due_cron_tasks + fire_cron_slots, because croniter does their maths.
+--
+-- The common case is set-based: a locked task whose slot fire_slot would take
+-- down its plain path (no missed slot, not past until, within the skip policy's
+-- grace, no pending run, not a running skip-policy task) gets its run from one
+-- INSERT and moves forward in one UPDATE, with the same result row and the same
+-- next_run_at / fired as fire_slot would give. Every other task goes through
+-- fire_slot, one at a time, once its slot is due.
+--
+-- Plain slots falling due within p_ahead from now (at most 1 s; the scheduler
+-- passes 20 ms) are materialised early: the run is pending with due_at = its slot,
+-- so a worker claims it at the slot, on its own clock, instead of waiting for this
+-- transaction, its commit and the notification that follows; claim_runs takes
+-- only runs whose due_at has come, so no run starts before its slot (Rule 9).
+-- For at most p_ahead before a slot its run is already pending: pausing, changing
+-- or deleting the task then cancels it, and a trigger finds it as the pending run.
+-- A task moves on only once its run is written: an insert that collides with a
+-- run committed after this statement's snapshot goes through fire_slot instead.
+--
+-- Never a seq scan (a plan that hash-joined every task to fire two of them) or a
+-- merge join; the plans stay custom, chosen per call: a generic plan, which cannot
+-- know how many tasks fall before the horizon, made a pass over 100,000 tasks ten
+-- times slower.
+CREATE OR REPLACE FUNCTION pgbeat.materialize_due_runs(p_limit integer DEFAULT 1000, p_ahead interval DEFAULT '0')
+RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
+LANGUAGE plpgsql SET enable_seqscan = off SET enable_mergejoin = off AS $$
+#variable_conflict use_column
+DECLARE
+    t pgbeat.tasks;
+    slow pgbeat.tasks[];
+    fast_ids integer[];
+    fast_latest timestamptz[];
+    fast_next timestamptz[];
+    nxt timestamptz;
+    latest timestamptz;
+    horizon timestamptz := now() + p_ahead;
+    written_ids integer[];
+    written_runs bigint[];
+    written_slots timestamptz[];
+    c record;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
+    END IF;
+    IF p_ahead IS NULL OR p_ahead < interval '0' OR p_ahead > interval '1 second' THEN
+        PERFORM pgbeat.raise_invalid('ahead', 'must be between 0 and 1 second');
+    END IF;
+    WITH due AS (
+        SELECT tk AS tk_row, tk.id, tk.next_run_at,
+               CASE WHEN tk.every IS NOT NULL THEN pgbeat.grid_slot_after(tk.anchor, tk.every, horizon) END AS nxt
+          FROM pgbeat.tasks tk
+         WHERE tk.next_run_at <= horizon AND NOT tk.paused AND tk.cron IS NULL
+         ORDER BY tk.next_run_at LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    ), slot AS (
+        SELECT d.*, CASE WHEN (d.tk_row).every IS NOT NULL THEN d.nxt - (d.tk_row).every
+                         ELSE d.next_run_at END AS latest
+          FROM due d
+    ), judged AS (
+        SELECT s.*, coalesce(
+               (s.latest <= (s.tk_row).until OR (s.tk_row).until IS NULL)
+               AND ((s.tk_row).every IS NULL
+                    OR round(extract(epoch FROM s.latest - s.next_run_at)
+                             / extract(epoch FROM (s.tk_row).every))::integer = 0)
+               AND ((s.tk_row).misfire_policy <> 'skip'
+                    OR NOT (now() - s.latest > make_interval(secs => (s.tk_row).misfire_grace)))
+               AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'pending')
+               AND ((s.tk_row).overlap_policy = 'queue'
+                    OR NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'running')),
+               false) AS plain
+          FROM slot s
+    )
+    SELECT array_agg(j.id) FILTER (WHERE j.plain),
+           array_agg(j.latest) FILTER (WHERE j.plain),
+           array_agg(j.nxt) FILTER (WHERE j.plain),
+           array_agg(j.tk_row ORDER BY j.next_run_at) FILTER (WHERE NOT j.plain AND j.next_run_at <= now())
+      INTO fast_ids, fast_latest, fast_next, slow
+      FROM judged j;
+
+    IF fast_ids IS NOT NULL THEN
+        -- Scheduler updates do not wake the other schedulers (as in fire_slot).
+        PERFORM set_config('pgbeat.quiet', 'on', true);
+        -- Only a task whose run was written moves on to its next slot.
+        WITH f AS (
+            SELECT * FROM unnest(fast_ids, fast_latest, fast_next) AS f(id, latest, nxt)
+        ), ins AS (
+            INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, coalesced)
+            SELECT f.id, tk.kind, f.latest, f.latest, 0
+              FROM f JOIN pgbeat.tasks tk ON tk.id = f.id
+             ORDER BY f.id
+            ON CONFLICT DO NOTHING
+            RETURNING r.task_id, r.id, r.scheduled_for
+        ), moved AS (
+            UPDATE pgbeat.tasks tk
+               SET fired = tk.fired + 1,
+                   next_run_at = CASE WHEN f.nxt > tk.until OR tk.fired + 1 >= tk.max_runs THEN NULL
+                                      ELSE f.nxt END
+              FROM f JOIN ins ON ins.task_id = f.id
+             WHERE tk.id = f.id
+        )
+        SELECT array_agg(ins.task_id), array_agg(ins.id), array_agg(ins.scheduled_for)
+          INTO written_ids, written_runs, written_slots FROM ins;
+        PERFORM set_config('pgbeat.quiet', 'off', true);
+        RETURN QUERY
+        SELECT w.id, w.run_id, w.slot, 'queued', 0
+          FROM unnest(written_ids, written_runs, written_slots) AS w(id, run_id, slot);
+        -- The insert collided: a run this statement's snapshot did not show was
+        -- committed before the task's row was locked (a trigger, or a scheduler
+        -- whose commit was slow). fire_slot reads the runs afresh and folds the
+        -- slot into that run, or records it; the slot is never dropped.
+        IF cardinality(fast_ids) > coalesce(cardinality(written_ids), 0) THEN
+            FOR c IN SELECT tk AS task, f.latest, f.nxt
+                       FROM unnest(fast_ids, fast_latest, fast_next) AS f(id, latest, nxt)
+                       JOIN pgbeat.tasks tk ON tk.id = f.id
+                      WHERE NOT EXISTS (SELECT 1 FROM unnest(written_ids) AS w(id) WHERE w.id = f.id)
+                      ORDER BY f.id LOOP
+                RETURN QUERY SELECT * FROM pgbeat.fire_slot(c.task, c.latest, c.nxt, 0);
+            END LOOP;
+        END IF;
+    END IF;
+
+    IF slow IS NOT NULL THEN
+        FOREACH t IN ARRAY slow LOOP
+            IF t.every IS NOT NULL THEN
+                nxt := pgbeat.grid_slot_after(t.anchor, t.every, now());
+                latest := nxt - t.every;
+                IF latest > t.until THEN
+                    latest := greatest(t.next_run_at, pgbeat.grid_slot_after(t.anchor, t.every, t.until) - t.every);
+                END IF;
+                RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt,
+                    round(extract(epoch FROM latest - t.next_run_at) / extract(epoch FROM t.every))::integer);
+            ELSE
+                RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, t.next_run_at, NULL, 0);
+            END IF;
+        END LOOP;
+    END IF;
+END $$;
+
+-- Cron tasks that are due: the caller computes their slots with croniter.
+CREATE OR REPLACE FUNCTION pgbeat.due_cron_tasks(p_limit integer DEFAULT 1000)
+-- db_now is the database's clock, which the caller's cron maths must use.
+RETURNS TABLE (task_id integer, next_run_at timestamptz, cron text, timezone text, db_now timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
+    END IF;
+    RETURN QUERY
+    SELECT tk.id, tk.next_run_at, tk.cron, tk.timezone, now() FROM pgbeat.tasks tk
+     WHERE tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NOT NULL
+     ORDER BY tk.next_run_at LIMIT p_limit;
+END $$;
+
+-- Fire cron slots computed by the caller:
+--   p_slots = [{"task_id": 7, "slot": <next_run_at it saw>, "latest": ..., "next": ..., "missed": 0}, ...]
+-- A task whose next_run_at moved meanwhile (another scheduler fired it, or the
+-- user changed it) is left alone: its slot has already been handled.
+CREATE OR REPLACE FUNCTION pgbeat.fire_cron_slots(p_slots jsonb)
+RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    s jsonb;
+    t pgbeat.tasks;
+    i integer := -1;
+    f text;
+    tid integer;
+    slot timestamptz;
+    latest timestamptz;
+    nxt timestamptz;
+    n_missed integer;
+BEGIN
+    IF p_slots IS NULL OR jsonb_typeof(p_slots) <> 'array' THEN
+        PERFORM pgbeat.raise_invalid('slots', 'must be a JSON array');
+    END IF;
+    FOR s IN SELECT * FROM jsonb_array_elements(p_slots) LOOP
+        i := i + 1;
+        f := format('slots[%s]', i);
+        IF jsonb_typeof(s) <> 'object' THEN
+            PERFORM pgbeat.raise_invalid(f, 'must be an object');
+        END IF;
+        PERFORM pgbeat.reject_unknown_keys(f, s, ARRAY['task_id', 'slot', 'latest', 'next', 'missed']);
+        tid := pgbeat.parse_number(f || '.task_id', s->'task_id', 1, 2147483647, true);
+        slot := pgbeat.parse_timestamp(f || '.slot', s->'slot');
+        latest := pgbeat.parse_timestamp(f || '.latest', s->'latest');
+        nxt := pgbeat.parse_timestamp(f || '.next', s->'next');
+        n_missed := pgbeat.parse_number(f || '.missed', coalesce(s->'missed', '0'), 0, 2147483647, true);
+        IF slot IS NULL OR latest IS NULL THEN
+            PERFORM pgbeat.raise_invalid(f || CASE WHEN slot IS NULL THEN '.slot' ELSE '.latest' END, 'is required');
+        ELSIF latest < slot OR latest > now() THEN
+            PERFORM pgbeat.raise_invalid(f || '.latest', 'must be between the slot and now');
+        ELSIF nxt <= latest THEN
+            PERFORM pgbeat.raise_invalid(f || '.next', 'must be after latest (or null: no more slots)');
+        END IF;
+        SELECT * INTO t FROM pgbeat.tasks tk
+         WHERE tk.id = tid AND tk.next_run_at = slot
+           AND tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NOT NULL
+        FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt, n_missed);
+    END LOOP;
+END $$;
+
+-- When the scheduler should wake next: the earliest slot of an active task.
+CREATE OR REPLACE FUNCTION pgbeat.next_due_at() RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN (SELECT min(next_run_at) FROM pgbeat.tasks WHERE NOT paused AND next_run_at IS NOT NULL);
+END $$;

@@ -1,0 +1,149 @@
+-- Daemons: the registry and liveness (Rule 12), retention, and the wake-ups.
+-- A daemon registers on the session it keeps for its life and holds the advisory
+-- lock (daemon_lock_ns(), id) there: alive = lock held. Every daemon heartbeats,
+-- reaps and prunes (Rule 13, pgbeat.maintenance).
+--
+-- Wake-ups are statement-level triggers, so a bulk insert sends one notification,
+-- and PostgreSQL folds identical notifications within a transaction into one:
+--   pgbeat_scheduler  a task's slot or pause state changed: payload {"next_run_at": earliest or null}
+--   pgbeat_worker     a pending run appeared: empty payload (trigger_task,
+--                     release_task_locks and abandon_runs also send it)
+
+CREATE OR REPLACE FUNCTION pgbeat.daemon_lock_ns() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT 1885823588 $$;  -- 'pgbd'
+
+-- Register the calling session's daemon and take its daemon lock (Rule 12).
+CREATE OR REPLACE FUNCTION pgbeat.register_daemon(p_role text, p_host text, p_pid integer) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    IF p_role IS NULL OR p_role NOT IN ('scheduler', 'worker', 'api') THEN
+        PERFORM pgbeat.raise_invalid('role', 'must be scheduler, worker or api');
+    END IF;
+    INSERT INTO pgbeat.daemons (role, host, pid, backend_pid)
+    VALUES (p_role, coalesce(p_host, ''), coalesce(p_pid, 0), pg_backend_pid())
+    RETURNING id INTO new_id;
+    PERFORM pg_advisory_lock(pgbeat.daemon_lock_ns(), new_id);
+    RETURN new_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.heartbeat_daemon(p_id integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE pgbeat.daemons SET heartbeat_at = now() WHERE id = p_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'daemon % not found', p_id USING ERRCODE = 'no_data_found';
+    END IF;
+END $$;
+
+-- Stopping twice is harmless; the lock is released only if this session holds it.
+CREATE OR REPLACE FUNCTION pgbeat.stop_daemon(p_id integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM pgbeat.daemons WHERE id = p_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'daemon % not found', p_id USING ERRCODE = 'no_data_found';
+    END IF;
+    UPDATE pgbeat.daemons SET stopped_at = now() WHERE id = p_id AND stopped_at IS NULL;
+    IF EXISTS (SELECT 1 FROM pg_locks l
+                WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_backend_pid()
+                  AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2 AND l.objid = p_id::oid) THEN
+        PERFORM pg_advisory_unlock(pgbeat.daemon_lock_ns(), p_id);
+    END IF;
+END $$;
+
+-- Record as stopped the daemons whose lock nobody holds (killed, or lost their session).
+CREATE OR REPLACE FUNCTION pgbeat.reap_dead_daemons() RETURNS integer
+LANGUAGE sql AS $$
+    WITH dead AS (
+        UPDATE pgbeat.daemons d SET stopped_at = now()
+         WHERE stopped_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM pg_locks l
+                            WHERE l.locktype = 'advisory' AND l.granted
+                              AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2
+                              AND l.objid = d.id::oid
+                              -- pg_locks spans the server: another database's daemon 1 is not ours
+                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+        RETURNING 1)
+    SELECT count(*)::integer FROM dead
+$$;
+
+-- Retention: delete up to p_batch finished runs older than p_retention (oldest
+-- first, through runs_finished), then deleted tasks and stopped daemons with
+-- nothing left that refers to them. Call repeatedly until it returns 0.
+CREATE OR REPLACE FUNCTION pgbeat.prune_history(p_retention interval DEFAULT interval '30 days',
+                                     p_batch integer DEFAULT 10000)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF p_retention IS NULL OR p_retention < interval '0' THEN
+        PERFORM pgbeat.raise_invalid('retention', 'must be zero or positive');
+    END IF;
+    IF p_batch IS NULL OR p_batch < 1 THEN
+        PERFORM pgbeat.raise_invalid('batch', 'must be at least 1');
+    END IF;
+    DELETE FROM pgbeat.runs WHERE id IN (
+        SELECT id FROM pgbeat.runs
+         WHERE finished_at < now() - p_retention AND state NOT IN ('pending', 'running')
+         ORDER BY finished_at LIMIT p_batch);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM pgbeat.tasks t
+     WHERE t.deleted_at < now() - p_retention
+       AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id);
+    DELETE FROM pgbeat.daemons WHERE stopped_at < now() - p_retention;
+    RETURN n;
+END $$;
+
+-- Wake the schedulers when a task's slot or pause state changes, unless the
+-- change is a scheduler's own (pgbeat.quiet) or the slot is more than 60 s away:
+-- a scheduler asks the database at least every 30 s (its safety poll), so it
+-- reads such a slot in time anyway, and every transaction that NOTIFYs takes one
+-- database-wide lock until its commit is flushed (concurrent task creations then
+-- commit one at a time). A change that leaves no active slot (a pause) notifies.
+CREATE OR REPLACE FUNCTION pgbeat.notify_schedulers() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    earliest timestamptz;
+    changed boolean;
+BEGIN
+    IF current_setting('pgbeat.quiet', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        SELECT bool_or(true), min(n.next_run_at) FILTER (WHERE NOT n.paused) INTO changed, earliest
+          FROM new_rows n JOIN old_rows o ON o.id = n.id
+         WHERE n.next_run_at IS DISTINCT FROM o.next_run_at OR n.paused IS DISTINCT FROM o.paused;
+    ELSE
+        SELECT bool_or(true), min(n.next_run_at) FILTER (WHERE NOT n.paused) INTO changed, earliest
+          FROM new_rows n;
+    END IF;
+    IF changed AND (earliest IS NULL OR earliest < now() + interval '60 seconds') THEN
+        PERFORM pg_notify('pgbeat_scheduler', json_build_object('next_run_at', earliest)::text);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER tasks_inserted_notify AFTER INSERT ON pgbeat.tasks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgbeat.notify_schedulers();
+
+CREATE OR REPLACE TRIGGER tasks_updated_notify AFTER UPDATE ON pgbeat.tasks
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgbeat.notify_schedulers();
+
+-- Wake the workers when a pending run appears.
+CREATE OR REPLACE FUNCTION pgbeat.notify_workers() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM new_rows WHERE state = 'pending') THEN
+        PERFORM pg_notify('pgbeat_worker', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER runs_inserted_notify AFTER INSERT ON pgbeat.runs
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgbeat.notify_workers();

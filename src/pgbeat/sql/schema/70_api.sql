@@ -1,0 +1,222 @@
+-- The REST API's calls, usable from psql as well: tasks and runs as the API shows
+-- them, keyset-paginated lists, the inputs of "upcoming", the gauges behind
+-- /metrics, and the task operations of 20_tasks.sql wrapped so that one call both
+-- writes and returns the row as the API shows it (the re-read runs in a later
+-- statement of the same transaction, so it sees the write).
+
+-- A task as the API shows it (the request bodies use the same names).
+CREATE OR REPLACE VIEW pgbeat.api_tasks AS
+SELECT s.id, s.name, s.kind, s.params, s.schedule, s.timeout, s.paused, s.next_run_at,
+       s.until, s.max_runs, s.fired, s.overlap_policy AS overlap, s.misfire_policy AS misfire,
+       s.max_retries, s.retry_backoff, s.status, s.created_at, s.updated_at, s.deleted_at
+  FROM pgbeat.task_status s;
+
+-- A run as the API shows it: durations and lateness in milliseconds.
+CREATE OR REPLACE VIEW pgbeat.api_runs AS
+SELECT h.id, h.task_id, h.task_name, h.kind, h.scheduled_for, h.due_at, h.started_at, h.finished_at,
+       h.state, h.attempt, h.coalesced, h.result, h.error,
+       h.duration_ms::double precision AS duration_ms, h.lateness_ms::double precision AS lateness_ms,
+       h.worker_host
+  FROM pgbeat.run_history h;
+
+-- One live task with its last finished (or running) run and its pending run.
+CREATE OR REPLACE VIEW pgbeat.api_task_details AS
+SELECT t.*,
+       (SELECT to_jsonb(r) FROM pgbeat.api_runs r
+         WHERE r.task_id = t.id AND r.state <> 'pending' ORDER BY r.id DESC LIMIT 1) AS last_run,
+       (SELECT to_jsonb(r) FROM pgbeat.api_runs r
+         WHERE r.task_id = t.id AND r.state = 'pending' LIMIT 1) AS pending_run
+  FROM pgbeat.api_tasks t
+ WHERE t.deleted_at IS NULL;
+
+-- One live task as GET /tasks/{id} shows it (no row: unknown or deleted).
+CREATE OR REPLACE FUNCTION pgbeat.get_task(p_id integer) RETURNS SETOF pgbeat.api_task_details
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM pgbeat.api_task_details WHERE id = p_id
+$$;
+
+-- One run as GET /runs/{id} shows it.
+CREATE OR REPLACE FUNCTION pgbeat.get_run(p_id bigint) RETURNS SETOF pgbeat.api_runs
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM pgbeat.api_runs WHERE id = p_id
+$$;
+
+-- Tasks in id order, p_limit at a time after the cursor p_after_id (keyset:
+-- tasks created meanwhile land after the last page, none is seen twice).
+-- Without p_status, deleted tasks are left out.
+CREATE OR REPLACE FUNCTION pgbeat.list_tasks(p_kind text DEFAULT NULL, p_status text DEFAULT NULL,
+                                  p_paused boolean DEFAULT NULL, p_name text DEFAULT NULL,
+                                  p_after_id integer DEFAULT 0, p_limit integer DEFAULT 100)
+RETURNS SETOF pgbeat.api_tasks
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM pgbeat.api_tasks t
+     WHERE t.id > coalesce(p_after_id, 0)
+       AND (p_kind IS NULL OR t.kind = p_kind)
+       AND CASE WHEN p_status IS NULL THEN t.deleted_at IS NULL ELSE t.status = p_status END
+       AND (p_paused IS NULL OR t.paused = p_paused)
+       AND (p_name IS NULL OR strpos(lower(t.name), lower(p_name)) > 0)
+     ORDER BY t.id
+     LIMIT p_limit
+$$;
+
+-- Runs newest first, p_limit at a time before the cursor p_before_id; the time
+-- range applies to scheduled_for.
+CREATE OR REPLACE FUNCTION pgbeat.list_runs(p_task_id integer DEFAULT NULL, p_state text DEFAULT NULL,
+                                 p_kind text DEFAULT NULL, p_since timestamptz DEFAULT NULL,
+                                 p_until timestamptz DEFAULT NULL, p_before_id bigint DEFAULT NULL,
+                                 p_limit integer DEFAULT 100)
+RETURNS SETOF pgbeat.api_runs
+LANGUAGE sql STABLE AS $$
+    SELECT * FROM pgbeat.api_runs r
+     WHERE (p_before_id IS NULL OR r.id < p_before_id)
+       AND (p_task_id IS NULL OR r.task_id = p_task_id)
+       AND (p_state IS NULL OR r.state = p_state)
+       AND (p_kind IS NULL OR r.kind = p_kind)
+       AND (p_since IS NULL OR r.scheduled_for >= p_since)
+       AND (p_until IS NULL OR r.scheduled_for < p_until)
+     ORDER BY r.id DESC
+     LIMIT p_limit
+$$;
+
+-- The history of one task (deleted tasks keep theirs); P0002 for an id that never existed.
+CREATE OR REPLACE FUNCTION pgbeat.task_runs(p_task_id integer, p_state text DEFAULT NULL,
+                                 p_before_id bigint DEFAULT NULL, p_limit integer DEFAULT 100)
+RETURNS SETOF pgbeat.api_runs
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgbeat.tasks WHERE id = p_task_id) THEN
+        PERFORM pgbeat.raise_not_found(p_task_id);
+    END IF;
+    RETURN QUERY SELECT * FROM pgbeat.list_runs(p_task_id, p_state, NULL, NULL, NULL, p_before_id, p_limit);
+END $$;
+
+-- What comes next, soonest first: runs waiting for a worker, and each active
+-- task's next slot with what its later slots follow from (the interval in
+-- seconds, or the cron expression for croniter) and their bounds (until, how
+-- many slots max_runs still allows). At most p_limit of each; the caller
+-- expands the schedules and keeps the p_limit soonest. With p_task_id, that
+-- task only (P0002 for an unknown or deleted id).
+CREATE OR REPLACE FUNCTION pgbeat.upcoming_slots(p_limit integer, p_until timestamptz DEFAULT NULL,
+                                      p_task_id integer DEFAULT NULL)
+RETURNS TABLE (task_id integer, task_name text, kind text, source text, run_id bigint,
+               scheduled_for timestamptz, every_seconds double precision, cron text, timezone text,
+               until timestamptz, remaining integer)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+BEGIN
+    IF p_task_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pgbeat.tasks t WHERE t.id = p_task_id AND t.deleted_at IS NULL) THEN
+        PERFORM pgbeat.raise_not_found(p_task_id);
+    END IF;
+    RETURN QUERY
+    (SELECT r.task_id, t.name, r.kind, 'pending'::text, r.id, r.due_at, NULL::double precision, NULL::text,
+            NULL::text, NULL::timestamptz, 1
+       FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
+      WHERE r.state = 'pending' AND (p_task_id IS NULL OR r.task_id = p_task_id)
+        AND (p_until IS NULL OR r.due_at <= p_until)
+      ORDER BY r.due_at, r.id
+      LIMIT p_limit)
+    UNION ALL
+    (SELECT t.id, t.name, t.kind, 'scheduled'::text, NULL::bigint, t.next_run_at,
+            extract(epoch FROM t.every)::double precision, t.cron, t.timezone, t.until, t.max_runs - t.fired
+       FROM pgbeat.tasks t
+      WHERE NOT t.paused AND t.next_run_at IS NOT NULL AND (p_task_id IS NULL OR t.id = p_task_id)
+        AND (p_until IS NULL OR t.next_run_at <= p_until)
+      ORDER BY t.next_run_at, t.id
+      LIMIT p_limit);
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.api_update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
+RETURNS SETOF pgbeat.api_tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    t := pgbeat.update_task(p_id, p_changes, p_first_slot);
+    RETURN QUERY SELECT * FROM pgbeat.api_tasks WHERE id = t.id;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.api_pause_task(p_id integer) RETURNS SETOF pgbeat.api_tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    t := pgbeat.pause_task(p_id);
+    RETURN QUERY SELECT * FROM pgbeat.api_tasks WHERE id = t.id;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.api_resume_task(p_id integer, p_next_cron_slot timestamptz DEFAULT NULL)
+RETURNS SETOF pgbeat.api_tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    t pgbeat.tasks;
+BEGIN
+    t := pgbeat.resume_task(p_id, p_next_cron_slot);
+    RETURN QUERY SELECT * FROM pgbeat.api_tasks WHERE id = t.id;
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.api_trigger_task(p_id integer) RETURNS SETOF pgbeat.api_runs
+LANGUAGE plpgsql AS $$
+DECLARE
+    r pgbeat.runs;
+BEGIN
+    r := pgbeat.trigger_task(p_id);
+    RETURN QUERY SELECT * FROM pgbeat.api_runs WHERE id = r.id;
+END $$;
+
+-- Several task creations in one call and one transaction. The API sends the
+-- creations that arrive while an earlier one is in flight together
+-- (pgbeat.api.creations): a transaction's commit, not its inserts, is what a
+-- creation costs. Each spec is created exactly as create_task creates it; if any
+-- is refused, nothing is written and the caller creates them one at a time, so
+-- that each gets its own answer.
+CREATE OR REPLACE FUNCTION pgbeat.api_create_tasks(p_specs jsonb[], p_first_slots timestamptz[])
+RETURNS SETOF pgbeat.api_tasks
+LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    ids integer[] := '{}';
+BEGIN
+    IF cardinality(p_specs) IS DISTINCT FROM cardinality(p_first_slots) THEN
+        PERFORM pgbeat.raise_invalid('tasks', 'specs and first slots must have the same length');
+    END IF;
+    FOR i IN 1 .. coalesce(cardinality(p_specs), 0) LOOP
+        ids := ids || (pgbeat.create_task(p_specs[i], p_first_slots[i])).id;
+    END LOOP;
+    -- In the order given.
+    RETURN QUERY SELECT t.* FROM unnest(ids) WITH ORDINALITY AS u(id, ord)
+                   JOIN pgbeat.api_tasks t ON t.id = u.id
+                  ORDER BY u.ord;
+END $$;
+
+-- The gauges /metrics reads at scrape time: (metric, label, value) rows, every
+-- label present (zero when nothing matches). "Recent" is the last p_window.
+CREATE OR REPLACE FUNCTION pgbeat.metric_values(p_window interval DEFAULT interval '5 minutes')
+RETURNS TABLE (metric text, label text, value double precision)
+LANGUAGE sql STABLE AS $$
+    SELECT 'tasks', s.status, count(t.id)::double precision
+      FROM unnest(ARRAY['active', 'paused', 'complete', 'deleted']) AS s(status)
+      LEFT JOIN pgbeat.task_status t ON t.status = s.status
+     GROUP BY s.status
+    UNION ALL
+    SELECT 'runs_pending', '', count(*) FROM pgbeat.runs WHERE state = 'pending'
+    UNION ALL
+    SELECT 'runs_running', '', count(*) FROM pgbeat.runs WHERE state = 'running'
+    UNION ALL
+    SELECT 'runs_finished_recent', s.state, count(r.id)
+      FROM unnest(ARRAY['succeeded', 'failed', 'timed_out', 'abandoned', 'cancelled', 'skipped']) AS s(state)
+      LEFT JOIN pgbeat.runs r ON r.state = s.state AND r.finished_at > now() - p_window
+     GROUP BY s.state
+    UNION ALL
+    SELECT 'run_start_delay_seconds', q.quantile, coalesce(q.seconds, 0)
+      FROM (SELECT percentile_cont(ARRAY[0.5, 0.95, 1.0]) WITHIN GROUP
+                   (ORDER BY extract(epoch FROM r.started_at - r.due_at)) AS p
+              FROM pgbeat.runs r
+             WHERE r.finished_at > now() - p_window
+               AND r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned')) d,
+           LATERAL (VALUES ('0.5', d.p[1]), ('0.95', d.p[2]), ('1', d.p[3])) AS q(quantile, seconds)
+    UNION ALL
+    SELECT 'daemons_live', s.role, count(d.id)
+      FROM unnest(ARRAY['scheduler', 'worker']) AS s(role)
+      LEFT JOIN pgbeat.live_daemons d ON d.role = s.role
+     GROUP BY s.role
+$$;
