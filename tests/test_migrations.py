@@ -92,17 +92,31 @@ def test_migrate_puts_back_what_the_files_define_and_drops_the_rest(db_url):
         "DROP VIEW pgbeat.live_daemons",
         "CREATE VIEW pgbeat.live_daemons AS SELECT * FROM pgbeat.daemons",
     )
-    assert diff(catalog(db_url), before) != []
-    assert migrations.pending(db_url) == []  # a change by hand leaves the digest alone...
-    migrations.apply(db_url)
-    assert diff(catalog(db_url), before) == []  # ...and migrate undoes it all the same
+    changed = catalog(db_url)
+    assert diff(changed, before) != []
+    # A change by hand leaves the recorded digest alone: a plain migrate has nothing to do...
+    assert migrations.pending(db_url) == []
+    assert migrations.apply(db_url) == []
+    assert diff(catalog(db_url), changed) == []
+    # ...and migrate --reapply-schema undoes it.
+    migrations.apply(db_url, reapply_schema=True)
+    assert diff(catalog(db_url), before) == []
 
 
-def test_readiness_sees_schema_files_the_database_does_not_hold(db_url):
-    execute(db_url, "COMMENT ON SCHEMA pgbeat IS 'pgbeat schema files sha256:older'")
+def test_schema_files_the_database_does_not_hold_are_pending_and_applied(db_url):
+    """New code with changed schema files (and no new migration): readiness says so,
+    and migrate applies them."""
+    before = catalog(db_url)
+    execute(
+        db_url,
+        "COMMENT ON SCHEMA pgbeat IS 'pgbeat schema files sha256:older'",
+        "CREATE OR REPLACE FUNCTION pgbeat.next_due_at() RETURNS timestamptz"
+        " LANGUAGE sql AS $$ SELECT now() $$",
+    )
     assert migrations.pending(db_url) == [migrations.SCHEMA_PENDING]
     assert migrations.apply(db_url) == []
     assert migrations.pending(db_url) == []
+    assert diff(catalog(db_url), before) == []
 
 
 def test_a_function_a_table_uses_is_kept_and_must_stay_defined(db_url):
@@ -116,7 +130,7 @@ def test_a_function_a_table_uses_is_kept_and_must_stay_defined(db_url):
     )
     before = catalog(db_url)
     with pytest.raises(migrations.MigrationError, match=r"no schema file defines pgbeat\.short\(text\)"):
-        migrations.apply(db_url)
+        migrations.apply(db_url, reapply_schema=True)
     assert diff(catalog(db_url), before) == []
 
 

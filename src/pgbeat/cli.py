@@ -47,7 +47,7 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
         done = migrations.rollback(url, count=args.count)
         print("rolled back: " + (", ".join(done) or "nothing"))
     else:
-        done = migrations.apply(url)
+        done = migrations.apply(url, reapply_schema=args.reapply_schema)
         print("applied: " + (", ".join(done) or "nothing (schema is current)"))
     return 0
 
@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply (or roll back) the SQL migrations")
     p.add_argument("--rollback", action="store_true", help="roll back instead of applying")
     p.add_argument("--count", type=int, default=None, help="with --rollback: how many (default all)")
+    p.add_argument(
+        "--reapply-schema",
+        action="store_true",
+        help="run the schema files even if the database holds them (undoes changes made by hand)",
+    )
     p.add_argument(
         "--wait",
         type=float,

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import msgspec
 
+from pgbeat import queries
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.db")
@@ -110,7 +111,7 @@ def wait_for_database(url: str, timeout: float) -> None:
         remaining = deadline - time.monotonic()
         try:
             with psycopg.connect(url, connect_timeout=max(2, min(10, int(remaining)))) as conn:
-                conn.execute("SELECT 1")
+                conn.execute(queries.get("ping"))
             if attempt > 1:
                 log.info("database reachable", extra={"event": "database_ready", "attempt": attempt})
             return

@@ -8,7 +8,7 @@ Two kinds of SQL file (CONTRIBUTING.md, "Database code"):
   current form. After the migrations, in one transaction, pgbeat drops its
   functions, views and triggers and runs these files, so the database holds
   exactly what they define; the files' digest is recorded, and readiness reports
-  a database whose functions are older than the code.
+  a database whose functions are not the code's.
 
 All of it runs under yoyo's lock, so replicas that start together migrate once.
 """
@@ -97,30 +97,42 @@ def adopt_pre_v1(backend, migrations) -> None:
 def apply_schema(url: str) -> None:
     """Replace pgbeat's functions, views and triggers with the schema files', in one transaction."""
     with psycopg.connect(url) as conn:  # one transaction, committed when the block ends
+        kept = conn.execute(queries.get("schema_kept_routines")).fetchall()
         conn.execute(queries.get("schema_drop_objects"))
         for path in schema_files():
             conn.execute(path.read_text(encoding="utf-8"))
-        stale = [row[0] for row in conn.execute(queries.get("schema_kept_not_redefined"))]
+        stale = sorted(set(kept) & set(conn.execute(queries.get("schema_kept_routines")).fetchall()))
         if stale:
             raise MigrationError(
-                f"no schema file defines {', '.join(stale)}, which a table still uses: "
+                f"no schema file defines {', '.join(r for r, _ in stale)}, which a table still uses: "
                 "a migration must drop that use first"
             )
         digest = sql.SQL(queries.get("schema_record_digest")).format(digest=sql.Literal(schema_digest()))
         conn.execute(digest)
 
 
-def apply(url: str) -> list[str]:
+def recorded_digest(url: str) -> str | None:
+    """The digest of the schema files the database holds (None: none, or no schema)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(queries.get("schema_digest")).fetchone()
+    return None if row is None else row[0]
+
+
+def apply(url: str, reapply_schema: bool = False) -> list[str]:
     """Apply pending migrations, then the schema files, under yoyo's lock (safe when
-    replicas start together). Returns the ids of the migrations applied; applying
-    twice changes nothing."""
+    replicas start together). The schema files run when a migration was applied or
+    the database holds other files (or with reapply_schema, which also undoes changes
+    made by hand): replacing the triggers locks the tables for a moment, which a
+    restarting replica need not cause. Returns the ids of the migrations applied;
+    applying twice changes nothing."""
     backend = get_backend(yoyo_url(url))
     migrations = read_migrations(str(MIGRATIONS_DIR))
     with backend.lock():
         adopt_pre_v1(backend, migrations)
         todo = backend.to_apply(migrations)
         backend.apply_migrations(todo)
-        apply_schema(url)
+        if todo or reapply_schema or recorded_digest(url) != schema_digest():
+            apply_schema(url)
     return [m.id for m in todo]
 
 
@@ -144,8 +156,6 @@ def pending(url: str) -> list[str]:
     are not those of the schema files."""
     backend = get_backend(yoyo_url(url))
     todo = [m.id for m in backend.to_apply(read_migrations(str(MIGRATIONS_DIR)))]
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute(queries.get("schema_digest")).fetchone()
-    if row is None or row[0] != schema_digest():
+    if recorded_digest(url) != schema_digest():
         todo.append(SCHEMA_PENDING)
     return todo

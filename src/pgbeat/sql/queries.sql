@@ -218,12 +218,22 @@ SELECT s.task_id, r.id, r.state, r.scheduled_for,
 
 -- ---------------------------------------------------------------- pgbeat migrate (psycopg)
 
+-- name: schema_kept_routines
+-- pgbeat's functions a table depends on (CHECK constraint, column default, index), with their row versions.
+-- They cannot be dropped with the others: they are kept, and a schema file must
+-- replace them (CREATE OR REPLACE gives the row a new version).
+SELECT p.oid::regprocedure::text AS routine, p.xmin::text AS version
+  FROM pg_proc p
+ WHERE p.pronamespace = 'pgbeat'::regnamespace
+   AND EXISTS (SELECT 1 FROM pg_depend d
+                WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
+                  AND d.classid IN ('pg_constraint'::regclass, 'pg_attrdef'::regclass, 'pg_class'::regclass))
+ ORDER BY 1;
+
 -- name: schema_drop_objects
--- Before the schema files run: drop pgbeat's triggers, views and functions (keep those a table depends on).
+-- Before the schema files run: drop pgbeat's triggers, views and functions, but those a table depends on.
 -- The files then create every one of them again, so the database holds exactly what
--- they define. A function used by a CHECK constraint, a column default or an index
--- cannot be dropped without its table's objects: it is kept, listed in the temporary
--- table schema_kept_routines, and must be redefined (CREATE OR REPLACE) by a file.
+-- they define.
 DO $$
 DECLARE
     obj text;
@@ -240,25 +250,16 @@ BEGIN
     LOOP
         EXECUTE 'DROP VIEW IF EXISTS ' || obj || ' CASCADE';
     END LOOP;
-    CREATE TEMPORARY TABLE schema_kept_routines ON COMMIT DROP AS
-    SELECT p.oid, p.xmin::text AS version FROM pg_proc p
-     WHERE p.pronamespace = 'pgbeat'::regnamespace
-       AND EXISTS (SELECT 1 FROM pg_depend d
-                    WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
-                      AND d.classid IN ('pg_constraint'::regclass, 'pg_attrdef'::regclass, 'pg_class'::regclass));
     FOR obj IN SELECT p.oid::regprocedure::text FROM pg_proc p
                 WHERE p.pronamespace = 'pgbeat'::regnamespace
-                  AND p.oid NOT IN (SELECT k.oid FROM schema_kept_routines k)
+                  AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                                   WHERE d.refclassid = 'pg_proc'::regclass AND d.refobjid = p.oid
+                                     AND d.classid IN ('pg_constraint'::regclass, 'pg_attrdef'::regclass,
+                                                       'pg_class'::regclass))
     LOOP
         EXECUTE 'DROP ROUTINE ' || obj;
     END LOOP;
 END $$;
-
--- name: schema_kept_not_redefined
--- After the schema files ran: kept functions (used by a table) that no file redefined.
-SELECT p.oid::regprocedure::text AS routine
-  FROM schema_kept_routines k JOIN pg_proc p ON p.oid = k.oid
- WHERE p.xmin::text = k.version;
 
 -- name: schema_record_digest
 -- Record which schema files the database now holds. A utility statement takes no parameters: {digest} is a literal composed by psycopg.sql.
