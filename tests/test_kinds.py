@@ -88,6 +88,16 @@ async def test_http_non_2xx_fails_with_the_status_recorded(http, target):
         await kinds.get("http")({"url": f"{target}/status/500"}, context(http))
     assert failed.value.error == "HTTP 500 (expected 2xx)"
     assert failed.value.result["status"] == 500
+    assert (failed.value.result["error_class"], failed.value.result["retry"]) == ("http_5xx", True)
+
+
+async def test_http_4xx_is_retried_only_when_the_task_asks(http, target):
+    with pytest.raises(RunFailed) as failed:
+        await kinds.get("http")({"url": f"{target}/status/404"}, context(http))
+    assert (failed.value.result["error_class"], failed.value.result["retry"]) == ("http_4xx", False)
+    with pytest.raises(RunFailed) as failed:
+        await kinds.get("http")({"url": f"{target}/status/429", "retry_on_4xx": True}, context(http))
+    assert (failed.value.result["error_class"], failed.value.result["retry"]) == ("http_4xx", True)
 
 
 async def test_http_connection_refused_names_the_error_class(http):
@@ -96,27 +106,31 @@ async def test_http_connection_refused_names_the_error_class(http):
         port = s.getsockname()[1]
     with pytest.raises(RunFailed) as failed:
         await kinds.get("http")({"url": f"http://127.0.0.1:{port}/"}, context(http))
-    assert failed.value.error.startswith("ClientConnectorError")
+    assert failed.value.error.startswith("connect: ClientConnectorError")
+    assert failed.value.result["error_class"] == "connect" and failed.value.result["retry"] is True
     assert "status" not in failed.value.result
 
 
 async def test_http_dns_failure_names_the_error_class(http):
     with pytest.raises(RunFailed) as failed:
         await kinds.get("http")({"url": "http://pgbeat-test.invalid/"}, context(http))
-    assert failed.value.error.startswith("ClientConnectorDNSError")
+    assert failed.value.error.startswith("dns: ClientConnectorDNSError")
+    assert failed.value.result["error_class"] == "dns"
 
 
 async def test_http_tls_failure_names_the_error_class(http, target):
     with pytest.raises(RunFailed) as failed:
         await kinds.get("http")({"url": target.replace("http://", "https://") + "/status/200"}, context(http))
-    assert failed.value.error.startswith("ClientConnectorSSLError")
+    assert failed.value.error.startswith("tls: ClientConnectorSSLError")
+    assert failed.value.result["error_class"] == "tls"
 
 
 async def test_http_read_timeout_fails_with_the_error_class(target):
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=0.2)) as http:
         with pytest.raises(RunFailed) as failed:
             await kinds.get("http")({"url": f"{target}/slow/2"}, context(http))
-    assert failed.value.error == "SocketTimeoutError: Timeout on reading data from socket"
+    assert failed.value.error == "timeout: SocketTimeoutError: Timeout on reading data from socket"
+    assert failed.value.result["error_class"] == "timeout"
 
 
 async def test_execute_records_each_outcome(http, target):

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pgbeat.egress import HttpPolicy
+from pgbeat.limits import MIN_INTERVAL_SECONDS
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _float(name: str, default: float) -> float:
@@ -17,6 +23,16 @@ def _float(name: str, default: float) -> float:
         raise SystemExit(f"{name}: expected a number, got {raw!r}") from exc
 
 
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """PGBEAT_TRUSTED_PROXIES: comma-separated addresses or CIDR networks."""
+    try:
+        return tuple(
+            ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+        )
+    except ValueError as exc:
+        raise SystemExit(f"PGBEAT_TRUSTED_PROXIES: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Config:
     database_url: str | None = None
@@ -25,7 +41,11 @@ class Config:
     log_format: str | None = None  # "json", "text", or None for "text on a TTY"
     retention_days: float = 30.0
     shutdown_grace: float = 30.0
-    rate_limit_per_minute: int = 600_000  # per API key (or address); 0 turns rate limiting off
+    rate_limit_per_minute: int = 3000  # per API key (or address); 0 turns rate limiting off
+    auth_failures_per_minute: int = 20  # per client address, then 429 until the minute ends
+    trusted_proxies: tuple[Network, ...] = ()  # networks whose X-Forwarded-For names the client
+    min_interval: float = MIN_INTERVAL_SECONDS  # shortest `every` the API accepts
+    http: HttpPolicy = field(default_factory=HttpPolicy)  # the http kind's limits and egress policy
     ui_secret: str | None = None  # signs the dashboard's sessions and CSRF tokens (pgbeat.api.dashboard)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -39,6 +59,10 @@ class Config:
             log_format=os.environ.get("PGBEAT_LOG_FORMAT") or None,
             retention_days=_float("PGBEAT_RETENTION_DAYS", 30.0),
             shutdown_grace=_float("PGBEAT_SHUTDOWN_GRACE", 30.0),
-            rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 600_000)),
+            rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 3000)),
+            auth_failures_per_minute=int(_float("PGBEAT_AUTH_FAILURE_LIMIT", 20)),
+            trusted_proxies=parse_networks(os.environ.get("PGBEAT_TRUSTED_PROXIES", "")),
+            min_interval=_float("PGBEAT_MIN_INTERVAL", MIN_INTERVAL_SECONDS),
+            http=HttpPolicy.from_env(),
             ui_secret=os.environ.get("PGBEAT_UI_SECRET") or None,
         )

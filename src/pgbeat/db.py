@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pwd
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -60,6 +61,37 @@ def start_embedded(data_dir: Path) -> str:
     url = server.get_uri()
     log.info("embedded PostgreSQL", extra={"event": "embedded_postgres", "data_dir": str(data_dir)})
     return url
+
+
+class DataDirInUse(Exception):
+    """Another `pgbeat serve` runs on this data directory."""
+
+
+def claim_data_dir(data_dir: Path) -> IO[str]:
+    """Hold data_dir for this process (an exclusive lock on data_dir/serve.lock, which
+    the kernel releases whenever the process ends, kill -9 included) and record our
+    pid there. Keep the returned file open while serving.
+
+    Raises DataDirInUse naming the directory and the holder's pid.
+    """
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(data_dir / "serve.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise DataDirInUse(
+            f"data directory {data_dir} is in use by another pgbeat serve (pid {holder}); "
+            "stop that one, or give this one its own PGBEAT_DATA_DIR"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def stop_embedded(data_dir: Path) -> bool:

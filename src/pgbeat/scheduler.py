@@ -217,7 +217,7 @@ def cron_slots(due: list[asyncpg.Record]) -> list[dict[str, Any]]:
             latest, following, missed = schedules.cron_catch_up(
                 task["cron"], task["timezone"], task["next_run_at"], task["db_now"]
             )
-        except (ValueError, KeyError) as exc:
+        except Exception as exc:  # croniter's assorted errors: this task's problem, not the pass's
             log.error(
                 "cron slot could not be computed",
                 extra={"event": "cron_error", "task_id": task["task_id"], "error": str(exc)},

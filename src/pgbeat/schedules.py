@@ -4,7 +4,9 @@ slots live in the database (sql/schema/30_scheduling.sql; Rule 7)."""
 
 from __future__ import annotations
 
+import functools
 import re
+import zoneinfo
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import islice
@@ -69,10 +71,29 @@ def parse_duration(value: str | int | float) -> float:
     return seconds
 
 
+# Files of the zone database that are not zones a user means: the host's own zone,
+# a placeholder, a rules template, and the duplicate trees.
+NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
+
+
+@functools.cache
+def time_zones() -> frozenset[str]:
+    """The IANA zone names croniter may be given (zoneinfo's list, less NOT_ZONES)."""
+    return frozenset(
+        name
+        for name in zoneinfo.available_timezones()
+        if name not in NOT_ZONES and not name.startswith(("posix/", "right/"))
+    )
+
+
 def check_timezone(name: str) -> ZoneInfo:
+    """The zone called name; ValueError for anything else (a folder of the zone
+    database such as 'Europe', a file that is not a zone, a path)."""
+    if not isinstance(name, str) or name not in time_zones():
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as 'Europe/Paris')")
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"unknown time zone {name!r}") from exc
 
 

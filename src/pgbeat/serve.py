@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 from pgbeat import daemon, db, migrations
 from pgbeat.config import Config
@@ -56,6 +57,15 @@ def main(args: argparse.Namespace, config: Config) -> int:
     # so the embedded server started below is still stopped.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     embedded = config.database_url is None
+    if embedded:
+        # One server per data directory: a second one must not touch the first one's
+        # PostgreSQL (not even to stop it on its way out).
+        try:
+            data_dir_lock = db.claim_data_dir(config.data_dir)
+        except db.DataDirInUse as exc:
+            log.error("pgbeat serve: %s", exc, extra={"event": "data_dir_in_use"})
+            print(f"pgbeat serve: {exc}", file=sys.stderr, flush=True)
+            return 2
     try:
         url = db.resolve_url(config)
         if embedded:
@@ -69,3 +79,4 @@ def main(args: argparse.Namespace, config: Config) -> int:
     finally:
         if embedded:
             db.stop_embedded(config.data_dir)
+            data_dir_lock.close()

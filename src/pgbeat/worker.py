@@ -27,6 +27,8 @@ import asyncpg
 
 from pgbeat import daemon, db, kinds, queries
 from pgbeat.config import Config
+from pgbeat.egress import HttpPolicy, redact
+from pgbeat.kinds import http as http_kind
 
 log = logging.getLogger("pgbeat.worker")
 
@@ -41,8 +43,7 @@ CLAIM_ERROR_PAUSE = 1.0
 # trip learn the seconds until the next pending run falls due (sql/queries.sql).
 CLAIM_RUNS = queries.get("claim_runs")
 
-# aiohttp's own limits; the task's timeout bounds the whole run on top of them.
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+HTTP_TIMEOUT = http_kind.CLIENT_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,14 @@ class Outcome:
     duration_ms: float
 
 
-async def execute(run: ClaimedRun, http: aiohttp.ClientSession) -> Outcome:
+async def execute(
+    run: ClaimedRun, http: aiohttp.ClientSession, http_policy: HttpPolicy | None = None
+) -> Outcome:
     """Run one claimed run under its task's timeout and say how it ended.
     Cancellation (shutdown, lost session) propagates: the caller records it."""
-    ctx = kinds.RunContext(run.run_id, run.task_id, run.attempt, run.scheduled_for, run.timeout, http)
+    ctx = kinds.RunContext(
+        run.run_id, run.task_id, run.attempt, run.scheduled_for, run.timeout, http, http_policy
+    )
     started = time.monotonic()
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -98,9 +103,11 @@ async def execute(run: ClaimedRun, http: aiohttp.ClientSession) -> Outcome:
             state, error = "failed", f"{type(exc).__name__}: {exc}".rstrip(": ")
         else:
             state, error = "timed_out", f"exceeded the task's timeout of {run.timeout:g}s"
+            result = {"error_class": "timeout", "retry": True}
     except Exception as exc:
-        log.exception("run raised", extra={"event": "run_error", "run_id": run.run_id})
-        state, error = "failed", f"{type(exc).__name__}: {exc}".rstrip(": ")
+        error = redact(repr(exc))
+        log.error("run raised", extra={"event": "run_error", "run_id": run.run_id, "error": error})
+        state, error = "failed", redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
     return Outcome(run, state, result, error, round((time.monotonic() - started) * 1000, 3))
 
 
@@ -247,7 +254,7 @@ class Worker:
                 "daemon_id": self.session.daemon_id,
             },
         )
-        task = asyncio.create_task(execute(run, self.http), name=f"run-{run.run_id}")
+        task = asyncio.create_task(execute(run, self.http, self.config.http), name=f"run-{run.run_id}")
         task.add_done_callback(lambda _task: self.run_ended.set())
         self.in_flight[task] = run
 
@@ -430,6 +437,6 @@ async def run_worker(url: str, config: Config, stop: asyncio.Event, concurrency:
     """The worker process: run sessions until stop, reconnecting with backoff."""
     if concurrency < 1:
         raise SystemExit("pgbeat worker: --concurrency must be at least 1")
-    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT, headers={"User-Agent": "pgbeat"}) as http:
+    async with http_kind.client_session(config.http) as http:
         await daemon.run_forever("worker", stop, lambda: run_session(url, config, stop, concurrency, http))
     log.info("worker stopped", extra={"event": "worker_stopped"})

@@ -5,44 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
-import msgspec
 import uvicorn
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Response, get
 from litestar.connection import ASGIConnection
-from litestar.datastructures import Headers, State
+from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import (
     AbstractAuthenticationMiddleware,
     AuthenticationResult,
     DefineMiddleware,
 )
-from litestar.middleware.rate_limit import (
-    DURATION_VALUES,
-    CacheObject,
-    RateLimitConfig,
-    RateLimitMiddleware,
-)
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from litestar.stores.base import Store
-from litestar.stores.memory import MemoryStore
-from litestar.types import Message, Send
 from prometheus_client import Gauge
 
 import pgbeat
 from pgbeat import db, migrations, queries
-from pgbeat.api import dashboard
+from pgbeat.api import dashboard, ratelimit
 from pgbeat.api.creations import TaskCreations
 from pgbeat.api.errors import EXCEPTION_HANDLERS
 from pgbeat.api.models import Health, Readiness
-from pgbeat.api.routes import RunController, TaskController, upcoming
+from pgbeat.api.ratelimit import presented_key
+from pgbeat.api.routes import InputLimits, RunController, TaskController, upcoming
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.api")
@@ -57,15 +47,6 @@ MAX_BODY_BYTES = 64 * 1024
 # ---------------------------------------------------------------- auth and rate limit
 
 
-def presented_key(headers: Headers) -> str | None:
-    """The key in `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
-    authorization = headers.get("authorization", "")
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return headers.get("x-api-key") or None
-
-
 def key_is_valid(presented: str, keys: tuple[bytes, ...]) -> bool:
     """Constant-time comparison against every configured key."""
     candidate = presented.encode()
@@ -76,91 +57,43 @@ def key_is_valid(presented: str, keys: tuple[bytes, ...]) -> bool:
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
-    def __init__(self, app, keys: tuple[str, ...], exclude: list[str]) -> None:
+    """A valid key or 401; a client address whose failures reach `failures_per_minute`
+    is refused (429, Retry-After) until its window ends, whatever key it sends, so
+    keys cannot be guessed at speed."""
+
+    def __init__(
+        self,
+        app,
+        keys: tuple[str, ...],
+        exclude: list[str],
+        failures_per_minute: int,
+        trusted: tuple[ratelimit.Network, ...],
+    ) -> None:
         super().__init__(app, exclude=exclude)
         self.keys = tuple(key.encode() for key in keys)
+        self.failures = ratelimit.FixedWindows(failures_per_minute)
+        self.trusted = trusted
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
+        address = ratelimit.client_address(connection.scope, self.trusted)
+        blocked_for = self.failures.blocked_for(address)
+        if blocked_for is not None:
+            raise ratelimit.too_many("too many failed authentications from this address", blocked_for)
         presented = presented_key(connection.headers)
         challenge = {"WWW-Authenticate": "Bearer"}
-        if presented is None:
-            raise NotAuthorizedException(
-                "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'", headers=challenge
+        if presented is None or not key_is_valid(presented, self.keys):
+            self.failures.hit(address)
+            log.warning(
+                "authentication failed",
+                extra={"event": "auth_failed", "client": address, "path": connection.url.path},
             )
-        if not key_is_valid(presented, self.keys):
+            if presented is None:
+                raise NotAuthorizedException(
+                    "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                    headers=challenge,
+                )
             raise NotAuthorizedException("invalid API key", headers=challenge)
         return AuthenticationResult(user=None, auth=presented)
-
-
-class WindowCount(int):
-    """A window's request count standing in for Litestar's list of request timestamps,
-    which Litestar only ever measures with len()."""
-
-    def __len__(self) -> int:
-        return int(self)
-
-
-class CountingRateLimitMiddleware(RateLimitMiddleware):
-    """Litestar's rate limiter (same fixed window, 429 and RateLimit-* headers) storing
-    each window as [count, reset] instead of one timestamp per request, so a request
-    costs the same at 600,000/min as at 6/min."""
-
-    def __init__(self, app, config: RateLimitConfig) -> None:
-        super().__init__(app, config)
-        # The lock guards a read-check-write that never waits (the store below is in
-        # memory): on one event loop nothing can interleave it. anyio's lock cost a
-        # loop pass (or, fast, a running-loop lookup and a getpid) per request.
-        self._lock = contextlib.nullcontext()
-
-    async def retrieve_cached_history(self, key: str, store: Store) -> CacheObject:
-        now = int(time.time())
-        cached = await store.get(key)
-        if cached:
-            count, reset = msgspec.json.decode(cached)
-            if reset > now:
-                return CacheObject(history=WindowCount(count), reset=reset)  # type: ignore[arg-type]
-        return CacheObject(history=WindowCount(0), reset=now + DURATION_VALUES[self.unit])  # type: ignore[arg-type]
-
-    async def set_cached_history(self, key: str, cache_object: CacheObject, store: Store) -> None:
-        cache_object.history = WindowCount(len(cache_object.history) + 1)  # type: ignore[assignment]
-        window = msgspec.json.encode([len(cache_object.history), cache_object.reset])
-        await store.set(key, window, expires_in=DURATION_VALUES[self.unit])
-
-    def create_send_wrapper(self, send: Send, cache_object: CacheObject) -> Send:
-        """The same RateLimit-* headers, appended to the response's raw headers: nothing
-        else sets them, and setting each through MutableScopeHeaders scanned every header
-        (a third of what the rate limiter cost per request)."""
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", []).extend(
-                    (name.lower().encode("latin-1"), value.encode("latin-1"))
-                    for name, value in self.create_response_headers(cache_object=cache_object).items()
-                )
-            await send(message)
-
-        return send_wrapper
-
-
-class WindowStore(MemoryStore):
-    """Litestar's in-memory store without its lock: none of its operations waits, so
-    on one event loop they cannot interleave (and the rate limiter uses it from one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = contextlib.nullcontext()  # type: ignore[assignment]
-
-
-def rate_limit_identity(keyed: bool) -> Callable[[Request], str]:
-    """Who a request counts against: its API key (hashed) when keys are configured, else its address."""
-
-    def identify(request: Request) -> str:
-        key = presented_key(request.headers) if keyed else None
-        if key:
-            return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
-        return "addr:" + (request.client.host if request.client else "unknown")
-
-    return identify
 
 
 # ---------------------------------------------------------------- health, readiness, metrics
@@ -266,6 +199,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         )
         app.state.schema_check = SchemaCheck(url)
         app.state.creations = TaskCreations(app.state.pool)
+        app.state.input_limits = InputLimits.of(config)
         if not config.api_keys:
             log.warning(
                 "PGBEAT_API_KEYS is not set: the API is open to anyone who can reach it",
@@ -283,15 +217,21 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware
     ]
     if config.api_keys:
-        middleware.append(DefineMiddleware(ApiKeyMiddleware, keys=config.api_keys, exclude=KEYLESS_PATHS))
-    if config.rate_limit_per_minute > 0:
-        rate_limit = RateLimitConfig(
-            rate_limit=("minute", config.rate_limit_per_minute),
-            exclude=OPEN_PATHS,
-            identifier_for_request=rate_limit_identity(bool(config.api_keys)),
-            middleware_class=CountingRateLimitMiddleware,
+        middleware.append(
+            DefineMiddleware(
+                ApiKeyMiddleware,
+                keys=config.api_keys,
+                exclude=KEYLESS_PATHS,
+                failures_per_minute=config.auth_failures_per_minute,
+                trusted=config.trusted_proxies,
+            )
         )
-        middleware.append(rate_limit.middleware)
+    if config.rate_limit_per_minute > 0:
+        middleware.append(
+            ratelimit.RequestRateLimit(
+                config.rate_limit_per_minute, bool(config.api_keys), config.trusted_proxies, OPEN_PATHS
+            )
+        )
 
     return Litestar(
         route_handlers=[
@@ -305,7 +245,6 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         ],
         lifespan=[database],
         middleware=middleware,
-        stores={"rate_limit": WindowStore()},
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
         openapi_config=OpenAPIConfig(
@@ -337,6 +276,7 @@ async def run_api(url: str, config: Config, host: str, port: int, stop: asyncio.
         log_config=None,
         access_log=False,
         lifespan="on",
+        proxy_headers=False,  # the app reads X-Forwarded-For from PGBEAT_TRUSTED_PROXIES only
         timeout_graceful_shutdown=10,
     )
     server = _Server(server_config)

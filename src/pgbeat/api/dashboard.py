@@ -324,7 +324,9 @@ async def _act(request: Request, state: State, task_id: int, action: str, form: 
             await routes.delete_task(pool, task_id)
             return Redirect(status_code=303, path=f"/ui/tasks?done={quote('deleted')}")
         elif action == "schedule":
-            await routes.update_task(pool, task_id, TaskChanges(schedule=schedule_from_form(form)))
+            await routes.update_task(
+                pool, task_id, TaskChanges(schedule=schedule_from_form(form)), state.input_limits
+            )
     except (BadInput, asyncpg.PostgresError) as exc:
         handler = bad_input_handler if isinstance(exc, BadInput) else postgres_error_handler
         answer = handler(request, exc)  # type: ignore[arg-type]

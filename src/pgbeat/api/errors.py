@@ -96,6 +96,11 @@ def http_error_handler(_: Request, exc: HTTPException) -> Response:
     return error_response(exc.status_code, exc.detail, headers=exc.headers)
 
 
+def nesting_error_handler(_: Request, exc: RecursionError) -> Response:
+    """msgspec refuses JSON nested deeper than it can decode."""
+    return error_response(400, "body: JSON nests too deeply", "body")
+
+
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"event": "api_error", "path": request.url.path})
     return error_response(500, "internal error")
@@ -104,6 +109,7 @@ def internal_error_handler(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     Exception: internal_error_handler,
     BadInput: bad_input_handler,
+    RecursionError: nesting_error_handler,
     asyncpg.PostgresError: postgres_error_handler,
     asyncpg.InterfaceError: interface_error_handler,
     OSError: connection_error_handler,

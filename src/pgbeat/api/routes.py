@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import Body, FromQuery, JSONBody, PathParameter, QueryParameter
 
-from pgbeat import queries, schedules
+from pgbeat import limits, queries, schedules
 from pgbeat.api.errors import BadInput
 from pgbeat.api.models import (
     Error,
@@ -34,6 +35,8 @@ from pgbeat.api.models import (
     UpcomingRun,
     UpcomingRuns,
 )
+from pgbeat.config import Config
+from pgbeat.egress import HttpPolicy, redact, redact_url
 
 MAX_INT4 = 2**31 - 1
 MAX_INT8 = 2**63 - 1
@@ -76,28 +79,45 @@ TASK_EXAMPLE = {
 # ---------------------------------------------------------------- shaping rows
 
 
+def without_credentials(doc: Any, *keys: str) -> Any:
+    """doc (params or a result) with the credentials of its URLs redacted."""
+    if not isinstance(doc, dict) or not any(isinstance(doc.get(k), str) and "@" in doc[k] for k in keys):
+        return doc
+    return {**doc, **{k: redact_url(doc[k]) for k in keys if k in doc}}
+
+
 def task_from_row(row: asyncpg.Record, cls: type[Task] = Task) -> Task:
     values = {name: row[name] for name in cls.__struct_fields__ if name not in ("last_run", "pending_run")}
     values["schedule"] = msgspec.convert(row["schedule"], ScheduleOut)
+    values["params"] = without_credentials(values["params"], "url")
     return cls(**values)
 
 
 def task_details_from_row(row: asyncpg.Record) -> TaskDetails:
     task = task_from_row(row, TaskDetails)
     assert isinstance(task, TaskDetails)
-    task.last_run = msgspec.convert(row["last_run"], Run | None)
-    task.pending_run = msgspec.convert(row["pending_run"], Run | None)
+    task.last_run = without_run_credentials(msgspec.convert(row["last_run"], Run | None))
+    task.pending_run = without_run_credentials(msgspec.convert(row["pending_run"], Run | None))
     return task
 
 
+def without_run_credentials(run: Run | None) -> Run | None:
+    if run is not None:
+        run.result = without_credentials(run.result, "url", "final_url")
+        run.error = redact(run.error) if run.error else run.error
+    return run
+
+
 def run_from_row(row: asyncpg.Record) -> Run:
-    return Run(**{name: row[name] for name in Run.__struct_fields__})
+    run = without_run_credentials(Run(**{name: row[name] for name in Run.__struct_fields__}))
+    assert run is not None
+    return run
 
 
 def parse_cursor(cursor: str | None, maximum: int) -> int | None:
     if not cursor:
         return None
-    if not cursor.isdigit() or not 0 < int(cursor) <= maximum:
+    if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 20) or not 0 < int(cursor) <= maximum:
         raise BadInput("cursor", f"{cursor!r} is not a cursor (pass next_cursor of the previous page)", 400)
     return int(cursor)
 
@@ -106,10 +126,15 @@ def next_cursor(rows: list[Any], limit: int) -> str | None:
     return str(rows[-1]["id"]) if len(rows) == limit else None
 
 
-def as_utc(moment: datetime | None) -> datetime | None:
-    """Query-string times without an offset are taken as UTC."""
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
+def as_utc(moment: datetime | None, field: str) -> datetime | None:
+    """A query-string time (taken as UTC without an offset), within the accepted range."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    problem = limits.time_problem(moment)
+    if problem:
+        raise BadInput(field, problem, 400)
     return moment
 
 
@@ -126,7 +151,7 @@ def _seconds(field: str, value: float | str) -> float:
     return seconds
 
 
-def schedule_for_sql(schedule: ScheduleIn) -> tuple[dict[str, Any], datetime | None]:
+def schedule_for_sql(schedule: ScheduleIn, min_interval: float) -> tuple[dict[str, Any], datetime | None]:
     """The schedule as the stored functions take it (durations in seconds) and, for
     cron, its first slot (croniter's maths; the database does not do calendars)."""
     doc = msgspec.to_builtins(schedule)
@@ -136,6 +161,8 @@ def schedule_for_sql(schedule: ScheduleIn) -> tuple[dict[str, Any], datetime | N
     first_slot = None
     if "every" in doc:
         doc["every"] = _seconds("schedule.every", doc["every"])
+        if doc["every"] < min_interval:
+            raise BadInput("schedule.every", f"must be at least {min_interval:g}s (PGBEAT_MIN_INTERVAL)")
     elif "in" in doc:
         doc["in"] = _seconds("schedule.in", doc["in"])
     elif "cron" in doc:
@@ -156,11 +183,52 @@ def first_cron_slot(cron: str, timezone: str) -> datetime:
         raise BadInput("schedule.cron", f"{cron!r} is not a valid cron expression: {exc}") from None
 
 
-def spec_for_sql(spec: TaskChanges) -> tuple[dict[str, Any], datetime | None]:
+def check_limits(spec: TaskChanges, doc: dict[str, Any], policy: HttpPolicy) -> None:
+    """The limits the API can check before calling the database (pgbeat.limits), and
+    the http kind's egress policy, which only the API and the worker know."""
+    where = limits.nul_field(doc, "")
+    if where:
+        raise BadInput(where, "must not contain NUL characters")
+    schedule = spec.schedule if isinstance(spec.schedule, ScheduleIn) else ScheduleIn()
+    for field, moment in (
+        ("until", spec.until),
+        ("schedule.at", schedule.at),
+        ("schedule.start", schedule.start),
+    ):
+        problem = limits.time_problem(moment) if isinstance(moment, datetime) else None
+        if problem:
+            raise BadInput(field, problem)
+    params = doc.get("params")
+    if not isinstance(params, dict):
+        return
+    if limits.json_depth(params) > limits.MAX_PARAMS_DEPTH:
+        raise BadInput("params", f"nests deeper than {limits.MAX_PARAMS_DEPTH} levels")
+    if len(msgspec.json.encode(params)) > limits.MAX_PARAMS_BYTES:
+        raise BadInput("params", f"must be at most {limits.MAX_PARAMS_BYTES} bytes as JSON")
+    url = params.get("url")
+    refused = policy.url_refusal(url) if isinstance(url, str) else None
+    if refused:
+        raise BadInput("params.url", f"{redact_url(url)} {refused}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    """What the API checks input against besides pgbeat.limits: from the Config."""
+
+    http_policy: HttpPolicy = dataclasses.field(default_factory=HttpPolicy)
+    min_interval: float = limits.MIN_INTERVAL_SECONDS
+
+    @classmethod
+    def of(cls, config: Config) -> InputLimits:
+        return cls(config.http, config.min_interval)
+
+
+def spec_for_sql(spec: TaskChanges, given: InputLimits) -> tuple[dict[str, Any], datetime | None]:
     doc = msgspec.to_builtins(spec)
+    check_limits(spec, doc, given.http_policy)
     first_slot = None
     if isinstance(spec.schedule, ScheduleIn):
-        doc["schedule"], first_slot = schedule_for_sql(spec.schedule)
+        doc["schedule"], first_slot = schedule_for_sql(spec.schedule, given.min_interval)
     return doc, first_slot
 
 
@@ -217,8 +285,10 @@ def soonest(rows: list[asyncpg.Record], limit: int, until: datetime | None) -> l
 # takes its actions through these same calls.
 
 
-async def update_task(pool: asyncpg.Pool, task_id: int, changes: TaskChanges) -> Task:
-    doc, first_slot = spec_for_sql(changes)
+async def update_task(
+    pool: asyncpg.Pool, task_id: int, changes: TaskChanges, given: InputLimits = InputLimits()
+) -> Task:
+    doc, first_slot = spec_for_sql(changes, given)
     async with pool.acquire() as conn:
         if changes.paused is False and not isinstance(changes.schedule, ScheduleIn):
             async with conn.transaction():
@@ -284,7 +354,7 @@ class TaskController(Controller):
         state: State,
         data: Annotated[TaskSpec, Body(examples=[Example(value=TASK_EXAMPLE)])],
     ) -> Response[Task]:
-        doc, first_slot = spec_for_sql(data)
+        doc, first_slot = spec_for_sql(data, state.input_limits)
         task = task_from_row(await state.creations.create(doc, first_slot))
         return Response(task, status_code=201, headers={"Location": f"/tasks/{task.id}"})
 
@@ -321,7 +391,7 @@ class TaskController(Controller):
         responses=_errors(404, 409, 413, 422),
     )
     async def update_task(self, state: State, task_id: TaskId, data: JSONBody[TaskChanges]) -> Task:
-        return await update_task(state.pool, task_id, data)
+        return await update_task(state.pool, task_id, data, state.input_limits)
 
     @delete("/{task_id:int}", summary="Delete: future runs stop, history stays", responses=_errors(404))
     async def delete_task(self, state: State, task_id: TaskId) -> None:
@@ -396,8 +466,8 @@ class RunController(Controller):
             task_id,
             run_state,
             kind,
-            as_utc(since),
-            as_utc(until),
+            as_utc(since, "since"),
+            as_utc(until, "until"),
             before,
             limit,
         )
@@ -419,6 +489,6 @@ async def upcoming(
     limit: Annotated[int, QueryParameter(ge=1, le=500)] = 20,
     until: Annotated[datetime | None, QueryParameter(description="only executions up to this time")] = None,
 ) -> UpcomingRuns:
-    until = as_utc(until)
+    until = as_utc(until, "until")
     rows = await state.pool.fetch(queries.get("upcoming_slots"), limit, until, None)
     return UpcomingRuns(soonest(rows, limit, until))

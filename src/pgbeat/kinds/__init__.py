@@ -17,6 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from pgbeat.egress import HttpPolicy
+
 
 class RunFailed(Exception):
     """The run failed: `error` says why, `result` is what it recorded anyway."""
@@ -37,6 +39,7 @@ class RunContext:
     scheduled_for: datetime
     timeout: float
     http: aiohttp.ClientSession
+    http_policy: HttpPolicy | None = None  # None: the defaults (pgbeat.egress)
 
 
 Kind = Callable[[dict[str, Any], RunContext], Awaitable[dict[str, Any]]]
