@@ -321,7 +321,8 @@ def test_http_kind_success_non_2xx_and_unreachable(db_url, fleet, http_server):
     assert runs[expected_404]["state"] == "succeeded"
     assert runs[wrong_status]["state"] == "failed" and runs[wrong_status]["result"]["status"] == 200
     assert runs[unreachable]["state"] == "failed"
-    assert runs[unreachable]["error"].startswith("ClientConnectorError")
+    assert runs[unreachable]["error"].startswith("connect: ClientConnectorError")
+    assert runs[unreachable]["result"]["error_class"] == "connect"
     assert "status" not in runs[unreachable]["result"]
 
 
