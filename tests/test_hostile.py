@@ -9,6 +9,7 @@ import gzip
 import http.server
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -25,7 +26,6 @@ import pytest
 import sqlsupport as sql
 from aiohttp import web
 from litestar.testing import AsyncTestClient
-from pgbeat.fleet import Fleet, free_port
 from psycopg.types.json import Jsonb
 from sqlsupport import query, wait_for
 from test_serve import Serve
@@ -37,6 +37,7 @@ from pgbeat.config import Config, parse_networks
 from pgbeat.egress import EgressResolver, HttpPolicy, address_literal, redact
 from pgbeat.kinds import RunContext, RunFailed
 from pgbeat.kinds import http as http_kind
+from pgbeat_lab.fleet import Fleet, free_port
 
 # ---------------------------------------------------------------- the API refuses, writes nothing, stays up
 
@@ -260,6 +261,21 @@ async def test_failed_authentication_is_limited_per_address(db_url):
         # even the right key: the answer must not tell a guesser it found the key
         assert (await c.get("/tasks", headers={"X-API-Key": "right"})).status_code == 429
         assert (await c.get("/health")).status_code == 200
+
+
+async def test_failed_dashboard_sign_ins_count_with_failed_api_keys(db_url):
+    config = Config(api_keys=("right",), auth_failures_per_minute=3, rate_limit_per_minute=1000)
+    async with AsyncTestClient(create_app(db_url, config)) as c:
+        form = (await c.get("/ui/sign-in")).text
+        token = re.search(r'name="_csrf_token" value="([^"]+)"', form).group(1)
+
+        async def sign_in(key: str) -> int:
+            return (await c.post("/ui/sign-in", data={"key": key, "_csrf_token": token})).status_code
+
+        assert [await sign_in("guess-1"), await sign_in("guess-2")] == [401, 401]
+        assert (await c.get("/tasks", headers={"X-API-Key": "guess-api"})).status_code == 401
+        assert await sign_in("right") == 429
+        assert (await c.get("/tasks", headers={"X-API-Key": "right"})).status_code == 429
 
 
 # ---------------------------------------------------------------- the http kind: egress and bounds

@@ -66,12 +66,12 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         app,
         keys: tuple[str, ...],
         exclude: list[str],
-        failures_per_minute: int,
+        failures: ratelimit.FixedWindows,
         trusted: tuple[ratelimit.Network, ...],
     ) -> None:
         super().__init__(app, exclude=exclude)
         self.keys = tuple(key.encode() for key in keys)
-        self.failures = ratelimit.FixedWindows(failures_per_minute)
+        self.failures = failures
         self.trusted = trusted
 
     async def authenticate_request(self, connection: ASGIConnection) -> AuthenticationResult:
@@ -200,6 +200,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         app.state.schema_check = SchemaCheck(url)
         app.state.creations = TaskCreations(app.state.pool)
         app.state.input_limits = InputLimits.of(config)
+        app.state.auth_failures = auth_failures
         if not config.api_keys:
             log.warning(
                 "PGBEAT_API_KEYS is not set: the API is open to anyone who can reach it",
@@ -216,13 +217,15 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
     middleware: list[DefineMiddleware] = [
         PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware
     ]
+    # Failed authentications per client address, shared by the API's keys and the dashboard's sign-in.
+    auth_failures = ratelimit.FixedWindows(config.auth_failures_per_minute)
     if config.api_keys:
         middleware.append(
             DefineMiddleware(
                 ApiKeyMiddleware,
                 keys=config.api_keys,
                 exclude=KEYLESS_PATHS,
-                failures_per_minute=config.auth_failures_per_minute,
+                failures=auth_failures,
                 trusted=config.trusted_proxies,
             )
         )

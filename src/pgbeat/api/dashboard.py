@@ -42,7 +42,7 @@ from litestar.template.config import TemplateConfig
 from markupsafe import Markup
 
 from pgbeat import queries
-from pgbeat.api import charts, routes, words
+from pgbeat.api import charts, ratelimit, routes, words
 from pgbeat.api.errors import BadInput, bad_input_handler, postgres_error_handler
 from pgbeat.api.models import ScheduleIn, TaskChanges
 from pgbeat.config import Config
@@ -90,6 +90,7 @@ class Auth:
         self.keyed = bool(config.api_keys)
         self.keys = tuple(key.encode() for key in config.api_keys)
         self.fingerprints = frozenset(key_fingerprint(key) for key in config.api_keys)
+        self.trusted_proxies = config.trusted_proxies
 
     def signed_in(self, request: Request) -> bool:
         return not self.keyed or request.session.get("key") in self.fingerprints
@@ -405,7 +406,14 @@ async def sign_in(request: Request, data: FormData) -> Response:
     presented = data.get("key", "")
     if not auth.keyed:
         return Redirect(status_code=303, path="/ui")
+    # Failed sign-ins count with the API's failed authentications, per client address.
+    failures: ratelimit.FixedWindows = request.app.state.auth_failures
+    address = ratelimit.client_address(request.scope, auth.trusted_proxies)
+    blocked_for = failures.blocked_for(address)
+    if blocked_for is not None:
+        raise ratelimit.too_many("too many failed authentications from this address", blocked_for)
     if not presented or not auth.valid(presented):
+        failures.hit(address)
         return page(
             "sign_in.html",
             request,
