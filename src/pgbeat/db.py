@@ -37,6 +37,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # protocol waiting for a ReadyForQuery that never comes; the next query then
     # fails with "cannot switch to state 12; another operation (2) is in progress".
     asyncpg.InternalClientError,
+    # The server takes no writes: a primary being demoted (or fenced) during a failover,
+    # or a standby reached by mistake. A new session, through a service that follows the
+    # primary, reaches one that does.
+    asyncpg.ReadOnlySQLTransactionError,
     ConnectionError,
     TimeoutError,
 )

