@@ -10,18 +10,27 @@ Two kinds of SQL file (CONTRIBUTING.md, "Database code"):
   exactly what they define; the files' digest is recorded, and readiness reports
   a database whose functions are not the code's.
 
-All of it runs under yoyo's lock, so replicas that start together migrate once.
+All of it runs under the migration lock (Rule 16): a session-level advisory lock on a
+connection of its own, so replicas that start together migrate once, and a migrate
+killed at any point (SIGKILL, out of memory, a lost node) leaves no lock behind:
+PostgreSQL releases it with the session. yoyo's own lock is a committed row that a
+killed process leaves in place; it is taken inside the advisory lock, where any row
+found is a dead migrate's and is broken first.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
 from yoyo import get_backend, read_migrations
+from yoyo.backends.base import DatabaseBackend
 from yoyo.migrations import get_migration_hash
 
 from pgbeat import queries
@@ -51,10 +60,31 @@ PRE_V1 = (
 )
 # What readiness lists when the database's functions are not the schema files'.
 SCHEMA_PENDING = "sql/schema"
+# Every session of `pgbeat migrate` carries this name (pg_stat_activity shows it) and
+# checks every second, even while a statement waits for a lock, that its client is
+# still there: a session whose migrate was killed ends at once instead of waiting,
+# with its locks, for whatever blocks it.
+SESSION_NAME = "pgbeat migrate"
+CLIENT_CHECK_MS = 1000
+
+log = logging.getLogger("pgbeat.migrations")
 
 
 class MigrationError(Exception):
     """The database cannot be brought to this code's schema; the message says why."""
+
+
+def session_url(url: str) -> str:
+    """url with the migrate sessions' name and client check (libpq's `application_name`
+    and `options` parameters, which yoyo passes on to psycopg too)."""
+    parts = urlsplit(url)
+    params = dict(parse_qsl(parts.query))
+    params["application_name"] = SESSION_NAME
+    check = f"-c client_connection_check_interval={CLIENT_CHECK_MS}"
+    options = params.get("options", "")
+    if check not in options:
+        params["options"] = f"{options} {check}".strip()
+    return urlunsplit(parts._replace(query=urlencode(params, quote_via=quote)))  # libpq: %20, not +
 
 
 def yoyo_url(url: str) -> str:
@@ -63,6 +93,28 @@ def yoyo_url(url: str) -> str:
     if parts.scheme in ("postgres", "postgresql"):
         parts = parts._replace(scheme="postgresql+psycopg")
     return urlunsplit(parts)
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[DatabaseBackend]:
+    """Hold the migration lock (Rule 16) for the block: wait while another migrate holds
+    it, then break a yoyo lock row a killed migrate left (none can be a live one's)."""
+    with psycopg.connect(session_url(url), autocommit=True) as conn:
+        if not conn.execute(queries.get("try_migration_lock")).fetchone()[0]:
+            log.info("another pgbeat migrate is running; waiting", extra={"event": "migration_lock_wait"})
+            conn.execute(queries.get("migration_lock"))
+        backend = get_backend(yoyo_url(session_url(url)))
+        try:
+            if backend.execute(queries.get("yoyo_lock_holders")).fetchone()[0]:
+                log.warning(
+                    "breaking the yoyo lock a killed migrate left", extra={"event": "yoyo_lock_broken"}
+                )
+                backend.break_lock()
+            with backend.lock():
+                yield backend
+        finally:
+            backend.connection.close()
+    # Leaving the block closed the session, which released the advisory lock.
 
 
 def schema_files() -> list[Path]:
@@ -119,15 +171,15 @@ def recorded_digest(url: str) -> str | None:
 
 
 def apply(url: str, reapply_schema: bool = False) -> list[str]:
-    """Apply pending migrations, then the schema files, under yoyo's lock (safe when
-    replicas start together). The schema files run when a migration was applied or
-    the database holds other files (or with reapply_schema, which also undoes changes
-    made by hand): replacing the triggers locks the tables for a moment, which a
-    restarting replica need not cause. Returns the ids of the migrations applied;
-    applying twice changes nothing."""
-    backend = get_backend(yoyo_url(url))
+    """Apply pending migrations, then the schema files, under the migration lock (safe
+    when replicas start together, and after one was killed). The schema files run when
+    a migration was applied or the database holds other files (or with reapply_schema,
+    which also undoes changes made by hand): replacing the triggers locks the tables
+    for a moment, which a restarting replica need not cause. Returns the ids of the
+    migrations applied; applying twice changes nothing."""
+    url = session_url(url)
     migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
+    with migration_lock(url) as backend:
         adopt_pre_v1(backend, migrations)
         todo = backend.to_apply(migrations)
         backend.apply_migrations(todo)
@@ -140,9 +192,8 @@ def rollback(url: str, count: int | None = None) -> list[str]:
     """Roll back applied migrations, newest first (all of them unless count is given).
     Rolling back the baseline drops the pgbeat schema with everything in it; after a
     partial rollback, migrate with the code that matches the remaining migrations."""
-    backend = get_backend(yoyo_url(url))
     migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
+    with migration_lock(url) as backend:
         todo = backend.to_rollback(migrations)
         if count is not None:
             todo = todo[:count]

@@ -218,6 +218,18 @@ SELECT s.task_id, r.id, r.state, r.scheduled_for,
 
 -- ---------------------------------------------------------------- pgbeat migrate (psycopg)
 
+-- name: try_migration_lock
+-- Take the migration lock (Rule 16) on this session if it is free; returns whether it was taken.
+SELECT pg_try_advisory_lock(1885823597, 0) AS taken;
+
+-- name: migration_lock
+-- Wait for the migration lock (Rule 16) on this session: another migrate holds it.
+SELECT pg_advisory_lock(1885823597, 0);
+
+-- name: yoyo_lock_holders
+-- How many rows yoyo's lock table holds (under the migration lock: each is a killed migrate's).
+SELECT count(*) AS holders FROM yoyo_lock;
+
 -- name: schema_kept_routines
 -- pgbeat's functions a table depends on (CHECK constraint, column default, index), with their row versions.
 -- They cannot be dropped with the others: they are kept, and a schema file must
