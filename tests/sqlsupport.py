@@ -40,6 +40,25 @@ def wait_for(what: str, check: Callable[[], T], timeout: float = 30, every: floa
         time.sleep(every)
 
 
+def wait_gone(conn: psycopg.Connection, pid: int) -> None:
+    """Wait until the session `pid` has ended (its locks are then released)."""
+    wait_for(
+        f"session {pid} to end",
+        lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchall(),
+        timeout=4,
+        every=0.02,
+    )
+
+
+def wait_blocked(conn: psycopg.Connection) -> None:
+    """Wait until some session waits for a lock another one holds."""
+    wait_for(
+        "a session to wait for a lock",
+        lambda: conn.execute("SELECT 1 FROM pg_locks WHERE NOT granted").fetchall(),
+        every=0.02,
+    )
+
+
 def connect(url: str, autocommit: bool = True) -> psycopg.Connection:
     return psycopg.connect(url, autocommit=autocommit, row_factory=dict_row)
 

@@ -15,6 +15,8 @@ import aiohttp
 import pytest
 import sqlsupport as sql
 
+pytestmark = pytest.mark.slow  # a real api process
+
 KEY = "test-key-123"
 
 

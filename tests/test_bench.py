@@ -50,6 +50,7 @@ def run_rounds(scenario: str, tmp_path: Path, *extra: str) -> list[dict[str, flo
     return figures(out)
 
 
+@pytest.mark.slow
 def test_burst(server_url, tmp_path):
     f = run("burst", tmp_path)
     assert f["runs finished"] == f["runs succeeded"] == f["counter total"] == 40
@@ -60,6 +61,7 @@ def test_burst(server_url, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_steady(server_url, tmp_path):
     f = run("steady", tmp_path)
     assert f["slots expected"] == 30
@@ -67,6 +69,7 @@ def test_steady(server_url, tmp_path):
     assert 0 <= f["lateness p50"] <= f["lateness p99"] <= f["lateness max"]
 
 
+@pytest.mark.slow
 def test_latency(server_url, tmp_path):
     f = run("latency", tmp_path)
     assert f["scheduled runs"] > 0
@@ -75,6 +78,7 @@ def test_latency(server_url, tmp_path):
     assert 0 <= f["trigger -> started p50"] <= f["trigger -> started p99"]
 
 
+@pytest.mark.slow
 def test_scale(server_url, tmp_path):
     f = run("scale", tmp_path)
     assert f["tasks"] == 300
@@ -85,12 +89,14 @@ def test_scale(server_url, tmp_path):
     assert f["worker-0 RSS growth over the window"] is not None
 
 
+@pytest.mark.slow
 def test_idle(server_url, tmp_path):
     f = run("idle", tmp_path)
     assert f["transactions/s, all daemons"] >= 0
     assert f["CPU s over the window, all daemons"] >= 0
 
 
+@pytest.mark.slow
 def test_api(server_url, tmp_path):
     f = run("api", tmp_path)
     assert f["GET errors"] == 0 and f["POST errors"] == 0

@@ -4,7 +4,6 @@ and the 60-second chaos run itself (marked `chaos`)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -339,6 +338,7 @@ def test_time_a_task_spent_paused_is_not_lateness(conn, healthy):
 # --- regressions found by the chaos run ---
 
 
+@pytest.mark.slow
 def test_a_resume_counts_from_its_transaction_not_from_its_answer(fleet, conn):
     """Chaos run, seed 266319: a one-shot resumed past its slot started before the resume's
     answer reached the harness, so the resume, timed by its answer, excused nothing and
@@ -353,7 +353,10 @@ def test_a_resume_counts_from_its_transaction_not_from_its_answer(fleet, conn):
     )
     assert status == 201, task
     assert api.call("POST", f"/tasks/{task['id']}/pause")[0] == 200
-    time.sleep(1.5)  # its slot passes while it is paused
+    wait_for(  # its slot passes while it is paused
+        "the paused one-shot's slot to pass by 1 s",
+        lambda: db_now(conn) > datetime.fromisoformat(task["schedule"]["at"]) + timedelta(seconds=1),
+    )
     status, resumed = api.call("POST", f"/tasks/{task['id']}/resume")
     assert status == 200, resumed
     moment = chaos.resumed_at(resumed)
@@ -394,6 +397,7 @@ async def test_a_daemon_reconnects_when_asyncpg_loses_track_of_a_terminated_sess
 # --- the chaos run itself ---
 
 
+@pytest.mark.slow
 @pytest.mark.chaos
 @pytest.mark.timeout(240)
 @pytest.mark.filterwarnings("ignore:XDG_RUNTIME_DIR")

@@ -12,6 +12,8 @@ import sqlsupport as sql
 
 from pgbeat import cli
 
+pytestmark = pytest.mark.slow  # a real api process
+
 
 @pytest.fixture
 def api(fleet, monkeypatch) -> str:

@@ -36,6 +36,8 @@ from test_scheduler import (
 from pgbeat import migrations, schedules
 from pgbeat_lab.fleet import Fleet
 
+pytestmark = pytest.mark.slow  # real processes killed and restarted, a PostgreSQL restarted
+
 
 def db_now(url: str):
     return query(url, "SELECT clock_timestamp() AS now")[0]["now"]
@@ -64,11 +66,31 @@ def test_kill_9_of_every_process_then_restart(db_url, fleet):
     killed_at = db_now(db_url)
     running_at_kill = query(db_url, "SELECT id FROM pgbeat.runs WHERE state = 'running'")
     assert running_at_kill  # the sleep run was killed mid-flight
-    time.sleep(4.5)  # 4 slots of each task fall due with nothing running
+    # Slots fall due with nothing running: at least 3 missed by every task.
+    wait_for(
+        "3 slots of every task to pass",
+        lambda: query(
+            db_url, "SELECT bool_and(next_run_at < now() - interval '3.5 s') AS ok FROM pgbeat.tasks"
+        )[0]["ok"],
+    )
 
     restarted_at = db_now(db_url)
     restarted = start(fleet, "scheduler", 1) + start(fleet, "worker", 2)
-    time.sleep(5)
+    # The catch-up run and 3 more on the grid, for the interval and the cron task.
+    for t in (counter, cron):
+        wait_for(
+            "4 runs after the restart",
+            lambda t=t: (
+                len(
+                    [
+                        r
+                        for r in runs_of(db_url, t["id"])
+                        if r["state"] == "succeeded" and r["created_at"] > restarted_at
+                    ]
+                )
+                >= 4
+            ),
+        )
     for p in restarted:
         assert p.terminate() == 0
 
@@ -181,7 +203,7 @@ def test_postgres_restart_under_the_daemons(private_pg, tmp_path):
         old_ids = {d["id"] for d in query(url, "SELECT id FROM pgbeat.daemons")}
 
         restart_postgres(server, down_for=3)
-        up_at = time.monotonic()
+        up_at = time.monotonic()  # for the figure reported; the targets live in `pgbeat bench`
 
         def reconnected() -> bool:
             try:
@@ -215,7 +237,6 @@ def test_postgres_restart_under_the_daemons(private_pg, tmp_path):
         scheduler_after_postmaster_start=row["scheduler"].total_seconds(),
         worker_after_postmaster_start=row["worker"].total_seconds(),
     )
-    assert reconnect_s < 15
     assert len(logged_events(scheduler, "reconnecting")) >= 1
     runs = runs_of(url, t["id"])
     assert_every_slot_accounted_once(url, t["id"])
@@ -245,9 +266,11 @@ def test_scheduler_session_killed_by_the_server_reconnects_and_catches_up(db_url
     )
     reconnect_s = time.monotonic() - terminated
     assert new[0]["backend_pid"] != old["backend_pid"]
-    time.sleep(3)
+    fired = task(db_url, t["id"])["fired"]
+    wait_for(
+        "2 slots decided after the reconnection", lambda: task(db_url, t["id"])["fired"] >= max(4, fired + 2)
+    )
     assert scheduler.terminate() == 0
     report(fleet, "session_terminated_reconnect_s", seen_by_test=round(reconnect_s, 3))
-    assert reconnect_s < 5
     assert len(logged_events(scheduler, "reconnecting")) == 1
     assert assert_every_slot_accounted_once(db_url, t["id"]) >= 4  # no worker: folded into one pending run

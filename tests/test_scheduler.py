@@ -2,8 +2,9 @@
 a real PostgreSQL: the fixed grid and its lateness, one-shots, cron with seconds,
 wake-up by notification, no polling when idle, several schedulers at once.
 
-Timing assertions are loose on purpose: the machine is small and shared. The
-figures measured are printed (pytest -s) and written to the test's log directory.
+The tests wait on database state, never on the clock, and assert no speed: the
+figures measured are printed (pytest -s) and written to the test's log directory;
+the targets live in `pgbeat bench`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import query, wait_for
 
 from pgbeat import schedules
+from pgbeat.scheduler import SAFETY_POLL
 from pgbeat_lab.fleet import Fleet, Process
+
+pytestmark = pytest.mark.slow  # real scheduler and worker processes
 
 # --- helpers (also used by test_recovery.py and test_serve.py) -----------------------------------
 
@@ -56,6 +60,38 @@ def start(fleet: Fleet, role: str, n: int = 1, *args: str) -> list[Process]:
 
 def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
     return process.events(event)
+
+
+def one_more_cycle(url: str, worker: bool = True) -> None:
+    """Wait until the daemons have been through one more cycle: a control task due in 1 s
+    has had its slot decided (and, with a worker, its run succeeded). Whatever a bug
+    would have done meanwhile to the tasks under test (a second run, a slot decided
+    while paused), it has had the time to do."""
+    control = create_task(url, {"kind": "counter", "schedule": {"in": "1s"}})
+    wait_for(
+        "a control task's run",
+        lambda: [r for r in runs_of(url, control["id"]) if not worker or r["state"] == "succeeded"],
+    )
+
+
+def scheduler_asleep(url: str) -> bool:
+    """The scheduling session has ended a pass: it is idle after asking for its next wake-up."""
+    return bool(
+        query(
+            url,
+            """SELECT 1 FROM pg_stat_activity a JOIN pgbeat.live_daemons d ON d.backend_pid = a.pid
+                WHERE d.role = 'scheduler' AND a.state = 'idle' AND a.query LIKE '%%next_due_at%%'""",
+        )
+    )
+
+
+def succeeded_runs(url: str, task_id: int) -> list[dict[str, Any]]:
+    return [r for r in runs_of(url, task_id) if r["state"] == "succeeded"]
+
+
+def fired(url: str, task_id: int) -> int:
+    """The task's slots decided so far (runs and the slots folded into them)."""
+    return task(url, task_id)["fired"]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -112,13 +148,13 @@ def test_every_second_task_runs_on_its_grid_with_small_lateness(db_url, fleet):
     (scheduler,) = start(fleet, "scheduler")
     start(fleet, "worker")
     t = create_task(db_url, {"kind": "counter", "schedule": {"every": "1s"}})
-    time.sleep(8.5)
+    wait_for("8 runs of the task", lambda: len(succeeded_runs(db_url, t["id"])) >= 8)
     assert scheduler.terminate() == 0
 
     # The scheduler decided every slot, each exactly on the grid: anchor + k s, no drift.
     anchor = t["anchor"]
     decided = [e for e in logged_events(scheduler, "slot_fired") if e["task_id"] == t["id"]]
-    assert len(decided) >= 7, decided
+    assert len(decided) >= 8, decided
     assert [e["slot"] for e in decided] == [
         (anchor + timedelta(seconds=k)).isoformat() for k in range(len(decided))
     ]
@@ -148,10 +184,6 @@ def test_every_second_task_runs_on_its_grid_with_small_lateness(db_url, fleet):
     assert all(lateness >= -20 for lateness in scheduler_lateness)
     assert any(lateness < 0 for lateness in scheduler_lateness)
     assert all(lateness >= 0 for lateness in run_lateness)
-    # Sanity bounds only (a missed wake-up would cost seconds): the machine is small and
-    # shared, and the figures measured are reported above (about 2-5 ms when it is quiet).
-    assert statistics.median(scheduler_lateness) < 100
-    assert statistics.median(run_lateness) < 1000
 
 
 def test_one_shot_at_runs_exactly_once(db_url, fleet):
@@ -159,8 +191,8 @@ def test_one_shot_at_runs_exactly_once(db_url, fleet):
     start(fleet, "worker")
     at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
     t = create_task(db_url, {"kind": "counter", "schedule": {"at": at.isoformat()}})
-    wait_for("the one-shot run", lambda: [r for r in runs_of(db_url, t["id"]) if r["state"] == "succeeded"])
-    time.sleep(2)
+    wait_for("the one-shot run", lambda: succeeded_runs(db_url, t["id"]))
+    one_more_cycle(db_url)
     runs = runs_of(db_url, t["id"])
     assert len(runs) == 1
     assert runs[0]["scheduled_for"] == at
@@ -178,8 +210,8 @@ def test_one_shot_in_runs_after_its_delay(db_url, fleet):
     start(fleet, "worker")
     t = create_task(db_url, {"kind": "counter", "schedule": {"in": "2s"}})
     assert t["run_at"] - t["created_at"] == timedelta(seconds=2)
-    runs = wait_for("the run", lambda: [r for r in runs_of(db_url, t["id"]) if r["state"] == "succeeded"])
-    time.sleep(1.5)
+    runs = wait_for("the run", lambda: succeeded_runs(db_url, t["id"]))
+    one_more_cycle(db_url)
     assert len(runs_of(db_url, t["id"])) == 1
     assert runs[0]["scheduled_for"] == t["run_at"]
     assert task(db_url, t["id"])["next_run_at"] is None
@@ -191,16 +223,18 @@ def test_cron_with_a_seconds_field_fires_on_its_seconds(db_url, fleet):
     expr = "* * * * * */2"  # every even second (croniter's 6th field)
     first = schedules.next_cron_slot(expr, "UTC", datetime.now(UTC) + timedelta(seconds=1))
     t = create_task(db_url, {"kind": "counter", "schedule": {"cron": expr}}, first)
-    time.sleep(8)
-    runs = runs_of(db_url, t["id"])
-    assert len(runs) >= 3
+    wait_for("4 runs of the task", lambda: len(succeeded_runs(db_url, t["id"])) >= 4)
+    # The task row first: every run before its next slot exists once it is read.
+    next_slot = task(db_url, t["id"])["next_run_at"]
+    runs = [r for r in runs_of(db_url, t["id"]) if r["scheduled_for"] < next_slot]
+    assert len(runs) >= 4
     for run in runs:
         assert run["scheduled_for"].second % 2 == 0 and run["scheduled_for"].microsecond == 0
     slots = [r["scheduled_for"] for r in runs]
     assert slots[0] == first
     assert all(b - a == timedelta(seconds=2) for a, b in itertools.pairwise(slots))
     assert sum(1 + r["coalesced"] for r in runs) == len(runs)  # nothing missed
-    assert task(db_url, t["id"])["next_run_at"] == slots[-1] + timedelta(seconds=2)
+    assert next_slot == slots[-1] + timedelta(seconds=2)
 
 
 def test_cron_until_and_max_runs_complete_the_task(db_url, fleet):
@@ -228,28 +262,45 @@ def test_a_new_task_wakes_the_sleeping_scheduler(db_url, fleet):
     task due in 1 s must re-plan its wake-up."""
     (scheduler,) = start(fleet, "scheduler")
     far = create_task(db_url, {"kind": "counter", "schedule": {"in": "1h"}})
-    time.sleep(1)
+    wait_for("the scheduler to go to sleep", lambda: scheduler_asleep(db_url))
     soon = create_task(db_url, {"kind": "counter", "schedule": {"in": "1s"}})
-    run = wait_for("the run", lambda: runs_of(db_url, soon["id"]), timeout=10)[0]
-    lateness = (run["created_at"] - run["scheduled_for"]).total_seconds() * 1000
-    assert lateness < 100, lateness
+    # Woken by the notification: well before the safety poll would have found it.
+    run = wait_for("the run", lambda: runs_of(db_url, soon["id"]), timeout=SAFETY_POLL / 2)[0]
+    report(
+        fleet,
+        "woken_slot_lateness_ms",
+        ms=(run["created_at"] - run["scheduled_for"]) / timedelta(milliseconds=1),
+    )
     assert not runs_of(db_url, far["id"])
     assert scheduler.alive()
 
 
 def test_idle_scheduler_does_not_poll(db_url, fleet):
-    """With nothing due, the scheduling session sends nothing for many seconds (only the
-    slow safety poll); heartbeat and reaper use the side pool."""
+    """With nothing due, the scheduling session sends nothing (only the slow safety poll)
+    while the reaper, on the side pool, runs pass after pass."""
     (scheduler,) = start(fleet, "scheduler")
     create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
-    time.sleep(1)
+    wait_for("the scheduler to go to sleep", lambda: scheduler_asleep(db_url))
     pid = live_daemons(db_url, "scheduler")[0]["backend_pid"]
 
     def last_query_start() -> datetime:
         return query(db_url, "SELECT query_start FROM pg_stat_activity WHERE pid = %s", pid)[0]["query_start"]
 
     before = last_query_start()
-    time.sleep(8)
+    reaper_passes: set[datetime] = set()
+
+    def two_more_reaper_passes() -> bool:
+        rows = query(
+            db_url,
+            "SELECT query_start FROM pg_stat_activity WHERE pid <> %s AND query LIKE '%%reap%%'"
+            " AND query NOT LIKE '%%pg_stat_activity%%' AND query_start > %s",
+            pid,
+            before,
+        )
+        reaper_passes.update(r["query_start"] for r in rows)
+        return len(reaper_passes) >= 2
+
+    wait_for("two passes of the scheduler's reaper", two_more_reaper_passes)
     assert last_query_start() == before  # the scheduling session stayed silent
     assert scheduler.alive()
 
@@ -259,10 +310,12 @@ def test_pause_resume_and_update_are_seen_at_once(db_url, fleet):
     t = create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
     query(db_url, """SELECT pgbeat.update_task(%s, '{"schedule": {"every": "1s"}}')""", t["id"])
     wait_for("a run of the updated schedule", lambda: runs_of(db_url, t["id"]), timeout=5)
+    control = create_task(db_url, {"kind": "counter", "schedule": {"every": "1s"}})
     query(db_url, "SELECT pgbeat.pause_task(%s)", t["id"])
-    paused_count = len(runs_of(db_url, t["id"]))
-    time.sleep(2.5)
-    assert len(runs_of(db_url, t["id"])) == paused_count
+    paused_count, paused_fired = len(runs_of(db_url, t["id"])), fired(db_url, t["id"])
+    control_fired = fired(db_url, control["id"])
+    wait_for("2 slots of a control task", lambda: fired(db_url, control["id"]) >= control_fired + 2)
+    assert len(runs_of(db_url, t["id"])) == paused_count and fired(db_url, t["id"]) == paused_fired
     query(db_url, "SELECT pgbeat.resume_task(%s)", t["id"])
     wait_for("runs after resume", lambda: len(runs_of(db_url, t["id"])) > paused_count, timeout=5)
 
@@ -277,7 +330,8 @@ def test_several_schedulers_never_materialise_a_slot_twice(db_url, fleet):
         for every in ("1s", "1s", "0.5s", "0.5s", "0.3s", "2s")
     ]
     cron_id = create_task(db_url, {"kind": "counter", "schedule": {"cron": expr}}, first)["id"]
-    time.sleep(8)
+    wait_for("6 runs of the cron task", lambda: len(succeeded_runs(db_url, cron_id)) >= 6)
+    wait_for("3 slots of each task", lambda: all(fired(db_url, t) >= 3 for t in interval_ids))
     for s in schedulers:
         assert s.terminate() == 0
 

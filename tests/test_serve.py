@@ -24,6 +24,8 @@ from test_scheduler import query, wait_for
 from pgbeat import db
 from pgbeat_lab.fleet import free_port
 
+pytestmark = pytest.mark.slow  # a real `pgbeat serve` on an embedded PostgreSQL
+
 
 class Serve:
     """One `pgbeat serve` process on an embedded PostgreSQL in data_dir."""

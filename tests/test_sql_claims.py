@@ -24,6 +24,8 @@ from sqlsupport import (
     release,
     runs,
     task_locks_of,
+    wait_blocked,
+    wait_gone,
 )
 
 HOUR = {"every": "1h"}
@@ -31,15 +33,6 @@ HOUR = {"every": "1h"}
 
 def trigger(conn: psycopg.Connection, task_id: int) -> dict:
     return conn.execute("SELECT * FROM pgbeat.trigger_task(%s)", (task_id,)).fetchone()
-
-
-def wait_gone(conn: psycopg.Connection, pid: int) -> None:
-    """Wait until the session `pid` has ended (its locks are then released)."""
-    for _ in range(200):
-        if not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchall():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"session {pid} did not end")
 
 
 def test_sessions_racing_to_claim_each_win_distinct_tasks_and_leak_no_lock(db_url):
@@ -430,7 +423,7 @@ def test_trigger_racing_a_retry_being_queued_returns_the_pending_run(db_url):
     with worker.transaction():
         finish(worker, c["run_id"], "failed")
         t, out = _in_thread(lambda: trigger(connect(db_url), tid))
-        time.sleep(0.5)
+        wait_blocked(conn)  # the trigger waits for the finishing transaction
     t.join(10)
     assert "error" not in out, out
     retry = runs(conn, tid)[1]

@@ -11,7 +11,19 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
-from sqlsupport import claim, connect, create_task, finish, make_due, materialize, race, release, runs, task
+from sqlsupport import (
+    claim,
+    connect,
+    create_task,
+    finish,
+    make_due,
+    materialize,
+    race,
+    release,
+    runs,
+    task,
+    wait_for,
+)
 
 HOUR = {"every": "1h"}
 
@@ -442,8 +454,11 @@ def test_a_plain_slot_is_materialised_ahead_and_claimable_only_at_its_slot(db_ur
     assert run["state"] == "pending" and run["due_at"] == slot
     assert task(conn, tid)["next_run_at"] == slot + timedelta(hours=1)  # the grid moved on
     assert claim(conn) == []  # not before its slot
-    wait = (slot - conn.execute("SELECT clock_timestamp() AS t").fetchone()["t"]).total_seconds()
-    time.sleep(max(0.0, wait) + 0.01)
+    wait_for(
+        "the slot to fall due",
+        lambda: conn.execute("SELECT clock_timestamp() > %s AS due", (slot,)).fetchone()["due"],
+        every=0.01,
+    )
     (claimed,) = claim(conn)
     assert claimed["run_id"] == run["id"] and claimed["started_at"] >= slot
 
@@ -477,6 +492,7 @@ def test_materialise_ahead_is_bounded(db_url):
             materialize(conn, ahead=ahead)
 
 
+@pytest.mark.slow  # rounds of a three-session race over 1,000 tasks
 def test_a_pending_run_committed_during_a_pass_takes_the_slot_and_loses_none(db_url):
     """A scheduler's pass reads the runs as they were when its statement began, then
     locks each task. A run queued for a task in between (here by trigger, which takes

@@ -19,6 +19,7 @@ from sqlsupport import (
     make_due,
     materialize,
     release,
+    wait_gone,
 )
 
 HOUR = {"every": "1h"}
@@ -38,14 +39,6 @@ def drain(listener: psycopg.Connection, wait: float = 0.2) -> dict[str, list[str
     for n in listener.notifies(timeout=wait):
         got[n.channel].append(n.payload)
     return got
-
-
-def wait_gone(conn: psycopg.Connection, pid: int) -> None:
-    for _ in range(200):
-        if not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchall():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"session {pid} did not end")
 
 
 def other_database_url(url: str) -> str:
