@@ -104,6 +104,7 @@ def test_api(server_url, tmp_path):
     assert 0 < f["GET /tasks/{id} p50"] <= f["GET /tasks/{id} p99"]
 
 
+@pytest.mark.slow
 def test_history(server_url, tmp_path):
     f = run("history", tmp_path)
     assert f["GET errors"] == 0
@@ -115,6 +116,7 @@ def test_history(server_url, tmp_path):
     assert f["runs table + indexes before"] > 0 and f["runs table + indexes after"] > 0
 
 
+@pytest.mark.slow
 def test_burst_beside_pgqueuer_alternates_and_compares(server_url, tmp_path):
     rounds = run_rounds("burst", tmp_path, "--peer", "pgqueuer", "--rounds", "2")
     assert len(rounds) == 2
@@ -126,6 +128,7 @@ def test_burst_beside_pgqueuer_alternates_and_compares(server_url, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_latency_beside_pgqueuer(server_url, tmp_path):
     f = run("latency", tmp_path, "--peer", "pgqueuer", "--rounds", "1")
     assert 0 < f["pgqueuer enqueue -> start p50"] <= f["pgqueuer enqueue -> start p99"]

@@ -73,6 +73,7 @@ def pgbeat(role: str, *args: str, env: dict[str, str], timeout: float = 120) -> 
     )
 
 
+@pytest.mark.slow
 def test_app_role_owns_its_database_migrates_and_runs_without_superuser(fresh_pg, tmp_path):
     """k8s/postgres/create-app-role.sh (the StatefulSet's and compose's init script) makes a
     role that is not a superuser; as that role `pgbeat migrate` builds the whole schema and

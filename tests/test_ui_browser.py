@@ -144,6 +144,7 @@ def act(page, button: str, accept: bool = True) -> None:
         page.get_by_role("button", name=button, exact=True).click()
 
 
+@pytest.mark.slow
 def test_dashboard_pages_and_actions(fleet, db_url, chromium):
     base = start(fleet)
     ids = make_tasks(base, db_url)
@@ -257,6 +258,7 @@ def test_dashboard_pages_and_actions(fleet, db_url, chromium):
     context.close()
 
 
+@pytest.mark.slow
 def test_sign_in_sessions_and_csrf(fleet, db_url, chromium):
     base = start(fleet, KEYS)
     ids = make_tasks(base, db_url, key=KEYS[0])
