@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -802,3 +803,33 @@ def test_roles_refuse_to_start_without_a_database_url(role, tmp_path):
     assert f"pgbeat {role}: PGBEAT_DATABASE_URL is not set" in result.stderr
     assert "pgbeat serve" in result.stderr  # what to do instead
     assert not (tmp_path / "data").exists()  # no embedded server was started
+
+
+def test_readme_docker_run_line_matches_the_image():
+    """The README's `docker run` starts the image's default command, `serve --host 0.0.0.0`,
+    on the port it publishes and with its data in the image's volume."""
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [
+        ln.strip() for ln in readme.splitlines() if ln.strip().startswith("docker run") and "pgbeat:" in ln
+    ]
+    argv = shlex.split(line)[2:]
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("-d", action="store_true")
+    options.add_argument("--name")
+    options.add_argument("-p", action="append", default=[])
+    options.add_argument("-v", action="append", default=[])
+    options.add_argument("-e", action="append", default=[])
+    options.add_argument("image")
+    options.add_argument("command", nargs=argparse.REMAINDER)
+    run = options.parse_args(argv)
+    assert run.image == "pgbeat:dev" and "docker build -t pgbeat:dev ." in readme
+    command = run.command or dockerfile_exec_form("CMD")
+    serve = cli.build_parser().parse_args(command)
+    assert command[0] == "serve" and serve.host == "0.0.0.0"
+    (publish,) = run.p
+    host_ip, _, container_port = publish.split(":")
+    assert host_ip == "127.0.0.1" and int(container_port) == serve.port
+    assert ("EXPOSE", f"{serve.port} {DAEMON_PORT}") in dockerfile_instructions()
+    (volume,) = run.v
+    assert [volume.split(":")[1]] == dockerfile_exec_form("VOLUME")
+    assert all(e.split("=")[0] in Path(config.__file__).read_text() for e in run.e)
