@@ -36,7 +36,7 @@ from pgbeat_lab.fleet import Fleet, Process, free_port
 # The invariant checker
 # ---------------------------------------------------------------------------
 
-# Bounds the checker holds the run to (SOLUTION.md "Proof under failure" states them).
+# Bounds the checker holds the run to (SOLUTION.md, "Failure model", states them).
 LATENESS_P99_BOUND = 1.0  # s: p99 start delay outside fault windows
 LATENESS_MAX_BOUND = 5.0  # s: no single start delay outside fault windows beyond this
 RECOVERY_MARGIN = 5.0  # s: a fault window extends this far past the recovery it waits for
