@@ -19,6 +19,7 @@ TINY = {
     "idle": ["--size", "50", "--duration", "2"],
     "api": ["--size", "20", "--duration", "1", "--clients", "4"],
     "history": ["--size", "4000", "--duration", "1"],
+    "ui": ["--size", "200", "--duration", "4"],
 }
 
 
@@ -114,6 +115,15 @@ def test_history(server_url, tmp_path):
     assert abs(f["runs pruned (older than 30 days)"] - 1000) <= 1
     assert f["runs triggered"] >= 100 and f["triggered runs started"] == f["runs triggered"]
     assert f["runs table + indexes before"] > 0 and f["runs table + indexes after"] > 0
+
+
+@pytest.mark.slow
+def test_ui(server_url, tmp_path):
+    f = run("ui", tmp_path)
+    assert f["page errors"] == 0
+    assert f["tasks"] == 200 and f["runs of history"] == 4000
+    for page in ("overview", "tasks", "tasks by name", "a task", "a task, older runs", "a run"):
+        assert 0 < f[f"{page} p50"] <= f[f"{page} p99"]
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ import msgspec
 import psycopg
 import uvloop
 
-from pgbeat import migrations
+from pgbeat import migrations, schedules
 from pgbeat.config import Config
 from pgbeat_lab import peers
 from pgbeat_lab.fleet import Fleet
@@ -908,6 +908,81 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
     return figures, {}
 
 
+def ui(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
+    """The dashboard's pages with N tasks and 20 N runs of history (bulk SQL): N runs
+    finished in the last hour (each task's hourly run), 5% of them failed, the rest
+    spread over 30 days. p50 and p99 of each page's render, one client at a time."""
+    n = opts.size
+    with connect(url) as conn:
+        third = max(1, n // 10)
+        create_tasks(conn, n - 2 * third, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
+        create_tasks(conn, third, "http", {"url": "http://127.0.0.1:9/"}, "jsonb_build_object('every', '1d')")
+        cron = {"schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin"}}
+        conn.execute(
+            "SELECT count(pgbeat.update_task(id, %s::jsonb, %s)) FROM pgbeat.tasks WHERE kind = 'http'",
+            (json.dumps(cron), schedules.next_cron_slot("0 9 * * 1-5", "Europe/Berlin", datetime.now(UTC))),
+        )
+        create_tasks(conn, third, "counter", {"step": 1}, "jsonb_build_object('every', '30m')")
+        conn.execute("SELECT count(pgbeat.pause_task(id)) FROM pgbeat.tasks WHERE id % 20 = 0")
+        conn.execute("SELECT count(pgbeat.delete_task(id)) FROM pgbeat.tasks WHERE id % 100 = 1")
+        tasks = task_ids(conn)
+        live = [
+            r[0] for r in conn.execute("SELECT id FROM pgbeat.tasks WHERE deleted_at IS NULL ORDER BY id")
+        ]
+        started = time.perf_counter()
+        # Run i belongs to task i % k; the first k runs finished in the last hour, the
+        # others step back over 30 days. Every 20th failed; lateness is a few ms.
+        conn.execute(
+            """INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, state, started_at,
+                                        finished_at, result, error, created_at)
+               SELECT t.id, t.kind, s.at, s.at, CASE WHEN i %% 20 = 7 THEN 'failed' ELSE 'succeeded' END,
+                      s.at + (i %% 13) * interval '1 ms', s.at + interval '15 ms',
+                      '{}', CASE WHEN i %% 20 = 7 THEN 'HTTP 503 (expected 2xx)' END, s.at
+                 FROM (SELECT %(tasks)s::int[] AS ids, cardinality(%(tasks)s::int[]) AS k) ids,
+                      generate_series(0, %(runs)s - 1) AS i,
+                      LATERAL (SELECT now() - CASE WHEN i < ids.k
+                                                   THEN interval '1 hour' * (i + 1) / ids.k
+                                                   ELSE interval '1 hour' + interval '30 days' * i / %(runs)s
+                                              END AS at) s,
+                      LATERAL (SELECT id, kind FROM pgbeat.tasks WHERE id = ids.ids[1 + i %% ids.k]) t""",
+            {"tasks": tasks, "runs": 20 * n},
+        )
+        conn.execute("VACUUM ANALYZE")
+        generated_s = time.perf_counter() - started
+        first_run, last_run = conn.execute("SELECT min(id), max(id) FROM pgbeat.runs").fetchone()
+    _, base = fleet.start_api()
+    start_daemons(fleet, url, opts, env={"PGBEAT_RETENTION_DAYS": "36500"})
+    rng = random.Random(21)
+    middle = tasks[len(tasks) // 2]
+    pages: dict[str, Callable[[int], str]] = {
+        "overview": lambda i: "/ui",
+        "overview refresh": lambda i: "/ui/fragments/overview",
+        "tasks": lambda i: "/ui/tasks",
+        "tasks, later page": lambda i: f"/ui/tasks?after={middle}",
+        "tasks by name": lambda i: f"/ui/tasks?name=bench-{rng.randrange(n)}",
+        "tasks by kind+status": lambda i: "/ui/tasks?kind=counter&status=paused",
+        "a task": lambda i: f"/ui/tasks/{rng.choice(live)}",
+        "a task, older runs": lambda i: f"/ui/tasks/{rng.choice(live)}?before={last_run - n}",
+        "a run": lambda i: f"/ui/runs/{rng.randint(first_run, last_run)}",
+    }
+    figures = [
+        Figure("tasks", len(tasks), "tasks"),
+        Figure("runs of history", 20 * n, "runs"),
+        Figure("seconds to generate the runs", generated_s, "s"),
+    ]
+    errors = 0
+    for name, path in pages.items():
+        http_load(base, 1, lambda i, path=path: ("GET", path(i), None), total=5)  # warm up
+        load = http_load(
+            base, 1, lambda i, path=path: ("GET", path(i), None), seconds=opts.duration / len(pages)
+        )
+        errors += load.errors
+        figures.append(Figure(f"{name} p50", percentile(load.latencies_ms, 50), "ms"))
+        figures.append(Figure(f"{name} p99", percentile(load.latencies_ms, 99), "ms", "<= 100"))
+    figures.append(Figure("page errors", errors, "", "<= 0"))
+    return figures, {}
+
+
 Scenario = Callable[[str, Options, Fleet], tuple[list[Figure], dict[str, Any]]]
 
 # The processes' logs (3 lines per run, about 1.3 MB/s at 1,700 runs/s) stay in memory
@@ -927,6 +1002,7 @@ SCENARIOS: dict[str, tuple[Scenario, int, float, int]] = {
     "idle": (idle, 10_000, 60, 100),
     "api": (api, 1_000, 10, 100),
     "history": (history, 10_000_000, 10, 100),
+    "ui": (ui, 100_000, 45, 8),
 }
 
 
