@@ -908,48 +908,61 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
     return figures, {}
 
 
+def make_dashboard_data(conn: psycopg.Connection, n: int) -> dict[str, Any]:
+    """N tasks (80% sleep every hour, 10% http cron, 10% counter every 30 min; 5%
+    paused, 1% deleted) and 20 N finished runs (bulk SQL): N in the last hour (each
+    task's hourly run), the rest spread over 30 days; every 20th failed."""
+    third = max(1, n // 10)
+    create_tasks(conn, n - 2 * third, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
+    create_tasks(conn, third, "http", {"url": "http://127.0.0.1:9/"}, "jsonb_build_object('every', '1d')")
+    cron = {"schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin"}}
+    conn.execute(
+        "SELECT count(pgbeat.update_task(id, %s::jsonb, %s)) FROM pgbeat.tasks WHERE kind = 'http'",
+        (json.dumps(cron), schedules.next_cron_slot("0 9 * * 1-5", "Europe/Berlin", datetime.now(UTC))),
+    )
+    create_tasks(conn, third, "counter", {"step": 1}, "jsonb_build_object('every', '30m')")
+    conn.execute("SELECT count(pgbeat.pause_task(id)) FROM pgbeat.tasks WHERE id % 20 = 0")
+    conn.execute("SELECT count(pgbeat.delete_task(id)) FROM pgbeat.tasks WHERE id % 100 = 1")
+    tasks = task_ids(conn)
+    started = time.perf_counter()
+    # Run i belongs to task i % k; the first k runs finished in the last hour, the
+    # others step back over 30 days. Lateness is a few ms.
+    conn.execute(
+        """INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, state, started_at,
+                                    finished_at, result, error, created_at)
+           SELECT t.id, t.kind, s.at, s.at, CASE WHEN i %% 20 = 7 THEN 'failed' ELSE 'succeeded' END,
+                  s.at + (i %% 13) * interval '1 ms', s.at + interval '15 ms',
+                  '{}', CASE WHEN i %% 20 = 7 THEN 'HTTP 503 (expected 2xx)' END, s.at
+             FROM (SELECT %(tasks)s::int[] AS ids, cardinality(%(tasks)s::int[]) AS k) ids,
+                  generate_series(0, %(runs)s - 1) AS i,
+                  LATERAL (SELECT now() - CASE WHEN i < ids.k
+                                               THEN interval '1 hour' * (i + 1) / ids.k
+                                               ELSE interval '1 hour' + interval '30 days' * i / %(runs)s
+                                          END AS at) s,
+                  LATERAL (SELECT id, kind FROM pgbeat.tasks WHERE id = ids.ids[1 + i %% ids.k]) t""",
+        {"tasks": tasks, "runs": 20 * n},
+    )
+    conn.execute("VACUUM ANALYZE")
+    first_run, last_run = conn.execute("SELECT min(id), max(id) FROM pgbeat.runs").fetchone()
+    return {
+        "tasks": tasks,
+        "live": [
+            r[0] for r in conn.execute("SELECT id FROM pgbeat.tasks WHERE deleted_at IS NULL ORDER BY id")
+        ],
+        "runs": 20 * n,
+        "generated_s": time.perf_counter() - started,
+        "first_run": first_run,
+        "last_run": last_run,
+    }
+
+
 def ui(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
-    """The dashboard's pages with N tasks and 20 N runs of history (bulk SQL): N runs
-    finished in the last hour (each task's hourly run), 5% of them failed, the rest
-    spread over 30 days. p50 and p99 of each page's render, one client at a time."""
+    """The dashboard's pages with N tasks and 20 N runs of history (make_dashboard_data):
+    p50 and p99 of each page's render, one client at a time."""
     n = opts.size
     with connect(url) as conn:
-        third = max(1, n // 10)
-        create_tasks(conn, n - 2 * third, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
-        create_tasks(conn, third, "http", {"url": "http://127.0.0.1:9/"}, "jsonb_build_object('every', '1d')")
-        cron = {"schedule": {"cron": "0 9 * * 1-5", "timezone": "Europe/Berlin"}}
-        conn.execute(
-            "SELECT count(pgbeat.update_task(id, %s::jsonb, %s)) FROM pgbeat.tasks WHERE kind = 'http'",
-            (json.dumps(cron), schedules.next_cron_slot("0 9 * * 1-5", "Europe/Berlin", datetime.now(UTC))),
-        )
-        create_tasks(conn, third, "counter", {"step": 1}, "jsonb_build_object('every', '30m')")
-        conn.execute("SELECT count(pgbeat.pause_task(id)) FROM pgbeat.tasks WHERE id % 20 = 0")
-        conn.execute("SELECT count(pgbeat.delete_task(id)) FROM pgbeat.tasks WHERE id % 100 = 1")
-        tasks = task_ids(conn)
-        live = [
-            r[0] for r in conn.execute("SELECT id FROM pgbeat.tasks WHERE deleted_at IS NULL ORDER BY id")
-        ]
-        started = time.perf_counter()
-        # Run i belongs to task i % k; the first k runs finished in the last hour, the
-        # others step back over 30 days. Every 20th failed; lateness is a few ms.
-        conn.execute(
-            """INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, state, started_at,
-                                        finished_at, result, error, created_at)
-               SELECT t.id, t.kind, s.at, s.at, CASE WHEN i %% 20 = 7 THEN 'failed' ELSE 'succeeded' END,
-                      s.at + (i %% 13) * interval '1 ms', s.at + interval '15 ms',
-                      '{}', CASE WHEN i %% 20 = 7 THEN 'HTTP 503 (expected 2xx)' END, s.at
-                 FROM (SELECT %(tasks)s::int[] AS ids, cardinality(%(tasks)s::int[]) AS k) ids,
-                      generate_series(0, %(runs)s - 1) AS i,
-                      LATERAL (SELECT now() - CASE WHEN i < ids.k
-                                                   THEN interval '1 hour' * (i + 1) / ids.k
-                                                   ELSE interval '1 hour' + interval '30 days' * i / %(runs)s
-                                              END AS at) s,
-                      LATERAL (SELECT id, kind FROM pgbeat.tasks WHERE id = ids.ids[1 + i %% ids.k]) t""",
-            {"tasks": tasks, "runs": 20 * n},
-        )
-        conn.execute("VACUUM ANALYZE")
-        generated_s = time.perf_counter() - started
-        first_run, last_run = conn.execute("SELECT min(id), max(id) FROM pgbeat.runs").fetchone()
+        data = make_dashboard_data(conn, n)
+    tasks, live, first_run, last_run = data["tasks"], data["live"], data["first_run"], data["last_run"]
     _, base = fleet.start_api()
     start_daemons(fleet, url, opts, env={"PGBEAT_RETENTION_DAYS": "36500"})
     rng = random.Random(21)
@@ -967,8 +980,8 @@ def ui(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, A
     }
     figures = [
         Figure("tasks", len(tasks), "tasks"),
-        Figure("runs of history", 20 * n, "runs"),
-        Figure("seconds to generate the runs", generated_s, "s"),
+        Figure("runs of history", data["runs"], "runs"),
+        Figure("seconds to generate the runs", data["generated_s"], "s"),
     ]
     errors = 0
     for name, path in pages.items():
