@@ -1,0 +1,2 @@
+DROP INDEX pgbeat.tasks_kind;
+DROP INDEX pgbeat.runs_failed;
