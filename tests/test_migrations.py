@@ -66,13 +66,21 @@ def test_migrating_twice_changes_nothing(db_url):
     assert migrations.pending(db_url) == []
 
 
+def numbered_migrations() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".sql")
+        for p in migrations.MIGRATIONS_DIR.glob("*.sql")
+        if ".rollback" not in p.name
+    )
+
+
 def test_rollback_then_migrate_rebuilds_the_same_schema(db_url):
     before = catalog(db_url)
-    assert migrations.rollback(db_url) == [migrations.BASELINE]
+    assert migrations.rollback(db_url) == numbered_migrations()[::-1]
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT to_regnamespace('pgbeat')").fetchone() == (None,)
-    assert migrations.pending(db_url) == [migrations.BASELINE, migrations.SCHEMA_PENDING]
-    assert migrations.apply(db_url) == [migrations.BASELINE]
+    assert migrations.pending(db_url) == [*numbered_migrations(), migrations.SCHEMA_PENDING]
+    assert migrations.apply(db_url) == numbered_migrations()
     assert diff(catalog(db_url), before) == []
 
 
@@ -136,8 +144,8 @@ def test_a_function_a_table_uses_is_kept_and_must_stay_defined(db_url):
 
 def test_a_database_made_by_the_pre_v1_migrations_is_adopted(db_url, empty_db):
     apply_pre_v1(empty_db)
-    assert migrations.pending(empty_db) == [migrations.BASELINE, migrations.SCHEMA_PENDING]
-    assert migrations.apply(empty_db) == []  # the baseline is recorded, not run
+    assert migrations.pending(empty_db) == [*numbered_migrations(), migrations.SCHEMA_PENDING]
+    assert migrations.apply(empty_db) == numbered_migrations()[1:]  # the baseline is recorded, not run
     assert migrations.pending(empty_db) == []
     # Its tables were the baseline's, and its functions are now the schema files'.
     assert diff(catalog(empty_db), catalog(db_url)) == []

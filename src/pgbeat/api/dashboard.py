@@ -195,7 +195,9 @@ class FinishedMinutes:
         self.settled = {minute: row for minute, row in self.settled.items() if minute >= start}
         hour = [start + timedelta(minutes=i) for i in range(60)]
         unsettled = [m for m in hour if m not in self.settled]
-        rows = {row["minute"]: row for row in await conn.fetch(queries.get("dashboard_minutes"), unsettled[0])}
+        rows = {
+            row["minute"]: row for row in await conn.fetch(queries.get("dashboard_minutes"), unsettled[0])
+        }
         for minute in unsettled:
             if minute < current - self.SETTLE:
                 self.settled[minute] = rows.get(minute)

@@ -178,23 +178,24 @@ SELECT date_trunc('minute', r.finished_at) AS minute,
  GROUP BY 1 ORDER BY 1;
 
 -- name: dashboard_failing
--- Tasks whose last executed run failed, among the last 5,000 failures within the hour
--- (runs_failed: bounded, whatever the history's size or the hour's successes).
-WITH recent AS (
-    SELECT r.task_id FROM pgbeat.runs r
+-- The 20 tasks that failed last whose last executed run failed, among the hour's last 5,000
+-- failures (runs_failed: bounded, whatever the history's size or the hour's successes),
+-- and how many tasks failed in that window.
+WITH failures AS (
+    SELECT r.task_id, r.finished_at FROM pgbeat.runs r
      WHERE r.state IN ('failed', 'timed_out', 'abandoned') AND r.finished_at > now() - interval '1 hour'
      ORDER BY r.finished_at DESC LIMIT 5000),
-failing AS (SELECT DISTINCT task_id FROM recent)
+by_task AS (SELECT task_id, max(finished_at) AS failed_at FROM failures GROUP BY task_id)
 SELECT t.id, t.name, t.kind, last.id AS run_id, last.state, last.error, last.finished_at,
-       count(*) OVER () AS failing
-  FROM failing f
-  JOIN pgbeat.tasks t ON t.id = f.task_id AND t.deleted_at IS NULL
+       (SELECT count(*) FROM by_task) AS failing
+  FROM (SELECT * FROM by_task ORDER BY failed_at DESC) f
  CROSS JOIN LATERAL (
        SELECT r.id, r.state, r.error, r.finished_at FROM pgbeat.runs r
         WHERE r.task_id = f.task_id AND r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned')
         ORDER BY r.id DESC LIMIT 1) last
+  JOIN pgbeat.tasks t ON t.id = f.task_id AND t.deleted_at IS NULL
  WHERE last.state IN ('failed', 'timed_out', 'abandoned')
- ORDER BY last.finished_at DESC
+ ORDER BY f.failed_at DESC
  LIMIT 20;
 
 -- name: dashboard_daemons

@@ -7,5 +7,6 @@
 CREATE INDEX runs_failed ON pgbeat.runs (finished_at, task_id)
     WHERE state IN ('failed', 'timed_out', 'abandoned');
 
--- Tasks of one kind, in id order (the task list filtered by kind, keyset-paged).
-CREATE INDEX tasks_kind ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL;
+-- Tasks of one kind, in id order (the task list filtered by kind, keyset-paged; with
+-- a status filter too, which may ask for deleted tasks).
+CREATE INDEX tasks_kind ON pgbeat.tasks (kind, id);
