@@ -35,9 +35,12 @@ ARGS = [
 ARTEFACTS = Path(os.environ.get("PGBEAT_UI_ARTEFACTS") or Path(tempfile.gettempdir()) / "pgbeat-ui")
 KEYS = ("first-key-4f1c", "second-key-9a2e")
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
+    ),
+]
 
 
 def call(base: str, method: str, path: str, body: dict | None = None, key: str | None = None) -> Any:
