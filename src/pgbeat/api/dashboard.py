@@ -56,7 +56,7 @@ CSP = (
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 KINDS = ("sleep", "counter", "http")
-STATUSES = ("active", "paused", "complete", "deleted")
+STATUSES = ("active", "paused", "complete", "deleted", "error")  # error: a task set aside (its data)
 FAILED_STATES = ("failed", "timed_out", "abandoned")
 TASKS_PER_PAGE = 50
 RUNS_PER_PAGE = 25

@@ -161,7 +161,8 @@ SELECT metric, label, value FROM pgbeat.metric_values();
 SELECT count(*) FILTER (WHERE status = 'active') AS active,
        count(*) FILTER (WHERE status = 'paused') AS paused,
        count(*) FILTER (WHERE status = 'complete') AS complete,
-       count(*) FILTER (WHERE status = 'deleted') AS deleted
+       count(*) FILTER (WHERE status = 'deleted') AS deleted,
+       count(*) FILTER (WHERE status = 'error') AS error
   FROM pgbeat.task_status;
 
 -- name: dashboard_minutes
