@@ -47,7 +47,7 @@ psql:
     url="${PGBEAT_DATABASE_URL:-$({{bin}}/python -c 'from pgbeat import db; from pgbeat.config import Config; print(db.resolve_url(Config.from_env()))' | tail -1)}"
     exec psql "$url"
 
-# Run a benchmark scenario (`pgbeat bench --help` lists them): burst, steady, latency, scale, idle, api, history.
+# Run a benchmark scenario (`pgbeat bench --help` lists them): burst, steady, latency, scale, idle, api, history, ui.
 bench *ARGS:
     {{bin}}/pgbeat bench {{ARGS}}
 
