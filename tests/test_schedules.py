@@ -144,3 +144,100 @@ def test_cron_catch_up_across_fall_back_counts_the_repeated_hour_once() -> None:
 def test_a_bad_cron_expression_or_zone_is_a_value_error(expr: str, tz: str) -> None:
     with pytest.raises(ValueError):
         schedules.next_cron_slot(expr, tz, utc(2026, 1, 1))
+
+
+# ---------------------------------------------------------------- standard cron (issue 17)
+
+
+def local_days(expr: str, tz: str, after: datetime, count: int) -> list[str]:
+    from zoneinfo import ZoneInfo
+
+    return [
+        s.astimezone(ZoneInfo(tz)).strftime("%a %d %b") for s in schedules.cron_slots(expr, tz, after, count)
+    ]
+
+
+def test_both_day_fields_restricted_a_day_matches_if_either_does() -> None:
+    # The 1st and 15th of each month, and every Monday.
+    days = local_days("0 12 1,15 * MON", "UTC", utc(2026, 1, 1), 6)
+    assert days == ["Thu 01 Jan", "Mon 05 Jan", "Mon 12 Jan", "Thu 15 Jan", "Mon 19 Jan", "Mon 26 Jan"]
+    # A day-of-week list covering every day (not written as '*') makes every day match.
+    assert local_days("0 0 1,15 * 0-7", "UTC", utc(2026, 1, 1), 3) == [
+        "Fri 02 Jan",
+        "Sat 03 Jan",
+        "Sun 04 Jan",
+    ]
+
+
+def test_a_day_field_starting_with_a_star_means_both_must_match() -> None:
+    # '*/10' is the 1st, 11th, 21st and 31st: only the Saturdays among them.
+    days = local_days("0 12 */10 * 6", "UTC", utc(2026, 1, 1), 4)
+    assert days == ["Sat 31 Jan", "Sat 21 Feb", "Sat 21 Mar", "Sat 11 Apr"]
+    assert local_days("0 9 */2 * MON-FRI", "UTC", utc(2026, 1, 1), 3) == [
+        "Thu 01 Jan",
+        "Mon 05 Jan",
+        "Wed 07 Jan",
+    ]
+    assert local_days("0 9 13 * */7", "UTC", utc(2026, 1, 1), 2) == ["Sun 13 Sep", "Sun 13 Dec"]
+    assert local_days("0 0 * * SUN", "UTC", utc(2026, 1, 1), 2) == ["Sun 04 Jan", "Sun 11 Jan"]
+
+
+@pytest.mark.parametrize(
+    ("alias", "same_as"),
+    [
+        ("@hourly", "0 * * * *"),
+        ("@daily", "0 0 * * *"),
+        ("@midnight", "0 0 * * *"),
+        ("@weekly", "0 0 * * 0"),
+        ("@monthly", "0 0 1 * *"),
+        ("@yearly", "0 0 1 1 *"),
+        ("@annually", "0 0 1 1 *"),
+        ("@Daily", "0 0 * * *"),
+    ],
+)
+def test_aliases(alias: str, same_as: str) -> None:
+    after = utc(2026, 3, 1, 5, 30)
+    assert schedules.cron_slots(alias, "Europe/Berlin", after, 5) == schedules.cron_slots(
+        same_as, "Europe/Berlin", after, 5
+    )
+
+
+def test_names_lists_ranges_and_steps() -> None:
+    assert schedules.cron_slots("0 17-17/4 * * *", "UTC", utc(2026, 1, 1), 2) == [
+        utc(2026, 1, 1, 17),  # a one-value range is that value, not the whole cycle
+        utc(2026, 1, 2, 17),
+    ]
+    assert local_days("0 0 * FEB,mar SAT", "UTC", utc(2026, 1, 1), 5)[3:] == ["Sat 28 Feb", "Sat 07 Mar"]
+    assert local_days("0 0 1 jan-dec/6 *", "UTC", utc(2026, 1, 2), 2) == ["Wed 01 Jul", "Fri 01 Jan"]
+    assert local_days("0 0 * * 5-7", "UTC", utc(2026, 1, 1), 3) == ["Fri 02 Jan", "Sat 03 Jan", "Sun 04 Jan"]
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        ("0 0 L * *", ["'L' (last day)", "day-of-month"]),
+        ("0 0 15W * *", ["'W' (nearest weekday)", "'15W'"]),
+        ("0 0 * * 5#2", ["'#' (nth weekday", "day-of-week"]),
+        ("0 0 ? * *", ["'?'", "day-of-month"]),
+        ("@reboot", ["@reboot is not supported"]),
+        ("@fortnightly", ["unknown alias '@fortnightly'"]),
+        ("H * * * *", ["'H' (hashed values)", "minute"]),
+        ("61 * * * *", ["61 is out of range in the minute field (0-59)"]),
+        ("0 24 * * *", ["24 is out of range in the hour field"]),
+        ("0 0 * 13 *", ["13 is out of range in the month field"]),
+        ("5/10 * * * *", ["'5/10'", "a step needs '*' or a range", "5-59/10"]),
+        ("0 0 * * fri-sun", ["'fri-sun'", "goes backwards"]),
+        ("0 0 * * jul", ["cannot read 'jul' in the day-of-week field"]),
+        ("*/0 * * * *", ["step", "out of range"]),
+        ("0 0 30 2 *", ["never fires"]),
+        ("* * * *", ["4 fields", "6th field is seconds, written last"]),
+        ("* * * * * * *", ["7 fields"]),
+        ("*/15 * * * * 61", ["61 is out of range in the second field", "6th field is seconds, written last"]),
+        ("0 0 1-2-3 * *", ["cannot read '1-2-3'"]),
+    ],
+)
+def test_what_pgbeat_refuses_is_named(expr: str, names: list[str]) -> None:
+    with pytest.raises(ValueError) as refused:
+        schedules.parse_cron(expr)
+    for name in names:
+        assert name in str(refused.value)

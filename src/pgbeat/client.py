@@ -304,7 +304,13 @@ def _schedule_options(p: argparse.ArgumentParser, required: bool) -> None:
     when_.add_argument("--every", metavar="DURATION", help="interval: 30s, 2m, 1h30m or seconds")
     when_.add_argument("--at", metavar="ISO", help="once at a time with offset: 2027-08-08T17:35:00Z")
     when_.add_argument("--in", dest="in_", metavar="DURATION", help="once after a delay: 1h30m")
-    when_.add_argument("--cron", metavar="EXPR", help="cron expression, optional 6th field = seconds")
+    when_.add_argument(
+        "--cron",
+        metavar="EXPR",
+        help="standard cron: 'MIN HOUR DAY-OF-MONTH MONTH DAY-OF-WEEK' or @hourly, @daily, @weekly,"
+        " @monthly, @yearly; an optional 6th field is seconds, written last ('0 9 * * 1-5 30' is"
+        " 09:00:30 on weekdays; '*/15 * * * * *' is every second of minutes 0, 15, 30, 45)",
+    )
     p.add_argument("--timezone", metavar="TZ", help="IANA time zone of --cron (default UTC)")
     p.add_argument("--name")
     p.add_argument("--param", dest="params", action="append", type=parse_param, metavar="KEY=VALUE")

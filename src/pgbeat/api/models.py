@@ -16,6 +16,22 @@ from msgspec import UNSET, Struct, UnsetType
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 # A duration: seconds, or text such as "30s", "2m", "1h30m", "every 2 minutes".
 Duration = float | str
+CronText = Annotated[
+    str,
+    msgspec.Meta(
+        description=(
+            "A cron expression read as standard cron (Vixie cron, cronie, POSIX) reads it: five fields"
+            " (minute hour day-of-month month day-of-week) with lists, ranges a-b, steps */n and a-b/n,"
+            " month and weekday names; or an alias: @hourly, @daily (@midnight), @weekly, @monthly,"
+            " @yearly (@annually). When both day fields are restricted a day matches if either does;"
+            " when either starts with '*' (as '*/10' does) only if both do. An optional 6th field is"
+            " seconds, written last: '0 9 * * 1-5 30' fires at 09:00:30 on weekdays, and"
+            " '*/15 * * * * *' every second of minutes 0, 15, 30 and 45. L, W, #, ? and @reboot are"
+            " refused. Computed in `timezone`."
+        ),
+        examples=["*/5 * * * *", "0 9 * * MON-FRI", "@daily", "0 12 1,15 * *"],
+    ),
+]
 
 
 class ScheduleIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -24,7 +40,7 @@ class ScheduleIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
     every: Duration | UnsetType = UNSET
     at: Timestamp | UnsetType = UNSET
     in_: Duration | UnsetType = msgspec.field(default=UNSET, name="in")
-    cron: str | UnsetType = UNSET
+    cron: CronText | UnsetType = UNSET
     timezone: str | UnsetType = UNSET
     start: Timestamp | UnsetType = UNSET  # every: the grid's first slot (default: one interval from now)
 
