@@ -7,7 +7,7 @@ import importlib
 import signal
 import sys
 
-from pgbeat import logs
+from pgbeat import __version__, logs
 from pgbeat.config import Config
 
 # The tooling beside the product: `pgbeat bench` and `pgbeat chaos` hand their arguments
@@ -87,31 +87,91 @@ def cmd_lab(args: argparse.Namespace, config: Config) -> int:
     return importlib.import_module(module).main(args.lab_argv, config)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgbeat", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+SYNOPSIS = """\
+pgbeat runs tasks on schedules (every N seconds, once, or cron) and keeps every
+coordination rule in PostgreSQL: run any number of schedulers and workers.
 
-    p = sub.add_parser("serve", help="api + scheduler + worker in one process (migrates first)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--concurrency", type=int, default=16, help="runs executed at once")
+daemons:
+  pgbeat serve [--host H] [--port P]     api + scheduler + worker in one process
+  pgbeat api | scheduler | worker        one role per process, for production
+  pgbeat migrate [--rollback]            bring the database's schema up to date
+
+client (talks to the API at PGBEAT_URL):
+  pgbeat task add KIND --every|--at|--in|--cron WHEN [options]
+  pgbeat task ls | show ID | update ID | pause ID | resume ID | trigger ID | rm ID
+  pgbeat runs [--task ID] [--state S] [--since T] [--follow] | runs show ID
+  pgbeat upcoming [--task ID] [--watch]
+  pgbeat status [--watch]
+  pgbeat completion bash|zsh
+"""
+
+ENVIRONMENT = """\
+environment:
+  PGBEAT_DATABASE_URL   the database (default: an embedded PostgreSQL in PGBEAT_DATA_DIR)
+  PGBEAT_DATA_DIR       the embedded PostgreSQL's directory (default: ./.pgbeat)
+  PGBEAT_URL            the API, for the client commands (default: http://127.0.0.1:8000)
+  PGBEAT_API_KEY        the client's key; PGBEAT_API_KEYS: the keys the API accepts
+  PGBEAT_LOG_FORMAT     text or json (default: text on a terminal, else json)
+  NO_COLOR              set: the client prints no colour
+
+exit status: 0 done, 1 the request failed (the reason on stderr), 2 a usage error.
+
+examples:
+  pgbeat serve
+  pgbeat task add sleep --every 30s --param seconds=2
+  pgbeat runs --follow
+  pgbeat task ls --json | jq .name
+
+`pgbeat COMMAND --help` describes a command; README.md describes everything."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pgbeat import argv, client
+
+    parser = argv.Parser(prog="pgbeat", description=SYNOPSIS, epilog=ENVIRONMENT)
+    parser.add_argument("--version", action="version", version=f"pgbeat {__version__}")
+    client.global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    def daemon(name: str, help_text: str, *example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+            epilog=client.examples(*example),
+        )  # fmt: skip
+
+    p = daemon(
+        "serve",
+        "api + scheduler + worker in one process; migrates first, and without PGBEAT_DATABASE_URL"
+        " starts an embedded PostgreSQL in PGBEAT_DATA_DIR (default ./.pgbeat)",
+        "pgbeat serve",
+        "pgbeat serve --host 0.0.0.0 --port 9000 --concurrency 32",
+        "PGBEAT_DATA_DIR=~/pgbeat-data pgbeat serve",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="the API's address")
+    p.add_argument("--port", type=int, default=8000, help="the API's port")
+    p.add_argument("--concurrency", type=int, default=16, help="runs the worker executes at once")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("api", help="the REST API")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p = daemon("api", "the REST API (any number of replicas)", "pgbeat api --host 0.0.0.0 --port 8000")
+    p.add_argument("--host", default="0.0.0.0", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.set_defaults(func=cmd_api)
 
-    p = sub.add_parser("scheduler", help="turn due slots into runs")
+    p = daemon("scheduler", "turn due slots into runs (any number of replicas)", "pgbeat scheduler")
     p.set_defaults(func=cmd_scheduler)
 
-    p = sub.add_parser("worker", help="claim and execute runs")
+    p = daemon("worker", "claim and execute runs (any number of replicas)", "pgbeat worker --concurrency 32")
     p.add_argument("--concurrency", type=int, default=16, help="runs executed at once")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("migrate", help="apply (or roll back) the SQL migrations")
-    p.add_argument("--rollback", action="store_true", help="roll back instead of applying")
-    p.add_argument("--count", type=int, default=None, help="with --rollback: how many (default all)")
+    p = daemon(
+        "migrate",
+        "apply (or roll back) the SQL migrations",
+        "pgbeat migrate",
+        "pgbeat migrate --rollback --count 1",
+    )
+    p.add_argument("--rollback", action="store_true", help="roll back instead of applying (default: apply)")
+    p.add_argument("--count", type=int, default=None, help="with --rollback: how many (default: all)")
     p.add_argument(
         "--reapply-schema",
         action="store_true",
@@ -122,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0,
         metavar="SECONDS",
-        help="wait up to SECONDS for the database to accept connections (retrying with backoff)",
+        help="wait up to SECONDS for the database to accept connections, retrying with backoff",
     )
     p.set_defaults(func=cmd_migrate)
 
@@ -130,8 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
         # No options of its own (prefix_chars matches none): every argument is left for the lab's parser.
         p = sub.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
         p.set_defaults(func=cmd_lab)
-
-    from pgbeat import client
 
     client.add_commands(sub)
     return parser
@@ -143,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command not in LAB_COMMANDS:
         parser.error("unrecognized arguments: " + " ".join(rest))
     args.lab_argv = rest
+    args.argv_shown = list(sys.argv[1:] if argv is None else argv)
     config = Config.from_env()
     logs.setup(config.log_format)
     try:

