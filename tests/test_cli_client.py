@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pexpect
@@ -484,3 +486,93 @@ def test_bash_completion_of_commands_options_and_values(tmp_path):
     assert "show" in complete("pgbeat runs ")
     zsh = command("completion", "zsh").stdout
     assert zsh.startswith("autoload -U +X bashcompinit && bashcompinit")
+
+
+# ---------------------------------------------------------------- one meaning per word
+
+
+def test_a_deleted_task_is_readable_and_never_changed(api, capsys, db_url):
+    task = one(pgbeat_json(capsys, "task", "add", "sleep", "--every", "1h", "--name", "gone"))
+    tid = str(task["id"])
+    run = one(pgbeat_json(capsys, "task", "trigger", tid))
+    code, _, _ = pgbeat(capsys, "task", "rm", tid)
+    assert code == 0
+    shown = one(pgbeat_json(capsys, "task", "show", tid))
+    assert shown["status"] == "deleted" and shown["next_run_at"] is None
+    assert shown["last_run"]["id"] == run["id"] and shown["last_run"]["state"] == "cancelled"
+    assert [t["id"] for t in pgbeat_json(capsys, "task", "ls", "--status", "deleted")] == [task["id"]]
+    assert pgbeat_json(capsys, "task", "ls") == []
+    assert [r["id"] for r in pgbeat_json(capsys, "runs", "--task", tid)] == [run["id"]]
+    assert pgbeat_json(capsys, "upcoming", "--task", tid) == []
+    for action in (
+        ["update", tid, "--name", "back"],
+        ["pause", tid],
+        ["resume", tid],
+        ["trigger", tid],
+        ["rm", tid],
+    ):
+        code, out, err = pgbeat(capsys, "task", *action)
+        assert code == 1 and out == "" and f"task {tid} is deleted" in err and "(HTTP 409)" in err, action
+
+
+def _fire_and_finish(db_url: str, task_id: int) -> None:
+    """One slot of the task fires now, and its run succeeds."""
+    with sql.connect(db_url) as conn:
+        sql.make_due(conn, task_id, 1.0)
+        assert sql.materialize(conn)
+        (claimed,) = sql.claim(conn)
+        sql.finish(conn, claimed["run_id"], "succeeded", {})
+        sql.release(conn, [task_id])
+
+
+def test_a_schedule_change_keeps_fired_so_max_runs_still_holds(api, capsys, db_url):
+    task = one(pgbeat_json(capsys, "task", "add", "sleep", "--every", "1h", "--max-runs", "2"))
+    tid = str(task["id"])
+    for _ in range(2):
+        _fire_and_finish(db_url, task["id"])
+    done = one(pgbeat_json(capsys, "task", "show", tid))
+    assert (done["fired"], done["status"], done["next_run_at"]) == (2, "complete", None)
+
+    moved = one(pgbeat_json(capsys, "task", "update", tid, "--every", "30m"))
+    assert (moved["fired"], moved["status"], moved["next_run_at"]) == (2, "complete", None)
+    assert moved["schedule"]["every"] == "30m"
+    code, out, _ = pgbeat(capsys, "task", "show", tid)
+    assert code == 0 and "runs           2 fired of max 2" in out
+
+    again = one(pgbeat_json(capsys, "task", "update", tid, "--reset-fired"))
+    assert (again["fired"], again["status"]) == (0, "active") and again["next_run_at"] is not None
+    _fire_and_finish(db_url, task["id"])
+    cron = one(pgbeat_json(capsys, "task", "update", tid, "--cron", "@hourly"))
+    assert cron["fired"] == 1 and cron["status"] == "active"  # 1 of 2: the new schedule goes on
+
+    # The API takes 0 only: fired is a count of what happened, not a setting.
+    request = urllib.request.Request(
+        f"{api}/tasks/{tid}", data=b'{"fired": 1}', method="PATCH",
+        headers={"Content-Type": "application/json", "Authorization": "Bearer cli-key"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400 and "fired" in refused.value.read().decode()
+
+
+def test_status_shows_live_daemons_backlog_and_lateness(api, capsys, fleet, db_url):
+    task = one(pgbeat_json(capsys, "task", "add", "sleep", "--every", "1h", "--param", "seconds=0"))
+    pgbeat(capsys, "task", "trigger", str(task["id"]))
+    status = one(pgbeat_json(capsys, "status"))
+    assert status["runs"]["due"] == 1 and status["runs"]["pending"] == 1 and status["daemons"] == []
+    assert status["tasks"]["active"] == 1 and status["database"] == "up"
+    code, out, _ = pgbeat(capsys, "status")
+    assert code == 0 and "1 run(s) due and waiting for a worker" in out
+    assert "no scheduler or worker is running" in out
+
+    fleet.start("worker")
+    sql.wait_for(
+        "the run to finish", lambda: sql.runs(sql.connect(db_url), task["id"])[0]["state"] == "succeeded"
+    )
+    status = one(pgbeat_json(capsys, "status"))
+    assert [d["role"] for d in status["daemons"]] == ["worker"] and status["runs"]["due"] == 0
+    assert status["lateness_ms"]["runs"] == 1 and status["lateness_ms"]["max"] >= 0
+    code, out, _ = pgbeat(capsys, "status")
+    lines = out.splitlines()
+    assert code == 0 and any(line.split()[:2] == ["DAEMON", "ROLE"] for line in lines)
+    assert any(" worker " in line for line in lines)

@@ -605,7 +605,8 @@ async def status_command(api: Api, args: argparse.Namespace, out: Out) -> None:
 
 def status_text(out: Out, status: dict[str, Any]) -> str:
     runs, lateness = status["runs"], status["lateness_ms"]
-    tasks = ", ".join(f"{n} {s}" for s, n in status["tasks"].items()) or "none"
+    counts = status["tasks"]
+    tasks = ", ".join(f"{counts[s]} {s}" for s in TASK_STATUSES if s in counts) or "none"
     lines = [
         out.bold(f"pgbeat {status['version']}") + f"  database {out.state(status['database'], 'active')}"
         f"  at {when(status['now'])}",

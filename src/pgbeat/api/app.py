@@ -33,6 +33,7 @@ from pgbeat.api.errors import EXCEPTION_HANDLERS
 from pgbeat.api.models import Health, Readiness
 from pgbeat.api.ratelimit import presented_key
 from pgbeat.api.routes import InputLimits, RunController, TaskController, upcoming
+from pgbeat.api.status import status
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.api")
@@ -246,6 +247,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             health,
             ready,
             MetricsController,
+            status,
             *dashboard.route_handlers(config),
         ],
         lifespan=[database],

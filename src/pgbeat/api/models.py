@@ -45,8 +45,8 @@ class ScheduleIn(Struct, forbid_unknown_fields=True, omit_defaults=True):
     start: Timestamp | UnsetType = UNSET  # every: the grid's first slot (default: one interval from now)
 
 
-class TaskChanges(Struct, forbid_unknown_fields=True, omit_defaults=True):
-    """PATCH /tasks/{id}: only the fields given change; null clears until and max_runs."""
+class TaskFields(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The fields a task is created with, each of them optional here."""
 
     name: str | UnsetType = UNSET
     kind: str | UnsetType = UNSET
@@ -63,7 +63,15 @@ class TaskChanges(Struct, forbid_unknown_fields=True, omit_defaults=True):
     retry_backoff: float | UnsetType = UNSET
 
 
-class TaskSpec(TaskChanges, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
+class TaskChanges(TaskFields, forbid_unknown_fields=True, omit_defaults=True):
+    """PATCH /tasks/{id}: only the fields given change; null clears until and max_runs."""
+
+    # A schedule change keeps fired (max_runs counts every slot fired since creation);
+    # 0 resets it.
+    fired: Literal[0] | UnsetType = UNSET
+
+
+class TaskSpec(TaskFields, forbid_unknown_fields=True, omit_defaults=True, kw_only=True):
     """POST /tasks: kind and schedule are required."""
 
     kind: str
@@ -92,6 +100,7 @@ class Task(Struct):
     fired: int
     overlap: str
     misfire: str
+    misfire_grace: float
     max_retries: int
     retry_backoff: float
     status: Literal["active", "paused", "complete", "deleted"]
@@ -126,7 +135,7 @@ class TaskDetails(Task, kw_only=True):
 
 
 class TaskPage(Struct):
-    items: list[Task]
+    items: list[TaskDetails]
     next_cursor: str | None
 
 

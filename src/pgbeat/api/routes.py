@@ -30,6 +30,7 @@ from pgbeat.api.models import (
     Task,
     TaskChanges,
     TaskDetails,
+    TaskFields,
     TaskPage,
     TaskSpec,
     UpcomingRun,
@@ -183,7 +184,7 @@ def first_cron_slot(cron: str, timezone: str) -> datetime:
         raise BadInput("schedule.cron", f"{cron!r} is not a valid cron expression: {exc}") from None
 
 
-def check_limits(spec: TaskChanges, doc: dict[str, Any], policy: HttpPolicy) -> None:
+def check_limits(spec: TaskFields, doc: dict[str, Any], policy: HttpPolicy) -> None:
     """The limits the API can check before calling the database (pgbeat.limits), and
     the http kind's egress policy, which only the API and the worker know."""
     where = limits.nul_field(doc, "")
@@ -223,7 +224,7 @@ class InputLimits:
         return cls(config.http, config.min_interval)
 
 
-def spec_for_sql(spec: TaskChanges, given: InputLimits) -> tuple[dict[str, Any], datetime | None]:
+def spec_for_sql(spec: TaskFields, given: InputLimits) -> tuple[dict[str, Any], datetime | None]:
     doc = msgspec.to_builtins(spec)
     check_limits(spec, doc, given.http_policy)
     first_slot = None
@@ -379,7 +380,7 @@ class TaskController(Controller):
             after,
             limit,
         )
-        return TaskPage([task_from_row(row) for row in rows], next_cursor(rows, limit))
+        return TaskPage([task_details_from_row(row) for row in rows], next_cursor(rows, limit))
 
     @get("/{task_id:int}", summary="One task, with its last run and pending run", responses=_errors(404))
     async def get_task(self, state: State, task_id: TaskId) -> TaskDetails:

@@ -61,8 +61,10 @@ async def status(state: State) -> Status:
         version=pgbeat.__version__,
         database="up",
         now=row["now"],
-        tasks=dict(msgspec.json.decode(row["tasks"]) if isinstance(row["tasks"], str | bytes) else row["tasks"]),
+        tasks=msgspec.convert(row["tasks"], dict[str, int]),
         runs=StatusRuns(row["runs_pending"], row["runs_running"], row["runs_due"], row["oldest_due_at"]),
-        lateness_ms=StatusLateness(row["lateness_p50_ms"], row["lateness_p95_ms"], row["lateness_max_ms"], row["lateness_runs"]),
+        lateness_ms=StatusLateness(
+            row["lateness_p50_ms"], row["lateness_p95_ms"], row["lateness_max_ms"], row["lateness_runs"]
+        ),
         daemons=msgspec.convert(row["daemons"], list[StatusDaemon]),
     )

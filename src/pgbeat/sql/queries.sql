@@ -152,6 +152,12 @@ SELECT * FROM pgbeat.upcoming_slots($1, $2, $3);
 -- The gauges /metrics exports: (metric, label, value) rows.
 SELECT metric, label, value FROM pgbeat.metric_values();
 
+-- name: status_report
+-- What GET /status shows: tasks by status, the backlog, recent lateness, the live daemons.
+SELECT now, tasks, runs_pending, runs_running, runs_due, oldest_due_at, lateness_p50_ms, lateness_p95_ms,
+       lateness_max_ms, lateness_runs, daemons
+  FROM pgbeat.status_report();
+
 
 -- ---------------------------------------------------------------- dashboard (/ui)
 

@@ -1,8 +1,9 @@
 -- Input: how every task operation reads its JSON input and refuses bad input
 -- (Rule 10). Each check raises before anything is written:
 --   22023 invalid_parameter_value   bad input; message "field: problem", COLUMN = field
---   P0002 no_data_found             unknown (or deleted) task id
+--   P0002 no_data_found             a task id that never existed (or was pruned)
 --   55000 object_not_in_prerequisite_state   valid input the task's state forbids
+--                                    (a deleted task is readable, never changed)
 -- The API maps these to 422 / 404 / 409 (pgbeat.api.errors).
 
 CREATE OR REPLACE FUNCTION pgbeat.raise_invalid(p_field text, p_problem text) RETURNS void
@@ -16,6 +17,13 @@ CREATE OR REPLACE FUNCTION pgbeat.raise_not_found(p_id integer) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     RAISE EXCEPTION 'task % not found', p_id USING ERRCODE = 'no_data_found';
+END $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.raise_deleted(p_id integer) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'task % is deleted (its history stays readable)', p_id
+        USING ERRCODE = 'object_not_in_prerequisite_state';
 END $$;
 
 -- A duration given as seconds (JSON number) or interval text ('30s', '1h30m',

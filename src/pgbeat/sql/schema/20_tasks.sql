@@ -118,10 +118,16 @@ BEGIN
         t.next_run_at := t.run_at;
     WHEN 'cron' THEN
         t.cron := btrim(pgbeat.parse_text('schedule.cron', p_schedule->'cron', 200));
-        IF cardinality(regexp_split_to_array(t.cron, '\s+')) NOT IN (5, 6) THEN
-            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s must have 5 fields (or 6 with seconds)', to_jsonb(t.cron)));
-        END IF;
-        IF t.cron !~ '^[0-9A-Za-z*/,?#LW\-\s]+$' THEN
+        -- The caller reads the expression field by field (pgbeat.schedules.parse_cron)
+        -- and computes its first slot; here only its shape: 5 fields, 6 with seconds
+        -- written last, or one of the aliases standard cron knows.
+        IF t.cron ~ '^@' THEN
+            IF lower(t.cron) NOT IN ('@yearly', '@annually', '@monthly', '@weekly', '@daily', '@midnight', '@hourly') THEN
+                PERFORM pgbeat.raise_invalid('schedule.cron', format('%s is not an alias cron knows (@hourly, @daily, @midnight, @weekly, @monthly, @yearly, @annually)', to_jsonb(t.cron)));
+            END IF;
+        ELSIF cardinality(regexp_split_to_array(t.cron, '\s+')) NOT IN (5, 6) THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s must have 5 fields (or 6, the 6th being seconds, written last)', to_jsonb(t.cron)));
+        ELSIF t.cron !~ '^[0-9A-Za-z*/,\-\s]+$' THEN
             PERFORM pgbeat.raise_invalid('schedule.cron', format('%s has characters cron does not use', to_jsonb(t.cron)));
         END IF;
         IF p_schedule ? 'timezone' THEN
@@ -235,15 +241,18 @@ BEGIN
     RETURN t;
 END $$;
 
--- The live task, locked for the rest of the transaction, or P0002.
+-- The task, locked for the rest of the transaction, to be changed: P0002 if it
+-- never existed, 55000 if it is deleted (readable, never changed: Rule 11).
 CREATE OR REPLACE FUNCTION pgbeat.lock_task(p_id integer) RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     t pgbeat.tasks;
 BEGIN
-    SELECT * INTO t FROM pgbeat.tasks WHERE id = p_id AND deleted_at IS NULL FOR UPDATE;
+    SELECT * INTO t FROM pgbeat.tasks WHERE id = p_id FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM pgbeat.raise_not_found(p_id);
+    ELSIF t.deleted_at IS NOT NULL THEN
+        PERFORM pgbeat.raise_deleted(p_id);
     END IF;
     RETURN t;
 END $$;
@@ -258,7 +267,9 @@ $$;
 
 -- update_task(7, '{"schedule": {"every": "1m"}, "paused": true}')
 -- Only the given fields change; a new schedule starts a new grid (and drops a
--- pending run of the old schedule). Cron: pass the first slot of the new schedule.
+-- pending run of the old schedule) but keeps fired, so a task that reached
+-- max_runs stays complete unless the change also resets fired (0) or raises
+-- max_runs. Cron: pass the first slot of the new schedule.
 CREATE OR REPLACE FUNCTION pgbeat.update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
 RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
@@ -269,9 +280,17 @@ BEGIN
     IF p_changes IS NULL OR jsonb_typeof(p_changes) <> 'object' THEN
         PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
     END IF;
-    PERFORM pgbeat.reject_unknown_keys('', p_changes, pgbeat.task_fields());
+    PERFORM pgbeat.reject_unknown_keys('', p_changes, array_append(pgbeat.task_fields(), 'fired'));
     t := pgbeat.lock_task(p_id);
     was_paused := t.paused;
+    -- fired counts the slots fired since creation, whatever the schedules; max_runs
+    -- caps it. Only the user resets it: "fired": 0.
+    IF p_changes ? 'fired' THEN
+        IF p_changes->'fired' IS DISTINCT FROM '0'::jsonb THEN
+            PERFORM pgbeat.raise_invalid('fired', 'can only be reset: 0');
+        END IF;
+        t.fired := 0;
+    END IF;
     IF p_changes ? 'kind' AND p_changes->>'kind' IS DISTINCT FROM t.kind THEN
         PERFORM pgbeat.raise_invalid('kind', 'cannot be changed; create a new task');
     END IF;
@@ -280,10 +299,12 @@ BEGIN
     END IF;
     t := pgbeat.apply_options(t, p_changes);
     IF p_changes ? 'schedule' THEN
-        t.fired := 0;
         t := pgbeat.apply_schedule(t, p_changes->'schedule', p_first_slot);
         PERFORM pgbeat.cancel_pending_run(p_id, 'schedule changed');
-    ELSIF p_changes ? 'until' OR p_changes ? 'max_runs' THEN
+        IF t.fired >= t.max_runs THEN
+            t.next_run_at := NULL;  -- a new schedule does not undo max_runs
+        END IF;
+    ELSIF p_changes ? 'until' OR p_changes ? 'max_runs' OR p_changes ? 'fired' THEN
         IF t.next_run_at IS NULL AND t.run_at IS NULL THEN
             -- Limits raised (or removed) on a repeating task they had completed:
             -- it continues with its next slot after now (cron: the caller's).

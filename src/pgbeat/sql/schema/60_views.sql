@@ -30,7 +30,7 @@ $$;
 CREATE OR REPLACE VIEW pgbeat.task_status AS
 SELECT t.id, t.name, t.kind, t.params, pgbeat.schedule_json(t) AS schedule,
        t.every, t.run_at, t.cron, t.timezone, t.until, t.max_runs, t.fired, t.timeout, t.paused,
-       t.next_run_at, t.overlap_policy, t.misfire_policy, t.max_retries, t.retry_backoff,
+       t.next_run_at, t.overlap_policy, t.misfire_policy, t.misfire_grace, t.max_retries, t.retry_backoff,
        CASE WHEN t.deleted_at IS NOT NULL THEN 'deleted'
             WHEN t.paused THEN 'paused'
             WHEN t.next_run_at IS NULL

@@ -8,7 +8,7 @@
 CREATE OR REPLACE VIEW pgbeat.api_tasks AS
 SELECT s.id, s.name, s.kind, s.params, s.schedule, s.timeout, s.paused, s.next_run_at,
        s.until, s.max_runs, s.fired, s.overlap_policy AS overlap, s.misfire_policy AS misfire,
-       s.max_retries, s.retry_backoff, s.status, s.created_at, s.updated_at, s.deleted_at
+       s.misfire_grace, s.max_retries, s.retry_backoff, s.status, s.created_at, s.updated_at, s.deleted_at
   FROM pgbeat.task_status s;
 
 -- A run as the API shows it: durations and lateness in milliseconds.
@@ -19,17 +19,17 @@ SELECT h.id, h.task_id, h.task_name, h.kind, h.scheduled_for, h.due_at, h.starte
        h.worker_host
   FROM pgbeat.run_history h;
 
--- One live task with its last finished (or running) run and its pending run.
+-- A task (a deleted one too: its record stays readable) with its last finished
+-- (or running) run and its pending run.
 CREATE OR REPLACE VIEW pgbeat.api_task_details AS
 SELECT t.*,
        (SELECT to_jsonb(r) FROM pgbeat.api_runs r
          WHERE r.task_id = t.id AND r.state <> 'pending' ORDER BY r.id DESC LIMIT 1) AS last_run,
        (SELECT to_jsonb(r) FROM pgbeat.api_runs r
          WHERE r.task_id = t.id AND r.state = 'pending' LIMIT 1) AS pending_run
-  FROM pgbeat.api_tasks t
- WHERE t.deleted_at IS NULL;
+  FROM pgbeat.api_tasks t;
 
--- One live task as GET /tasks/{id} shows it (no row: unknown or deleted).
+-- One task as GET /tasks/{id} shows it, deleted ones included (no row: unknown).
 CREATE OR REPLACE FUNCTION pgbeat.get_task(p_id integer) RETURNS SETOF pgbeat.api_task_details
 LANGUAGE sql STABLE AS $$
     SELECT * FROM pgbeat.api_task_details WHERE id = p_id
@@ -43,13 +43,13 @@ $$;
 
 -- Tasks in id order, p_limit at a time after the cursor p_after_id (keyset:
 -- tasks created meanwhile land after the last page, none is seen twice).
--- Without p_status, deleted tasks are left out.
+-- Without p_status, deleted tasks are left out. Each with its last and pending run.
 CREATE OR REPLACE FUNCTION pgbeat.list_tasks(p_kind text DEFAULT NULL, p_status text DEFAULT NULL,
                                   p_paused boolean DEFAULT NULL, p_name text DEFAULT NULL,
                                   p_after_id integer DEFAULT 0, p_limit integer DEFAULT 100)
-RETURNS SETOF pgbeat.api_tasks
+RETURNS SETOF pgbeat.api_task_details
 LANGUAGE sql STABLE AS $$
-    SELECT * FROM pgbeat.api_tasks t
+    SELECT * FROM pgbeat.api_task_details t
      WHERE t.id > coalesce(p_after_id, 0)
        AND (p_kind IS NULL OR t.kind = p_kind)
        AND CASE WHEN p_status IS NULL THEN t.deleted_at IS NULL ELSE t.status = p_status END
@@ -60,13 +60,19 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Runs newest first, p_limit at a time before the cursor p_before_id; the time
--- range applies to scheduled_for.
+-- range applies to scheduled_for. P0002 for a p_task_id that never existed (a
+-- deleted task keeps its history).
 CREATE OR REPLACE FUNCTION pgbeat.list_runs(p_task_id integer DEFAULT NULL, p_state text DEFAULT NULL,
                                  p_kind text DEFAULT NULL, p_since timestamptz DEFAULT NULL,
                                  p_until timestamptz DEFAULT NULL, p_before_id bigint DEFAULT NULL,
                                  p_limit integer DEFAULT 100)
 RETURNS SETOF pgbeat.api_runs
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF p_task_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgbeat.tasks WHERE id = p_task_id) THEN
+        PERFORM pgbeat.raise_not_found(p_task_id);
+    END IF;
+    RETURN QUERY
     SELECT * FROM pgbeat.api_runs r
      WHERE (p_before_id IS NULL OR r.id < p_before_id)
        AND (p_task_id IS NULL OR r.task_id = p_task_id)
@@ -75,8 +81,8 @@ LANGUAGE sql STABLE AS $$
        AND (p_since IS NULL OR r.scheduled_for >= p_since)
        AND (p_until IS NULL OR r.scheduled_for < p_until)
      ORDER BY r.id DESC
-     LIMIT p_limit
-$$;
+     LIMIT p_limit;
+END $$;
 
 -- The history of one task (deleted tasks keep theirs); P0002 for an id that never existed.
 CREATE OR REPLACE FUNCTION pgbeat.task_runs(p_task_id integer, p_state text DEFAULT NULL,
@@ -95,7 +101,7 @@ END $$;
 -- seconds, or the cron expression for croniter) and their bounds (until, how
 -- many slots max_runs still allows). At most p_limit of each; the caller
 -- expands the schedules and keeps the p_limit soonest. With p_task_id, that
--- task only (P0002 for an unknown or deleted id).
+-- task only (P0002 for an id that never existed; a deleted task has none).
 CREATE OR REPLACE FUNCTION pgbeat.upcoming_slots(p_limit integer, p_until timestamptz DEFAULT NULL,
                                       p_task_id integer DEFAULT NULL)
 RETURNS TABLE (task_id integer, task_name text, kind text, source text, run_id bigint,
@@ -105,7 +111,7 @@ LANGUAGE plpgsql STABLE AS $$
 #variable_conflict use_column
 BEGIN
     IF p_task_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pgbeat.tasks t WHERE t.id = p_task_id AND t.deleted_at IS NULL) THEN
+       AND NOT EXISTS (SELECT 1 FROM pgbeat.tasks t WHERE t.id = p_task_id) THEN
         PERFORM pgbeat.raise_not_found(p_task_id);
     END IF;
     RETURN QUERY
@@ -219,4 +225,33 @@ LANGUAGE sql STABLE AS $$
       FROM unnest(ARRAY['scheduler', 'worker']) AS s(role)
       LEFT JOIN pgbeat.live_daemons d ON d.role = s.role
      GROUP BY s.role
+$$;
+
+-- What GET /status (and `pgbeat status`) shows, in one row: tasks by status; the
+-- runs waiting (pending), executing (running) and the backlog (pending and due,
+-- with the oldest due time); the lateness (started - scheduled, ms) of runs
+-- started within p_window; and the live daemons (Rule 12: holding their lock).
+CREATE OR REPLACE FUNCTION pgbeat.status_report(p_window interval DEFAULT interval '5 minutes')
+RETURNS TABLE (now timestamptz, tasks jsonb, runs_pending bigint, runs_running bigint, runs_due bigint,
+               oldest_due_at timestamptz, lateness_p50_ms double precision,
+               lateness_p95_ms double precision, lateness_max_ms double precision, lateness_runs bigint,
+               daemons jsonb)
+LANGUAGE sql STABLE AS $$
+    SELECT now(),
+           (SELECT jsonb_object_agg(s.status, (SELECT count(*) FROM pgbeat.task_status t WHERE t.status = s.status))
+              FROM unnest(ARRAY['active', 'paused', 'complete', 'deleted']) AS s(status)),
+           (SELECT count(*) FROM pgbeat.runs WHERE state = 'pending'),
+           (SELECT count(*) FROM pgbeat.runs WHERE state = 'running'),
+           (SELECT count(*) FROM pgbeat.runs WHERE state = 'pending' AND due_at <= now()),
+           (SELECT min(due_at) FROM pgbeat.runs WHERE state = 'pending' AND due_at <= now()),
+           l.p[1], l.p[2], l.p[3], l.n,
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'id', d.id, 'role', d.role, 'host', d.host, 'pid', d.pid, 'started_at', d.started_at,
+                       'since_heartbeat_s', extract(epoch FROM d.since_heartbeat)) ORDER BY d.id), '[]')
+              FROM pgbeat.live_daemons d)
+      FROM (SELECT percentile_cont(ARRAY[0.5, 0.95, 1.0]) WITHIN GROUP
+                   (ORDER BY extract(epoch FROM r.started_at - r.scheduled_for) * 1000) AS p,
+                   count(*) AS n
+              FROM pgbeat.runs r
+             WHERE r.started_at > now() - p_window) l
 $$;
