@@ -273,25 +273,43 @@ async def test_get_task_with_last_run_and_pending_run(client, db_url):
     assert body["pending_run"]["id"] == second["id"] and body["pending_run"]["state"] == "pending"
 
 
-async def test_unknown_and_deleted_tasks_are_404(client):
+async def test_unknown_tasks_are_404_and_deleted_ones_readable_but_409_to_change(client):
     assert (await client.get("/tasks/999999")).status_code == 404
     task = await create(client)
-    assert (await client.delete(f"/tasks/{task['id']}")).status_code == 204
+    tid = task["id"]
+    assert (await client.delete(f"/tasks/{tid}")).status_code == 204
     for method, path in [
-        ("GET", f"/tasks/{task['id']}"),
-        ("PATCH", f"/tasks/{task['id']}"),
-        ("DELETE", f"/tasks/{task['id']}"),
-        ("POST", f"/tasks/{task['id']}/pause"),
-        ("POST", f"/tasks/{task['id']}/resume"),
-        ("POST", f"/tasks/{task['id']}/trigger"),
-        ("GET", f"/tasks/{task['id']}/upcoming"),
+        ("PATCH", "/tasks/999999"),
+        ("DELETE", "/tasks/999999"),
+        ("POST", "/tasks/999999/pause"),
+        ("POST", "/tasks/999999/resume"),
+        ("POST", "/tasks/999999/trigger"),
+        ("GET", "/tasks/999999/upcoming"),
         ("GET", "/tasks/999999/runs"),
+        ("GET", "/runs?task_id=999999"),
         ("GET", "/runs/999999"),
         ("GET", "/tasks/2147483647"),
     ]:
         resp = await client.request(method, path, json={"name": "x"} if method == "PATCH" else None)
         assert resp.status_code == 404, (method, path, resp.text)
         assert "not found" in resp.json()["detail"]
+    # A deleted task: its record and history stay readable...
+    shown = await client.get(f"/tasks/{tid}")
+    assert shown.status_code == 200 and shown.json()["status"] == "deleted"
+    assert (await client.get(f"/tasks/{tid}/runs")).json()["items"] == []
+    assert (await client.get("/runs", params={"task_id": tid})).json()["items"] == []
+    assert (await client.get(f"/tasks/{tid}/upcoming")).json()["items"] == []
+    # ...and it is never changed.
+    for method, path in [
+        ("PATCH", f"/tasks/{tid}"),
+        ("DELETE", f"/tasks/{tid}"),
+        ("POST", f"/tasks/{tid}/pause"),
+        ("POST", f"/tasks/{tid}/resume"),
+        ("POST", f"/tasks/{tid}/trigger"),
+    ]:
+        resp = await client.request(method, path, json={"name": "x"} if method == "PATCH" else None)
+        assert resp.status_code == 409, (method, path, resp.text)
+        assert f"task {tid} is deleted" in resp.json()["detail"]
 
 
 @pytest.mark.parametrize("path", ["/tasks/0", "/tasks/-1", "/tasks/2147483648", "/tasks/abc", "/runs/0"])

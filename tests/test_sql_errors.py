@@ -1,7 +1,8 @@
 """Every bad input to every stored function raises the documented error and
 writes nothing:
   22023 invalid_parameter_value, message "field: problem", COLUMN = field
-  P0002 no_data_found for an unknown (or deleted) id
+  P0002 no_data_found for an id that never existed
+  55000 object_not_in_prerequisite_state for a change to a deleted task (readable, never changed)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from psycopg.types.json import Jsonb as _Jsonb
 from sqlsupport import connect, create_task, row_counts
 
 HOUR = {"every": "1h"}
+DELETED = "<deleted>"  # expect_error's field for 55000 "task N is deleted"
 HUGE = "<1e400>"  # a JSON number no double precision can hold (Python would write inf)
 FAR = "2999-01-01T00:00:00Z"
 
@@ -134,8 +136,8 @@ CREATE_CASES: list[tuple[Any, Any, str]] = [
 
 
 def expect_error(conn: psycopg.Connection, sql: str, params: tuple, field: str | None) -> None:
-    """Run `sql`; it must fail with 22023 naming `field` (or P0002 when field is
-    None) and leave every table, and the session's locks, as they were."""
+    """Run `sql`; it must fail with 22023 naming `field` (P0002 when field is None,
+    55000 when it is DELETED) and leave every table, and the session's locks, as they were."""
     before = row_counts(conn)
     with pytest.raises(psycopg.Error) as info:
         conn.execute(sql, params)
@@ -143,6 +145,9 @@ def expect_error(conn: psycopg.Connection, sql: str, params: tuple, field: str |
     if field is None:
         assert exc.sqlstate == "P0002", (sql, params, exc.sqlstate, str(exc))
         assert "not found" in str(exc)
+    elif field == DELETED:
+        assert exc.sqlstate == "55000", (sql, params, exc.sqlstate, str(exc))
+        assert "is deleted" in str(exc)
     else:
         assert exc.sqlstate == "22023", (sql, params, exc.sqlstate, str(exc))
         assert exc.diag.column_name == field, (sql, params, exc.diag.column_name, str(exc))
@@ -181,8 +186,9 @@ def test_create_task_rejects_every_bad_input(conn):
 def test_update_task_rejects_bad_input_and_unknown_ids(conn):
     live, gone = conn.ids["live"], conn.ids["gone"]
     sql = "SELECT pgbeat.update_task(%s, %s, %s)"
-    for task_id in (10**6, gone, None):
+    for task_id in (10**6, None):
         expect_error(conn, sql, (task_id, Jsonb({"name": "x"}), None), None)
+    expect_error(conn, sql, (gone, Jsonb({"name": "x"}), None), DELETED)
     cases = [
         (None, "body"),
         ([], "body"),
@@ -193,6 +199,8 @@ def test_update_task_rejects_bad_input_and_unknown_ids(conn):
         ({"schedule": {"every": -1}}, "schedule.every"),
         ({"schedule": {"cron": "* * * * *"}}, "schedule.cron"),
         ({"max_runs": 2}, "max_runs"),  # it already fired 3 times
+        ({"fired": 1}, "fired"),  # only a reset to 0
+        ({"fired": None}, "fired"),
         ({"name": ""}, "name"),
         ({"paused": 1}, "paused"),
         ({"until": "2000-01-01T00:00:00Z"}, "until"),
@@ -209,10 +217,11 @@ def test_update_task_rejects_bad_input_and_unknown_ids(conn):
     expect_error(conn, "SELECT pgbeat.resume_task(%s)", (conn.ids["cron"],), "schedule.cron")
 
 
-def test_task_operations_on_unknown_or_deleted_ids_are_not_found(conn):
+def test_task_operations_on_unknown_ids_are_not_found_and_on_deleted_ones_refused(conn):
     for fn in ("pause_task", "resume_task", "delete_task", "trigger_task"):
-        for task_id in (10**6, conn.ids["gone"], None, -1):
+        for task_id in (10**6, None, -1):
             expect_error(conn, f"SELECT pgbeat.{fn}(%s)", (task_id,), None)
+        expect_error(conn, f"SELECT pgbeat.{fn}(%s)", (conn.ids["gone"],), DELETED)
 
 
 def test_scheduler_functions_reject_bad_input(conn):

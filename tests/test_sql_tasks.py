@@ -129,7 +129,8 @@ def test_a_new_schedule_starts_a_new_grid_and_drops_the_pending_run(db_url):
     with conn.transaction():
         u = update(conn, tid, {"schedule": {"every": "10m"}})
         now = db_now(conn)
-    assert u["anchor"] == now + timedelta(minutes=10) and u["next_run_at"] == u["anchor"] and u["fired"] == 0
+    # fired counts every slot since creation: a new schedule keeps it (max_runs caps it).
+    assert u["anchor"] == now + timedelta(minutes=10) and u["next_run_at"] == u["anchor"] and u["fired"] == 1
     (r,) = runs(conn, tid)
     assert (r["state"], r["error"]) == ("cancelled", "schedule changed")
 
@@ -187,7 +188,7 @@ def test_trigger_makes_a_retry_waiting_for_its_backoff_due_now(db_url):
     assert [r["run_id"] for r in claim(conn)] == [retry["id"]]
 
 
-def test_delete_keeps_history_and_then_the_task_is_not_found(db_url):
+def test_delete_keeps_history_and_then_the_task_is_readable_but_never_changed(db_url):
     conn, worker = connect(db_url), connect(db_url)
     tid = create_task(conn, {"kind": "counter", "name": "doomed", "schedule": HOUR})["id"]
     call(conn, "trigger_task", tid)
@@ -211,7 +212,7 @@ def test_delete_keeps_history_and_then_the_task_is_not_found(db_url):
     assert status["status"] == "deleted"
     assert conn.execute("SELECT value FROM pgbeat.counters").fetchone()["value"] == 1
     for fn in ("delete_task", "pause_task", "resume_task", "trigger_task"):
-        with pytest.raises(psycopg.errors.NoDataFound, match=f"task {tid} not found"):
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match=f"task {tid} is deleted"):
             call(conn, fn, tid)
     with pytest.raises(psycopg.errors.NoDataFound):
         update(conn, tid, {"name": "x"})
