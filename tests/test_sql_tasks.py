@@ -214,7 +214,7 @@ def test_delete_keeps_history_and_then_the_task_is_readable_but_never_changed(db
     for fn in ("delete_task", "pause_task", "resume_task", "trigger_task"):
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match=f"task {tid} is deleted"):
             call(conn, fn, tid)
-    with pytest.raises(psycopg.errors.NoDataFound):
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
         update(conn, tid, {"name": "x"})
     assert materialize(conn) == [] and claim(worker) == []
     assert task(conn, tid)["name"] == "doomed"
