@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_lab)
 
     client.add_commands(sub)
+    parser.set_defaults(root_parser=parser)  # `pgbeat completion` walks every command
     return parser
 
 

@@ -1019,7 +1019,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def print_completion(args: argparse.Namespace, config: object = None) -> int:
-    from pgbeat import argv, cli
+    from pgbeat import argv
 
-    print(argv.completion_script(cli.build_parser(), args.shell), end="")
+    print(argv.completion_script(args.root_parser, args.shell), end="")
     return 0
