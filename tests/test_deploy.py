@@ -790,6 +790,7 @@ def test_justfile_deploy_recipes():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["api", "scheduler", "worker", "migrate"])
 def test_roles_refuse_to_start_without_a_database_url(role, tmp_path):
     """Only `serve` may start an embedded PostgreSQL; any other role without

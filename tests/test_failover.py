@@ -30,6 +30,8 @@ from pgbeat import migrations
 from pgbeat_lab import chaos
 from pgbeat_lab.fleet import Fleet
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[chaos.PrivatePostgres]:

@@ -31,6 +31,8 @@ from pgbeat import migrations
 from pgbeat_lab import chaos
 from pgbeat_lab.fleet import Fleet
 
+pytestmark = pytest.mark.slow  # real pgbeat processes, a PostgreSQL of their own
+
 ROOT = Path(__file__).resolve().parent.parent
 CREATE_APP_ROLE = ROOT / "k8s" / "postgres" / "create-app-role.sh"
 # Every character a URL would need escaped, and a quote for SQL.
