@@ -107,7 +107,7 @@ kind-up: secrets
     rm -rf "$(dirname "$archive")"
     kubectl --context "$ctx" apply -k k8s
     if $existed; then kubectl --context "$ctx" -n pgbeat rollout restart deployment/api deployment/scheduler deployment/worker; fi
-    just k8s-wait "$ctx"
+    {{just_executable()}} k8s-wait "$ctx"
     echo "pgbeat API on http://localhost:8000 (Ctrl-C stops the port-forward; the cluster keeps running)"
     kubectl --context "$ctx" -n pgbeat port-forward service/api 8000:8000
 
@@ -123,7 +123,7 @@ minikube-up: secrets
     minikube --profile pgbeat image build --all -t pgbeat:dev .
     kubectl --context pgbeat apply -k k8s
     kubectl --context pgbeat -n pgbeat rollout restart deployment/api deployment/scheduler deployment/worker
-    just k8s-wait pgbeat
+    {{just_executable()}} k8s-wait pgbeat
     echo "pgbeat API on http://localhost:8000 (Ctrl-C stops the port-forward; the cluster keeps running)"
     kubectl --context pgbeat -n pgbeat port-forward service/api 8000:8000
 
