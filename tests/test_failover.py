@@ -23,8 +23,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from fleetsupport import create_task, runs_of, start
 from sqlsupport import query, wait_for
-from test_scheduler import create_task, runs_of, start
 
 from pgbeat import migrations
 from pgbeat_lab import chaos

@@ -31,7 +31,7 @@ from sqlsupport import query, wait_for
 from test_serve import Serve
 from test_serve import data_dir as data_dir  # a fixture
 
-from pgbeat import db, kinds, schedules, worker
+from pgbeat import db, kinds, schedules
 from pgbeat.api.app import create_app
 from pgbeat.config import Config, parse_networks
 from pgbeat.egress import EgressResolver, HttpPolicy, address_literal, redact
@@ -464,7 +464,7 @@ def test_http_bombs_and_trickles_do_not_delay_other_tasks(fleet: Fleet, db_url, 
             assert run["state"] == "timed_out" and run["duration_ms"] < 3000 + 1000, run
         else:
             assert run["state"] == "failed" and run["result"]["error_class"] == "too_large", run
-    assert worker.HTTP_TIMEOUT.total is None  # the task's timeout, not aiohttp's, bounds a run
+    assert kinds.http.CLIENT_TIMEOUT.total is None  # the task's timeout, not aiohttp's, bounds a run
 
 
 # ---------------------------------------------------------------- one data directory, one server

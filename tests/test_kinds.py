@@ -14,11 +14,12 @@ from aiohttp import web
 
 from pgbeat import kinds, worker
 from pgbeat.kinds import RunContext, RunFailed
+from pgbeat.kinds import http as http_kind
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=worker.HTTP_TIMEOUT) as session:
+    async with aiohttp.ClientSession(timeout=http_kind.CLIENT_TIMEOUT) as session:
         yield session
 
 

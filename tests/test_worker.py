@@ -1,6 +1,7 @@
 """The worker as real `pgbeat worker` processes against a real database.
 
-Timing assertions are loose on purpose: the machine is small and shared.
+The tests wait on database state and assert no speed: figures are printed, the
+targets live in `pgbeat bench`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
-from psycopg.types.json import Jsonb
+from fleetsupport import assert_no_overlap, create_task, db_now, logged_events, runs_of, start
 from sqlsupport import query, wait_for
 
 from pgbeat.worker import CLAIM_RUNS, SAFETY_POLL
@@ -29,8 +29,8 @@ from pgbeat_lab.fleet import Fleet, Process
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def create_task(url: str, spec: dict[str, Any]) -> int:
-    return query(url, "SELECT (pgbeat.create_task(%s)).id", Jsonb(spec))[0]["id"]
+def new_task(url: str, spec: dict[str, Any]) -> int:
+    return create_task(url, spec)["id"]
 
 
 def trigger(url: str, *task_ids: int) -> None:
@@ -40,56 +40,14 @@ def trigger(url: str, *task_ids: int) -> None:
             conn.execute("SELECT pgbeat.trigger_task(%s)", (task_id,))
 
 
-def runs_of(url: str, task_id: int) -> list[dict[str, Any]]:
-    return query(
-        url,
-        "SELECT r.*, d.pid AS worker_pid FROM pgbeat.runs r LEFT JOIN pgbeat.daemons d ON d.id = r.daemon_id"
-        " WHERE r.task_id = %s ORDER BY r.id",
-        task_id,
-    )
-
-
-def start_workers(fleet: Fleet, n: int, *args: str, env: dict[str, str] | None = None) -> list[Process]:
-    """Start n workers and wait until each has registered (holds its daemon lock)."""
-    before = len(query(fleet.database_url, "SELECT id FROM pgbeat.live_daemons WHERE role = 'worker'"))
-    workers = [fleet.start("worker", *args, env=env) for _ in range(n)]
-
-    def ready() -> bool:
-        for w in workers:
-            assert w.alive(), f"worker exited with {w.proc.returncode}:\n{w.log()}"
-        live = query(fleet.database_url, "SELECT id FROM pgbeat.live_daemons WHERE role = 'worker'")
-        return len(live) >= before + n
-
-    wait_for("workers to register", ready)
-    return workers
-
-
 @contextlib.contextmanager
 def scheduling(fleet: Fleet) -> Iterator[Process]:
     """A `pgbeat scheduler` turning due slots into runs while the block runs."""
-    scheduler = fleet.start("scheduler")
-
-    def ready() -> bool:
-        assert scheduler.alive(), f"scheduler exited with {scheduler.proc.returncode}:\n{scheduler.log()}"
-        return bool(query(fleet.database_url, "SELECT id FROM pgbeat.live_daemons WHERE role = 'scheduler'"))
-
-    wait_for("the scheduler to register", ready)
+    (scheduler,) = start(fleet, "scheduler")
     try:
         yield scheduler
     finally:
         assert scheduler.terminate() == 0, scheduler.log()
-
-
-def logged_events(process: Process, event: str) -> list[dict[str, Any]]:
-    return process.events(event)
-
-
-def assert_no_overlap(runs: list[dict[str, Any]]) -> None:
-    started = sorted((r for r in runs if r["started_at"] is not None), key=lambda r: r["started_at"])
-    for a, b in itertools.pairwise(started):
-        assert a["finished_at"] is not None and a["finished_at"] <= b["started_at"], (
-            f"run {a['id']} [{a['started_at']}, {a['finished_at']}] overlaps run {b['id']}"
-        )
 
 
 class HttpTarget:
@@ -146,10 +104,6 @@ def succeeded_count(url: str) -> int:
     return query(url, "SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'succeeded'")[0]["n"]
 
 
-def db_now(url: str) -> datetime:
-    return query(url, "SELECT clock_timestamp() AS now")[0]["now"]
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,8 +115,8 @@ def closed_port() -> int:
 
 @pytest.mark.slow
 def test_sleep_3_every_1s_on_three_workers_never_overlaps_and_coalesces(db_url, fleet):
-    workers = start_workers(fleet, 3, "--concurrency", "4")
-    task_id = create_task(db_url, {"kind": "sleep", "params": {"seconds": 3}, "schedule": {"every": 1}})
+    workers = start(fleet, "worker", 3, "--concurrency", "4")
+    task_id = new_task(db_url, {"kind": "sleep", "params": {"seconds": 3}, "schedule": {"every": 1}})
     with scheduling(fleet):
         # 3 s runs back to back: three take about 9 s; waiting for the worker's 15 s safety
         # poll between them (a lost lock release) would not finish within the timeout.
@@ -199,9 +153,9 @@ def test_sleep_3_every_1s_on_three_workers_never_overlaps_and_coalesces(db_url, 
 
 @pytest.mark.slow
 def test_two_tasks_due_at_the_same_moment_run_concurrently(db_url, fleet):
-    (worker,) = start_workers(fleet, 1, "--concurrency", "4")
+    (worker,) = start(fleet, "worker", 1, "--concurrency", "4")
     spec = {"kind": "sleep", "params": {"seconds": 2}, "schedule": {"every": "1h"}}
-    a, b = create_task(db_url, spec), create_task(db_url, spec)
+    a, b = new_task(db_url, spec), new_task(db_url, spec)
     trigger(db_url, a, b)
     ra, rb = (
         wait_for("both runs", lambda t=t: [r for r in runs_of(db_url, t) if r["finished_at"]]) for t in (a, b)
@@ -217,8 +171,8 @@ def test_two_tasks_due_at_the_same_moment_run_concurrently(db_url, fleet):
 @pytest.mark.slow
 def test_kill_9_mid_run_is_abandoned_and_the_next_slot_runs_on_another_worker(db_url, fleet):
     # (A short grace: the survivor is mid-run when the fleet stops it.)
-    workers = start_workers(fleet, 2, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
-    task_id = create_task(
+    workers = start(fleet, "worker", 2, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    task_id = new_task(
         db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
     )
     with scheduling(fleet):
@@ -256,14 +210,14 @@ def test_kill_9_mid_run_is_abandoned_and_the_next_slot_runs_on_another_worker(db
 
 @pytest.mark.slow
 def test_sigterm_drains_the_run_in_flight_and_exits_0(db_url, fleet):
-    (worker,) = start_workers(fleet, 1, "--concurrency", "2")
+    (worker,) = start(fleet, "worker", 1, "--concurrency", "2")
     spec = {"kind": "sleep", "params": {"seconds": 2}, "schedule": {"every": "1h"}}
-    task_id = create_task(db_url, spec)
+    task_id = new_task(db_url, spec)
     trigger(db_url, task_id)
     wait_for("the run to start", lambda: runs_of(db_url, task_id)[0]["state"] == "running")
     worker.proc.send_signal(15)
     wait_for("the worker to drain", lambda: logged_events(worker, "worker_draining"))
-    late = create_task(db_url, spec)  # due while draining: must not be claimed
+    late = new_task(db_url, spec)  # due while draining: must not be claimed
     trigger(db_url, late)
     assert worker.terminate(timeout=20) == 0
     (run,) = runs_of(db_url, task_id)
@@ -276,8 +230,8 @@ def test_sigterm_drains_the_run_in_flight_and_exits_0(db_url, fleet):
 
 @pytest.mark.slow
 def test_sigterm_cancels_a_run_longer_than_the_grace(db_url, fleet):
-    (worker,) = start_workers(fleet, 1, env={"PGBEAT_SHUTDOWN_GRACE": "3"})
-    task_id = create_task(db_url, {"kind": "sleep", "params": {"seconds": 60}, "schedule": {"every": "1h"}})
+    (worker,) = start(fleet, "worker", 1, env={"PGBEAT_SHUTDOWN_GRACE": "3"})
+    task_id = new_task(db_url, {"kind": "sleep", "params": {"seconds": 60}, "schedule": {"every": "1h"}})
     trigger(db_url, task_id)
     wait_for("the run to start", lambda: runs_of(db_url, task_id)[0]["state"] == "running")
     signalled_at = db_now(db_url)
@@ -306,8 +260,8 @@ def test_sigterm_cancels_a_run_longer_than_the_grace(db_url, fleet):
 
 @pytest.mark.slow
 def test_a_run_over_its_timeout_is_timed_out(db_url, fleet):
-    start_workers(fleet, 1)
-    task_id = create_task(
+    start(fleet, "worker", 1)
+    task_id = new_task(
         db_url, {"kind": "sleep", "params": {"seconds": 30}, "timeout": 1, "schedule": {"every": "1h"}}
     )
     trigger(db_url, task_id)
@@ -323,11 +277,11 @@ def test_a_run_over_its_timeout_is_timed_out(db_url, fleet):
 
 @pytest.mark.slow
 def test_http_kind_success_non_2xx_and_unreachable(db_url, fleet, http_server):
-    start_workers(fleet, 1, "--concurrency", "8")
+    start(fleet, "worker", 1, "--concurrency", "8")
     base = http_server.base
 
     def http_task(params: dict[str, Any]) -> int:
-        return create_task(
+        return new_task(
             db_url, {"kind": "http", "params": params, "timeout": 20, "schedule": {"every": "1h"}}
         )
 
@@ -359,14 +313,14 @@ def test_http_kind_success_non_2xx_and_unreachable(db_url, fleet, http_server):
 
 @pytest.mark.slow
 def test_a_failed_run_is_retried_after_its_backoff(db_url, fleet, http_server):
-    start_workers(fleet, 1, env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    start(fleet, "worker", 1, env={"PGBEAT_SHUTDOWN_GRACE": "1"})
     # A run already due but blocked behind its task's running run must not make the
     # worker miss the retry's due time.
-    busy = create_task(db_url, {"kind": "sleep", "params": {"seconds": 20}, "schedule": {"every": "1h"}})
+    busy = new_task(db_url, {"kind": "sleep", "params": {"seconds": 20}, "schedule": {"every": "1h"}})
     trigger(db_url, busy)
     wait_for("the busy run", lambda: runs_of(db_url, busy)[0]["state"] == "running")
     trigger(db_url, busy)
-    task_id = create_task(
+    task_id = new_task(
         db_url,
         {
             "kind": "http",
@@ -395,7 +349,7 @@ def test_a_failed_run_is_retried_after_its_backoff(db_url, fleet, http_server):
 
 @pytest.mark.slow
 def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fleet):
-    workers = start_workers(fleet, 3, "--concurrency", "2")
+    workers = start(fleet, "worker", 3, "--concurrency", "2")
     specs = [
         {"kind": "counter", "params": {"step": 1}},
         {"kind": "counter", "params": {"step": 5}},
@@ -403,7 +357,7 @@ def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fle
         {"kind": "counter", "params": {"counter": "shared", "step": 7}},
     ]
     for spec in specs:
-        create_task(db_url, {**spec, "schedule": {"every": 0.2}})
+        new_task(db_url, {**spec, "schedule": {"every": 0.2}})
     with scheduling(fleet):
         wait_for("10 runs to succeed", lambda: succeeded_count(db_url) >= 10)
         workers[0].kill()  # chaos: a worker dies at an arbitrary moment
@@ -431,8 +385,8 @@ def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fle
 
 @pytest.mark.slow
 def test_lost_session_cancels_runs_in_flight_and_the_worker_reconnects(db_url, fleet):
-    (worker,) = start_workers(fleet, 1, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
-    task_id = create_task(
+    (worker,) = start(fleet, "worker", 1, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    task_id = new_task(
         db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
     )
     with scheduling(fleet):
@@ -464,7 +418,7 @@ async def test_a_run_falling_due_during_a_claim_is_claimed_next_not_left_to_the_
     of its slot), must come back as "claim again now", not be left for the 15 s safety
     poll: no notification comes for it again. The claim's transaction is held open
     here to stretch that moment."""
-    task_id = create_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
+    task_id = new_task(db_url, {"kind": "counter", "schedule": {"every": "1h"}})
     conn = await asyncpg.connect(db_url)
     try:
         async with conn.transaction():  # the claim's `now()` is this transaction's start

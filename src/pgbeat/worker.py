@@ -43,8 +43,6 @@ CLAIM_ERROR_PAUSE = 1.0
 # trip learn the seconds until the next pending run falls due (sql/queries.sql).
 CLAIM_RUNS = queries.get("claim_runs")
 
-HTTP_TIMEOUT = http_kind.CLIENT_TIMEOUT
-
 
 @dataclass(frozen=True)
 class ClaimedRun:
