@@ -563,6 +563,7 @@ def test_status_shows_live_daemons_backlog_and_lateness(api, capsys, fleet, db_u
     assert status["tasks"]["active"] == 1 and status["database"] == "up"
     code, out, _ = pgbeat(capsys, "status")
     assert code == 0 and "1 run(s) due and waiting for a worker" in out
+    assert "  ready        ready" in out  # GET /ready: the database answers, the schema is current
     assert "no scheduler or worker is running" in out
 
     fleet.start("worker")

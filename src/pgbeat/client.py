@@ -103,7 +103,9 @@ class Api:
             f"{' with ' + content_type if content_type else ''}); check --url or PGBEAT_URL"
         )
 
-    async def call(self, method: str, path: str, body: Any = None, **params: Any) -> Any:
+    async def call(
+        self, method: str, path: str, body: Any = None, answers: tuple[int, ...] = (), **params: Any
+    ) -> Any:
         query = {
             k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in params.items() if v is not None
         }
@@ -119,7 +121,7 @@ class Api:
             data = json.loads(raw) if content_type == "application/json" else None
         except ValueError:
             data = None
-        if status >= 400:
+        if status >= 400 and status not in answers:
             if not (isinstance(data, dict) and isinstance(data.get("detail"), str) and "status_code" in data):
                 raise self.not_pgbeat(status, content_type)
             raise ApiError(f"{clean(data['detail'])} (HTTP {status})")
@@ -339,7 +341,7 @@ def run_details(out: Out, run: dict[str, Any]) -> str:
         f"  coalesced      {run['coalesced']} further slot(s) folded into this run",
         f"  worker         {clean(run['worker_host'] or '-')}",
         f"  error          {clean(run['error'] or '-')}",
-        "  result         " + ("-" if run["result"] is None else ""),
+        "  result" + ("         -" if run["result"] is None else ""),
     ]
     if run["result"] is not None:
         lines += ["    " + clean(text) for text in json.dumps(run["result"], indent=2).splitlines()]
@@ -595,21 +597,24 @@ async def upcoming_command(api: Api, args: argparse.Namespace, out: Out) -> None
 async def status_command(api: Api, args: argparse.Namespace, out: Out) -> None:
     async def once() -> str | None:
         status = await api.call("GET", "/status")
+        ready = await api.call("GET", "/ready", answers=(503,))  # 503: not ready, and why
         if args.json:
             out.json(status)
             return None
-        return status_text(out, status)
+        return status_text(out, status, ready)
 
     await watching(args, out, once)
 
 
-def status_text(out: Out, status: dict[str, Any]) -> str:
+def status_text(out: Out, status: dict[str, Any], ready: dict[str, Any]) -> str:
     runs, lateness = status["runs"], status["lateness_ms"]
     counts = status["tasks"]
     tasks = ", ".join(f"{counts[s]} {s}" for s in TASK_STATUSES if s in counts) or "none"
     lines = [
         out.bold(f"pgbeat {status['version']}") + f"  database {out.state(status['database'], 'active')}"
         f"  at {when(status['now'])}",
+        f"  ready        {out.state(ready['status'], 'active' if ready['status'] == 'ready' else 'failed')}"
+        + (f": {clean(ready['detail'])}" if ready.get("detail") else ""),
         f"  tasks        {tasks}",
         f"  backlog      {runs['due']} run(s) due and waiting for a worker"
         + (f", oldest due {when(runs['oldest_due_at'])}" if runs["oldest_due_at"] else ""),
@@ -860,6 +865,9 @@ def _watch(p: argparse.ArgumentParser) -> None:
     )
 
 
+ID_USAGE = "%(prog)s ID [options]"
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     global_options(common, suppress=True)
@@ -894,6 +902,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pgbeat task add http --cron '*/5 * * * *' --timezone Europe/Berlin --param url=https://example.com/",
         "pgbeat task add counter --in 1h30m --param counter=hits --max-retries 3",
         "pgbeat task add sleep --at 2027-08-08T17:35:00Z --paused",
+        usage="%(prog)s KIND (--every DURATION | --at ISO | --in DURATION | --cron EXPR) [options]",
     )
     p.add_argument("kind", choices=["sleep", "counter", "http"], help="what a run does")
     _task_options(p, adding=True)
@@ -906,6 +915,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pgbeat task ls",
         "pgbeat task ls --status paused --kind http",
         "pgbeat task ls --watch 5",
+        usage="%(prog)s [--kind KIND] [--status STATUS] [--paused true|false] [--name TEXT] [--limit N]"
+        " [--watch [SECONDS]] [options]",
     )
     p.add_argument("--kind", choices=["sleep", "counter", "http"], help="only this kind (default: all)")
     p.add_argument("--status", choices=TASK_STATUSES, help="only this status (default: all but deleted)")
@@ -916,7 +927,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=100, metavar="N", help="at most N tasks")
     _watch(p)
 
-    p = command(actions, "show", "one task whole, with its last and pending run", "pgbeat task show 7")
+    p = command(
+        actions, "show", "one task whole, with its last and pending run", "pgbeat task show 7", usage=ID_USAGE
+    )
     _id(p)
 
     p = command(
@@ -927,6 +940,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pgbeat task update 7 --timezone Asia/Tokyo",
         "pgbeat task update 7 --paused false --max-runs none",
         "pgbeat task update 7 --cron @daily --reset-fired",
+        usage="%(prog)s ID [--every DURATION | --at ISO | --in DURATION | --cron EXPR] [--timezone TZ]"
+        " [--name NAME] [--param KEY=VALUE] [--paused true|false] [--max-runs N|none] [--reset-fired] ...",
     )
     _id(p)
     _task_options(p, adding=False)
@@ -949,7 +964,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
             "pgbeat task rm 7",
         ),
     ):
-        _id(command(actions, action, what, example))
+        _id(command(actions, action, what, example, usage=ID_USAGE))
 
     p = command(
         sub,
@@ -959,6 +974,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pgbeat runs --since 2026-11-23T00:00:00Z --kind http",
         "pgbeat runs --follow --json",
         "pgbeat runs show 1234",
+        usage="%(prog)s [--task ID] [--state STATE] [--kind KIND] [--since ISO] [--until ISO] [--limit N]"
+        " [--follow] [options]\n       %(prog)s show ID [options]",
     )
     p.set_defaults(action="ls")
     p.add_argument("--task", type=int, metavar="ID", help="only this task's runs (default: all tasks)")
@@ -977,10 +994,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p.add_argument("--follow-for", type=float, default=None, help=argparse.SUPPRESS)
-    shows = p.add_subparsers(dest="action", metavar="show ID", required=False)
+    shows = p.add_subparsers(dest="action", metavar="show ID", required=False, prog="pgbeat runs")
     _id(
-        command(shows, "show", "one run whole: its result, error, worker and times", "pgbeat runs show 1234"),
-        "run",
+        command(
+            shows,
+            "show",
+            "one run whole: its result, error, worker and times",
+            "pgbeat runs show 1234",
+            "run",
+            usage=ID_USAGE,
+        )
     )
 
     p = command(
@@ -990,6 +1013,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pgbeat upcoming --limit 10",
         "pgbeat upcoming --task 7",
         "pgbeat upcoming --until 2026-11-24T00:00:00Z -w",
+        usage="%(prog)s [--task ID] [--limit N] [--until ISO] [--watch [SECONDS]] [options]",
     )
     p.add_argument("--limit", type=int, default=20, metavar="N", help="at most N executions")
     p.add_argument("--until", metavar="ISO", help="only executions up to this time (default: no bound)")
@@ -1002,6 +1026,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "live schedulers and workers, the backlog and lateness",
         "pgbeat status",
         "pgbeat status --watch",
+        usage="%(prog)s [--watch [SECONDS]] [options]",
     )
     _watch(p)
 
