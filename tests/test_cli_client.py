@@ -26,6 +26,7 @@ import sqlsupport as sql
 from pgbeat import __version__, cli
 
 ESC = "\x1b["
+pytestmark = pytest.mark.slow  # a real api process per test
 
 pytestmark = pytest.mark.slow  # a real api process
 
