@@ -162,6 +162,7 @@ def test_dashboard_pages_and_actions(fleet, db_url, chromium):
     failing = page.locator("section[aria-labelledby=h-failing]")
     assert failing.get_by_role("link", name="broken").is_visible()
     assert "ClientConnectorError" in failing.inner_text()
+    assert failing.locator(".class").first.inner_text() == "connect"  # the class the http kind recorded
     daemons = page.locator("section[aria-labelledby=h-daemons] tbody").inner_text()
     assert "scheduler" in daemons and "worker" in daemons
     assert page.locator("svg.chart rect.bar").count() >= 1
@@ -230,6 +231,7 @@ def test_dashboard_pages_and_actions(fleet, db_url, chromium):
     page.goto(f"{base}/ui/runs/{failed[0]['id']}")
     facts = page.locator("dl.facts").inner_text()
     assert "ClientConnectorError" in facts and "Lateness" in facts and "Worker" in facts
+    assert page.locator("dl.facts .class").inner_text() == "connect"
     shoot(page, "run")
 
     # Delete, from the task page.

@@ -54,7 +54,7 @@ def test_durations(seconds, expected):
     [
         ("timed_out", "exceeded the task's timeout of 10s", "timeout"),
         ("abandoned", "worker lost its database session", "worker lost"),
-        ("failed", "HTTP 503 (wanted 2xx)", "HTTP 5xx"),
+        ("failed", "HTTP 503 (wanted 2xx)", "http_5xx"),
         ("failed", "ClientConnectorError: Cannot connect to host", "ClientConnectorError"),
         ("failed", "something odd", "error"),
         ("succeeded", None, None),
@@ -62,3 +62,10 @@ def test_durations(seconds, expected):
 )
 def test_error_classes(state, error, expected):
     assert words.error_class(state, error) == expected
+
+
+def test_the_class_a_kind_recorded_comes_first():
+    error = "connect: ClientConnectorError: Cannot connect to host 127.0.0.1:9"
+    assert words.error_class("failed", error, {"error_class": "connect", "retry": True}) == "connect"
+    assert words.error_message(error, "connect") == "ClientConnectorError: Cannot connect to host 127.0.0.1:9"
+    assert words.error_class("succeeded", None, {"error_class": "x"}) is None

@@ -422,7 +422,7 @@ async def run_page(request: Request, state: State, run_id: routes.RunId) -> Temp
         "run.html",
         request,
         run=run,
-        error_class=words.error_class(run.state, run.error),
+        error_class=words.error_class(run.state, run.error, run.result),
         result=pretty_json(run.result) if run.result is not None else None,
     )
 

@@ -111,9 +111,13 @@ def schedule(doc: dict[str, Any] | Any) -> str:
     return "—"
 
 
-def error_class(state: str, error: str | None) -> str | None:
-    """What kind of failure a run's error is: a timeout, an HTTP status, a lost worker,
-    or the exception's class name."""
+def error_class(state: str, error: str | None, result: dict[str, Any] | None = None) -> str | None:
+    """What kind of failure a run's error is: the class its kind recorded in the result
+    (an http run's timeout, dns, connect, tls, http_5xx...), else one read from the
+    state and the error (a timeout, a lost worker, an HTTP status, an exception name)."""
+    recorded = (result or {}).get("error_class")
+    if isinstance(recorded, str) and recorded and state != "succeeded":
+        return recorded
     if state == "timed_out":
         return "timeout"
     if state == "abandoned":
@@ -124,7 +128,7 @@ def error_class(state: str, error: str | None) -> str | None:
         return None
     http = re.match(r"HTTP (\d)\d\d\b", error)
     if http:
-        return f"HTTP {http.group(1)}xx"
+        return f"http_{http.group(1)}xx"
     name = re.match(r"([A-Za-z_][\w.]*(?:Error|Exception|Timeout|Refused|Reset))\b", error)
     if name:
         return name.group(1)

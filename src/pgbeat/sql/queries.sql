@@ -194,10 +194,10 @@ WITH failures AS (
      ORDER BY r.finished_at DESC LIMIT 5000),
 by_task AS (SELECT task_id, max(finished_at) AS failed_at FROM failures GROUP BY task_id)
 SELECT t.id, t.name, t.kind, last.id AS run_id, last.state, last.error, last.finished_at,
-       (SELECT count(*) FROM by_task) AS failing
+       last.result ->> 'error_class' AS recorded_class, (SELECT count(*) FROM by_task) AS failing
   FROM (SELECT * FROM by_task ORDER BY failed_at DESC) f
  CROSS JOIN LATERAL (
-       SELECT r.id, r.state, r.error, r.finished_at FROM pgbeat.runs r
+       SELECT r.id, r.state, r.error, r.result, r.finished_at FROM pgbeat.runs r
         WHERE r.task_id = f.task_id AND r.state IN ('succeeded', 'failed', 'timed_out', 'abandoned')
         ORDER BY r.id DESC LIMIT 1) last
   JOIN pgbeat.tasks t ON t.id = f.task_id AND t.deleted_at IS NULL
