@@ -177,6 +177,7 @@ async def client(db_url: str) -> AsyncIterator[AsyncTestClient]:
         yield c
 
 
+@pytest.mark.slow  # 300 expressions over a year in six zones
 async def test_upcoming_fire_times_equal_standard_crons(client):
     rng = random.Random(SEED)
     start = datetime.now(UTC)

@@ -214,6 +214,7 @@ async def test_429_has_retry_after_and_limits_per_address(db_url):
         assert (await c.get("/health")).status_code == 200
 
 
+@pytest.mark.slow
 def test_forwarded_for_is_trusted_only_from_named_proxies(fleet: Fleet):
     """Real api processes (uvicorn included): rotating X-Forwarded-For dodges nothing
     unless the peer is a proxy the operator named, and then each client counts alone."""
@@ -428,6 +429,7 @@ def canary_lateness(url: str, task_id: int, after: datetime | None = None) -> li
     return [r["lateness_ms"] for r in rows]
 
 
+@pytest.mark.slow
 def test_http_bombs_and_trickles_do_not_delay_other_tasks(fleet: Fleet, db_url, hostile_server):
     """A worker running gzip bombs and trickling responses keeps starting a canary
     task on time: its lateness (recorded by the worker) stays within a small multiple
@@ -470,6 +472,7 @@ def test_http_bombs_and_trickles_do_not_delay_other_tasks(fleet: Fleet, db_url, 
 # ---------------------------------------------------------------- one data directory, one server
 
 
+@pytest.mark.slow
 def test_a_second_serve_on_a_data_directory_refuses_and_stops_nothing(data_dir, tmp_path):
     first = Serve(data_dir, tmp_path / "first.log")
     try:

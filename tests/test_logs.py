@@ -62,6 +62,7 @@ def test_lines_of_one_loop_step_are_written_together_before_the_next_step():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["json", "text"])
+@pytest.mark.slow
 def test_api_logs_one_clean_line_per_event_named_for_pgbeats_parts(fleet, log_format):
     api, base = fleet.start_api(env={"PGBEAT_LOG_FORMAT": log_format})
     with urllib.request.urlopen(base + "/health", timeout=5):

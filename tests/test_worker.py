@@ -100,6 +100,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def a_long_run_in_flight(
+    url: str, fleet: Fleet, workers: int
+) -> Iterator[tuple[list[Process], int, dict[str, Any]]]:
+    """Workers, a scheduler and a task of 60 s runs every second; yields the workers,
+    the task and its first run once that run is running. (A 1 s shutdown grace: a
+    worker is mid-run when the fleet stops it.)"""
+    started = start(fleet, "worker", workers, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
+    task_id = new_task(
+        url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
+    )
+    with scheduling(fleet):
+        running = wait_for(
+            "a running run", lambda: [r for r in runs_of(url, task_id) if r["state"] == "running"]
+        )[0]
+        yield started, task_id, running
+
+
 def succeeded_count(url: str) -> int:
     return query(url, "SELECT count(*) AS n FROM pgbeat.runs WHERE state = 'succeeded'")[0]["n"]
 
@@ -170,15 +188,7 @@ def test_two_tasks_due_at_the_same_moment_run_concurrently(db_url, fleet):
 
 @pytest.mark.slow
 def test_kill_9_mid_run_is_abandoned_and_the_next_slot_runs_on_another_worker(db_url, fleet):
-    # (A short grace: the survivor is mid-run when the fleet stops it.)
-    workers = start(fleet, "worker", 2, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
-    task_id = new_task(
-        db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
-    )
-    with scheduling(fleet):
-        running = wait_for(
-            "a running run", lambda: [r for r in runs_of(db_url, task_id) if r["state"] == "running"]
-        )[0]
+    with a_long_run_in_flight(db_url, fleet, workers=2) as (workers, task_id, running):
         wait_for(
             "the next slot pending behind the running run",
             lambda: [
@@ -385,14 +395,7 @@ def test_counter_equals_succeeded_runs_times_step_on_several_workers(db_url, fle
 
 @pytest.mark.slow
 def test_lost_session_cancels_runs_in_flight_and_the_worker_reconnects(db_url, fleet):
-    (worker,) = start(fleet, "worker", 1, "--concurrency", "2", env={"PGBEAT_SHUTDOWN_GRACE": "1"})
-    task_id = new_task(
-        db_url, {"kind": "sleep", "params": {"seconds": 60}, "timeout": 120, "schedule": {"every": 1}}
-    )
-    with scheduling(fleet):
-        running = wait_for(
-            "a running run", lambda: [r for r in runs_of(db_url, task_id) if r["state"] == "running"]
-        )[0]
+    with a_long_run_in_flight(db_url, fleet, workers=1) as ((worker,), task_id, running):
         # The session holding the task lock dies under the worker (as on a database restart
         # or a network cut); the process itself lives on.
         query(db_url, "SELECT pg_terminate_backend(%s)", running["backend_pid"])
