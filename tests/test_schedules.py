@@ -102,6 +102,24 @@ def test_dst_fall_back_fixed_hours_from_inside_the_repeated_hour() -> None:
     )
 
 
+def test_dst_half_hour_shift_in_lord_howe() -> None:
+    # Australia/Lord_Howe falls back 30 minutes on 2026-04-05 at 02:00 (+11:00, 15:00 UTC)
+    # to 01:30 (+10:30), and springs forward on 2026-10-04 at 02:00 (+10:30) to 02:30 (+11:00).
+    every_20 = schedules.cron_slots("*/20 * * * *", "Australia/Lord_Howe", utc(2026, 4, 4, 14), 4)
+    # 01:20, 01:40 (+11), then 01:40 again (+10:30): a wildcard hour runs in both, then 02:00.
+    assert every_20 == [
+        utc(2026, 4, 4, 14, 20),
+        utc(2026, 4, 4, 14, 40),
+        utc(2026, 4, 4, 15, 10),
+        utc(2026, 4, 4, 15, 30),
+    ]
+    fixed = schedules.cron_slots("40 1 * * *", "Australia/Lord_Howe", utc(2026, 4, 4, 12), 2)
+    assert fixed == [utc(2026, 4, 4, 14, 40), utc(2026, 4, 5, 15, 10)]  # once on the day it repeats
+    spring = schedules.cron_slots("15 2 * * *", "Australia/Lord_Howe", utc(2026, 10, 2), 3)
+    # 02:15 does not exist on the 4th: it runs at 02:30 (+11:00), right after the jump.
+    assert spring == [utc(2026, 10, 2, 15, 45), utc(2026, 10, 3, 15, 30), utc(2026, 10, 4, 15, 15)]
+
+
 def test_cron_catch_up_counts_missed_slots() -> None:
     # Every minute, due at 12:00, the scheduler comes back at 12:07:30: 12:07 is the
     # latest slot, the 7 before it (12:00 to 12:06) were missed, 12:08 is next.

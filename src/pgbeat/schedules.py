@@ -5,6 +5,7 @@ slots live in the database (sql/schema/30_scheduling.sql; Rule 7)."""
 from __future__ import annotations
 
 import functools
+import heapq
 import re
 import zoneinfo
 from collections.abc import Iterator
@@ -259,29 +260,43 @@ def _iter(expr: str, tz: str, start: datetime) -> croniter:
         raise ValueError(f"{expr!r} is not a valid cron expression: {exc}") from exc
 
 
-def _is_repeated_wall_time(slot: datetime, zone: ZoneInfo) -> bool:
-    """True when slot is the second occurrence of its local wall time (the hour that
-    repeats when the clocks go back)."""
-    local = slot.astimezone(zone)
-    return local.fold == 1 and local.replace(fold=0).astimezone(UTC) != slot
+def _occurrences(slot: datetime, zone: ZoneInfo) -> list[datetime]:
+    """The instants of slot's local wall time: two when the clocks went back over it
+    (the first, then the repeat), else slot itself (a wall time skipped when they went
+    forward is croniter's instant right after the jump)."""
+    wall = slot.astimezone(zone).replace(tzinfo=None)
+    both = [wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1)]
+    if both[0] != both[1] and all(t.astimezone(zone).replace(tzinfo=None) == wall for t in both):
+        return both
+    return [slot]
 
 
 def _slots(expr: str, tz: str, after: datetime) -> Iterator[datetime]:
     """Cron slots strictly after `after`, in UTC, DST-correct (as Vixie cron does it):
 
-    * spring forward: slots in the skipped hour run once, at the first instant after it;
+    * spring forward: slots in the skipped time run once, at the first instant after it;
     * fall back: a job with fixed hours (hour field not starting with '*') runs once in
-      the repeated hour (its first occurrence); a job with a wildcard hour ('*', '*/2')
+      the repeated time (its first occurrence); a job with a wildcard hour ('*', '*/2')
       keeps its real-time rhythm and runs in both occurrences.
+
+    croniter walks the wall clock; each wall time it names is turned into its
+    occurrences here, whatever the size of the zone's shift (Lord Howe's is 30 min).
     """
     zone = check_timezone(tz)
     it = _iter(expr, tz, after)
     fixed_hours = not parse_cron(expr).wildcard_hour
+    ahead: list[datetime] = []  # occurrences not yet yielded, soonest first
+    last = after
     while True:
         slot = it.get_next(datetime).astimezone(UTC)
-        if slot <= after or (fixed_hours and _is_repeated_wall_time(slot, zone)):
-            continue
-        yield slot
+        for moment in _occurrences(slot, zone)[: 1 if fixed_hours else 2]:
+            heapq.heappush(ahead, moment)
+        # Later wall times never give an instant before this slot: what is not later is final.
+        while ahead and ahead[0] <= slot:
+            moment = heapq.heappop(ahead)
+            if moment > last:  # strictly increasing: a repeat croniter named too is dropped
+                last = moment
+                yield moment
 
 
 def next_cron_slot(expr: str, tz: str, after: datetime) -> datetime:
