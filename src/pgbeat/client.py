@@ -609,7 +609,8 @@ async def status_command(api: Api, args: argparse.Namespace, out: Out) -> None:
 def status_text(out: Out, status: dict[str, Any], ready: dict[str, Any]) -> str:
     runs, lateness = status["runs"], status["lateness_ms"]
     counts = status["tasks"]
-    tasks = ", ".join(f"{counts[s]} {s}" for s in TASK_STATUSES if s in counts) or "none"
+    order = [s for s in TASK_STATUSES if s in counts] + sorted(set(counts) - set(TASK_STATUSES))
+    tasks = ", ".join(f"{counts[s]} {out.state(s)}" for s in order) or "none"
     lines = [
         out.bold(f"pgbeat {status['version']}") + f"  database {out.state(status['database'], 'active')}"
         f"  at {when(status['now'])}",

@@ -227,7 +227,8 @@ LANGUAGE sql STABLE AS $$
      GROUP BY s.role
 $$;
 
--- What GET /status (and `pgbeat status`) shows, in one row: tasks by status; the
+-- What GET /status (and `pgbeat status`) shows, in one row: tasks by status (the
+-- statuses that have tasks); the
 -- runs waiting (pending), executing (running) and the backlog (pending and due,
 -- with the oldest due time); the lateness (started - scheduled, ms) of runs
 -- started within p_window; and the live daemons (Rule 12: holding their lock).
@@ -238,8 +239,8 @@ RETURNS TABLE (now timestamptz, tasks jsonb, runs_pending bigint, runs_running b
                daemons jsonb)
 LANGUAGE sql STABLE AS $$
     SELECT now(),
-           (SELECT jsonb_object_agg(s.status, (SELECT count(*) FROM pgbeat.task_status t WHERE t.status = s.status))
-              FROM unnest(ARRAY['active', 'paused', 'complete', 'deleted']) AS s(status)),
+           (SELECT coalesce(jsonb_object_agg(c.status, c.n), '{}')
+              FROM (SELECT t.status, count(*) AS n FROM pgbeat.task_status t GROUP BY t.status) c),
            (SELECT count(*) FROM pgbeat.runs WHERE state = 'pending'),
            (SELECT count(*) FROM pgbeat.runs WHERE state = 'running'),
            (SELECT count(*) FROM pgbeat.runs WHERE state = 'pending' AND due_at <= now()),
