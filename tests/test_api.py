@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import psycopg
 import pytest
 import sqlsupport as sql
 from litestar import Litestar, get
@@ -168,6 +169,18 @@ async def test_bad_input_names_the_field_and_writes_nothing(client, db_url, body
     assert error["detail"].startswith(field + ":") and len(error["detail"]) > len(field) + 5
     with sql.connect(db_url) as conn:
         assert sql.row_counts(conn)["tasks"] == 0
+
+
+@pytest.mark.parametrize("every", ["100000 days", 1e300, "4000 days"])
+async def test_a_duration_has_one_limit_for_the_api_and_psql(client, db_url, every):
+    """The API reads the user's text; the range is the database's, whatever the entrance."""
+    resp = await client.post("/tasks", json={"kind": "sleep", "schedule": {"every": every}})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"] == "schedule.every: must be at most 10 years"
+    seconds = every if isinstance(every, float) else int(every.split()[0]) * 86400
+    with sql.connect(db_url) as conn, pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+        sql.create_task(conn, {"kind": "sleep", "schedule": {"every": seconds}})
+    assert str(refused.value).startswith("schedule.every: must be at most 10 years")
 
 
 async def test_concurrent_creates_share_transactions_and_each_gets_its_own_answer(db_url):

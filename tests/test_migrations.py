@@ -16,7 +16,7 @@ import pytest
 from catalog import catalog, defined_in_database, defined_in_schema_files, diff
 from yoyo import get_backend, read_migrations
 
-from pgbeat import migrations
+from pgbeat import kinds, migrations
 
 PRE_V1_DIR = Path(__file__).parent / "fixtures" / "pre_v1_migrations"
 
@@ -147,7 +147,8 @@ def test_a_database_made_by_the_pre_v1_migrations_is_adopted(db_url, empty_db):
     assert migrations.pending(empty_db) == [*numbered_migrations(), migrations.SCHEMA_PENDING]
     assert migrations.apply(empty_db) == numbered_migrations()[1:]  # the baseline is recorded, not run
     assert migrations.pending(empty_db) == []
-    # Its tables were the baseline's, and its functions are now the schema files'.
+    # Its tables were the baseline's, then the later migrations ran, and its
+    # functions are now the schema files': the same catalog as a new database's.
     assert diff(catalog(empty_db), catalog(db_url)) == []
 
 
@@ -157,3 +158,25 @@ def test_a_database_made_by_part_of_the_pre_v1_migrations_is_refused(empty_db):
     with pytest.raises(migrations.MigrationError, match="pre-release migrations up to 0007_api"):
         migrations.apply(empty_db)
     assert diff(catalog(empty_db), before) == []
+
+
+def test_pgbeat_kinds_holds_what_the_kind_modules_declare(db_url):
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute("SELECT name, params, counts FROM pgbeat.kinds ORDER BY name").fetchall()
+    assert [{"name": n, "params": p, "counts": c} for n, p, c in rows] == kinds.declarations()
+
+
+def test_a_kind_no_module_declares_is_deleted_unless_tasks_use_it(db_url):
+    execute(db_url, "INSERT INTO pgbeat.kinds (name) VALUES ('retired')")
+    migrations.apply(db_url, reapply_schema=True)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM pgbeat.kinds WHERE name = 'retired'").fetchone() == (0,)
+    execute(
+        db_url,
+        "INSERT INTO pgbeat.kinds (name) VALUES ('retired')",
+        """SELECT pgbeat.create_task('{"kind": "retired", "schedule": {"every": 60}}')""",
+    )
+    before = catalog(db_url)
+    with pytest.raises(migrations.MigrationError, match="retired"):
+        migrations.apply(db_url, reapply_schema=True)
+    assert diff(catalog(db_url), before) == []

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pgbeat import daemon
-from pgbeat.scheduler import DatabaseClock, earliest_in, log_decisions
+from pgbeat.scheduler import DatabaseClock, earliest_in, log_outcomes
 
 
 def test_earliest_in_takes_the_earliest_announced_slot() -> None:
@@ -37,8 +37,8 @@ def test_database_clock_maps_database_time_onto_the_monotonic_clock() -> None:
     assert clock.monotonic_at(db_now - timedelta(seconds=1)) == pytest.approx(99.001)
 
 
-def test_log_decisions_one_event_each_even_without_a_slot(caplog) -> None:
-    decided_at = datetime(2026, 11, 23, 10, 0, 0, 2500, tzinfo=UTC)
+def test_log_outcomes_one_event_each_even_without_a_slot(caplog) -> None:
+    fired_at = datetime(2026, 11, 23, 10, 0, 0, 2500, tzinfo=UTC)
     rows = [
         {
             "task_id": 1,
@@ -46,7 +46,7 @@ def test_log_decisions_one_event_each_even_without_a_slot(caplog) -> None:
             "scheduled_for": datetime(2026, 11, 23, 10, tzinfo=UTC),
             "outcome": "queued",
             "missed": 0,
-            "decided_at": decided_at,
+            "fired_at": fired_at,
         },
         {
             "task_id": 2,
@@ -54,11 +54,11 @@ def test_log_decisions_one_event_each_even_without_a_slot(caplog) -> None:
             "scheduled_for": None,
             "outcome": "expired",
             "missed": 0,
-            "decided_at": decided_at,
+            "fired_at": fired_at,
         },
     ]
     with caplog.at_level("INFO", logger="pgbeat.scheduler"):
-        log_decisions(rows)  # type: ignore[arg-type]
+        log_outcomes(rows)  # type: ignore[arg-type]
     events = [r for r in caplog.records if getattr(r, "event", None) == "slot_fired"]
     assert [(e.task_id, e.outcome, e.lateness_ms) for e in events] == [
         (1, "queued", 2.5),

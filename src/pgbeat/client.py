@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from pgbeat import kinds
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_REQUEST_TIMEOUT = 30.0
 FINAL_STATES = ("succeeded", "failed", "timed_out", "abandoned", "cancelled", "skipped")
@@ -905,7 +907,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "pgbeat task add sleep --at 2027-08-08T17:35:00Z --paused",
         usage="%(prog)s KIND (--every DURATION | --at ISO | --in DURATION | --cron EXPR) [options]",
     )
-    p.add_argument("kind", choices=["sleep", "counter", "http"], help="what a run does")
+    p.add_argument("kind", choices=kinds.names(), help="what a run does")
     _task_options(p, adding=True)
     p.add_argument("--paused", action="store_true", default=None, help="create it paused (default: active)")
 
@@ -919,7 +921,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         usage="%(prog)s [--kind KIND] [--status STATUS] [--paused true|false] [--name TEXT] [--limit N]"
         " [--watch [SECONDS]] [options]",
     )
-    p.add_argument("--kind", choices=["sleep", "counter", "http"], help="only this kind (default: all)")
+    p.add_argument("--kind", choices=kinds.names(), help="only this kind (default: all)")
     p.add_argument("--status", choices=TASK_STATUSES, help="only this status (default: all but deleted)")
     p.add_argument(
         "--paused", type=boolean, metavar="true|false", help="only paused or unpaused (default: both)"
@@ -981,7 +983,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(action="ls")
     p.add_argument("--task", type=int, metavar="ID", help="only this task's runs (default: all tasks)")
     p.add_argument("--state", choices=RUN_STATES, help="only runs in this state (default: all)")
-    p.add_argument("--kind", choices=["sleep", "counter", "http"], help="only this kind (default: all)")
+    p.add_argument("--kind", choices=kinds.names(), help="only this kind (default: all)")
     p.add_argument("--since", metavar="ISO", help="only runs scheduled at or after this time (default: any)")
     p.add_argument("--until", metavar="ISO", help="only runs scheduled before this time (default: any)")
     p.add_argument(

@@ -1,6 +1,6 @@
 """What every daemon (scheduler, worker) shares: its own registered session, which
-LISTENs and holds the daemon's advisory lock; reconnection with backoff; and the
-supervised side tasks (heartbeat, reaper, retention)."""
+LISTENs and holds the daemon's advisory lock (Rule 12); reconnection with backoff; and
+supervised side tasks (its maintenance is pgbeat.maintenance)."""
 
 from __future__ import annotations
 
@@ -154,31 +154,6 @@ async def every(interval: float, stop: asyncio.Event, action: Callable[[], Await
     while not stop.is_set():
         await action()
         await sleep_until(stop, interval * random.uniform(0.8, 1.2))
-
-
-async def reap(pool: asyncpg.Pool) -> int:
-    """Abandon runs whose worker session is gone; record dead daemons as stopped.
-    Returns how many runs were abandoned."""
-    # One statement, one transaction: an idle daemon's cost is a query every few seconds.
-    abandoned = await pool.fetchval(queries.get("reap"))
-    if abandoned:
-        log.warning("abandoned runs reaped", extra={"event": "runs_abandoned", "count": abandoned})
-    return abandoned
-
-
-PRUNE_BATCH = 10_000  # runs deleted per transaction
-
-
-async def prune(pool: asyncpg.Pool, retention_days: float) -> None:
-    """Delete history older than the retention period, in bounded batches."""
-    total = 0
-    while True:
-        n = await pool.fetchval(queries.get("prune_history"), retention_days * 86400, PRUNE_BATCH)
-        total += n
-        if n < PRUNE_BATCH:
-            break
-    if total:
-        log.info("history pruned", extra={"event": "history_pruned", "runs": total})
 
 
 async def run_forever(role: str, stop: asyncio.Event, session_main: Callable[[], Awaitable[None]]) -> None:

@@ -7,8 +7,9 @@ Two kinds of SQL file (CONTRIBUTING.md, "Database code"):
 * sql/schema/NN_*.sql define every function, view and trigger, each once, in its
   current form. After the migrations, in one transaction, pgbeat drops its
   functions, views and triggers and runs these files, so the database holds
-  exactly what they define; the files' digest is recorded, and readiness reports
-  a database whose functions are not the code's.
+  exactly what they define, and writes the kind modules' declarations to
+  pgbeat.kinds; the digest of both is recorded, and readiness reports a database
+  whose functions or kinds are not the code's.
 
 All of it runs under the migration lock (Rule 16): a session-level advisory lock on a
 connection of its own, so replicas that start together migrate once, and a migrate
@@ -21,6 +22,7 @@ found is a dead migrate's and is broken first.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +35,7 @@ from yoyo import get_backend, read_migrations
 from yoyo.backends.base import DatabaseBackend
 from yoyo.migrations import get_migration_hash
 
-from pgbeat import queries
+from pgbeat import kinds, queries
 
 SQL_DIR = Path(__file__).parent / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
@@ -123,9 +125,11 @@ def schema_files() -> list[Path]:
 
 
 def schema_digest() -> str:
+    """What the schema step writes: the schema files and the kinds' declarations."""
     digest = hashlib.sha256()
     for path in schema_files():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(json.dumps(kinds.declarations(), sort_keys=True).encode())
     return "pgbeat schema files sha256:" + digest.hexdigest()
 
 
@@ -159,6 +163,12 @@ def apply_schema(url: str) -> None:
                 f"no schema file defines {', '.join(r for r, _ in stale)}, which a table still uses: "
                 "a migration must drop that use first"
             )
+        try:
+            conn.execute(queries.get("register_kinds"), [json.dumps(kinds.declarations())])
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise MigrationError(
+                f"a kind no module declares any more is still used: {exc.diag.message_detail}"
+            ) from None
         digest = sql.SQL(queries.get("schema_record_digest")).format(digest=sql.Literal(schema_digest()))
         conn.execute(digest)
 

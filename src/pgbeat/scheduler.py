@@ -17,13 +17,12 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from pgbeat import daemon, db, queries, schedules
+from pgbeat import daemon, db, maintenance, queries, schedules
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.scheduler")
@@ -33,9 +32,6 @@ SAFETY_POLL = 30.0  # longest sleep without asking the database (seconds); slots
 # away are not announced (notify_schedulers, sql/schema/50_daemons.sql): this poll finds them
 QUERY_TIMEOUT = 10.0  # a query slower than this means the connection is gone
 RETRY_AFTER_ERROR = 1.0  # pause after a database error that is not a lost connection
-HEARTBEAT_EVERY = 30.0
-REAP_EVERY = 4.0
-PRUNE_EVERY = 3600.0
 # Something is due but a pass fired nothing (another scheduler holds the task
 # row, or its cron maths failed): wait this long, doubling up to the cap, rather than spin.
 HOLD_OFF_FIRST, HOLD_OFF_CAP = 0.005, 1.0
@@ -78,11 +74,11 @@ def earliest_in(payloads: list[str]) -> tuple[datetime | None, bool]:
     return earliest, understood
 
 
-def log_decisions(rows: list[asyncpg.Record]) -> None:
-    """One structured event per scheduling decision."""
+def log_outcomes(rows: list[asyncpg.Record]) -> None:
+    """One structured event per fired slot (its outcome, RULES.md glossary)."""
     for row in rows:
         slot = row["scheduled_for"]  # NULL when the task expired (its `until` passed) instead
-        lateness_ms = None if slot is None else round((row["decided_at"] - slot).total_seconds() * 1000, 3)
+        lateness_ms = None if slot is None else round((row["fired_at"] - slot).total_seconds() * 1000, 3)
         log.info(
             "slot %s",
             row["outcome"],
@@ -131,7 +127,7 @@ class Scheduler:
             await self.sleep_until(deadline)
 
     async def fire_due_slots(self) -> int:
-        """Materialise every due slot; returns how many decisions the database made."""
+        """Materialise every due slot; returns how many slots the database fired."""
         fired = 0
         while True:
             rows = await self.conn.fetch(
@@ -140,7 +136,7 @@ class Scheduler:
                 AHEAD,
                 timeout=QUERY_TIMEOUT,
             )
-            log_decisions(rows)
+            log_outcomes(rows)
             fired += len(rows)
             if len(rows) < BATCH:
                 break
@@ -153,7 +149,7 @@ class Scheduler:
                 cron_slots(due),
                 timeout=QUERY_TIMEOUT,
             )
-            log_decisions(rows)
+            log_outcomes(rows)
             fired += len(rows)
             if len(due) < BATCH or not rows:
                 break
@@ -235,57 +231,18 @@ def cron_slots(due: list[asyncpg.Record]) -> list[dict[str, Any]]:
     return slots
 
 
-def logged_errors(name: str, action: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
-    """A side task's action that logs database errors instead of ending the daemon
-    (a lost connection still propagates, so the daemon reconnects)."""
-
-    async def guarded() -> None:
-        try:
-            await action()
-        except db.CONNECTION_ERRORS:
-            raise
-        except asyncpg.PostgresError as exc:
-            log.error("%s failed", name, extra={"event": f"{name}_failed", "error": repr(exc)})
-
-    return guarded
-
-
-async def close_pool(pool: asyncpg.Pool) -> None:
-    try:
-        await asyncio.wait_for(pool.close(), timeout=5)
-    except (*db.CONNECTION_ERRORS, asyncpg.PostgresError):
-        pool.terminate()
-
-
 async def run_scheduler(url: str, config: Config, stop: asyncio.Event) -> None:
     """Run the scheduler until stop, reconnecting (and catching up) whenever the database goes away."""
 
     async def session_main() -> None:
-        async with daemon.DaemonSession(url, "scheduler", (db.SCHEDULER_CHANNEL,)) as session:
-            pool = await db.create_pool(url, min_size=1, max_size=2)
-            daemon_id = session.daemon_id
-
-            async def heartbeat() -> None:
-                await pool.execute(queries.get("heartbeat_daemon"), daemon_id, timeout=QUERY_TIMEOUT)
-
-            try:
-                # The side tasks end when the loop ends (supervise cancels them), so a
-                # stop never cancels the loop in the middle of a pass.
-                until_main_ends = asyncio.Event()
-                await daemon.supervise(
-                    Scheduler(session, stop).run(),
-                    daemon.every(HEARTBEAT_EVERY, until_main_ends, logged_errors("heartbeat", heartbeat)),
-                    daemon.every(
-                        REAP_EVERY, until_main_ends, logged_errors("reap", lambda: daemon.reap(pool))
-                    ),
-                    daemon.every(
-                        PRUNE_EVERY,
-                        until_main_ends,
-                        logged_errors("prune", lambda: daemon.prune(pool, config.retention_days)),
-                    ),
-                )
-            finally:
-                await close_pool(pool)
+        async with (
+            daemon.DaemonSession(url, "scheduler", (db.SCHEDULER_CHANNEL,)) as session,
+            maintenance.Maintenance(url, session.daemon_id, config.retention_days) as upkeep,
+        ):
+            # The side tasks end when the loop ends (supervise cancels them), so a
+            # stop never cancels the loop in the middle of a pass.
+            until_main_ends = asyncio.Event()
+            await daemon.supervise(Scheduler(session, stop).run(), *upkeep.side_tasks(until_main_ends))
 
     log.info("scheduler starting", extra={"event": "scheduler_starting"})
     await daemon.run_forever("scheduler", stop, session_main)

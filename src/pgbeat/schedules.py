@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import math
 import re
 import zoneinfo
 from collections.abc import Iterator
@@ -45,7 +46,10 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
 def parse_duration(value: str | int | float) -> float:
     """Seconds in '30s', '2m', '1h30m45s', 'every 2 minutes', '1 hour 30 minutes' or a number.
 
-    Raises ValueError with a message suitable for the user.
+    Raises ValueError with a message suitable for the user. This only reads the
+    text the API and the CLI accept; which durations are valid (positive, at most 10
+    years) is the database's rule, parse_duration in sql/schema/10_input.sql, which
+    every entrance goes through (psql users write numbers or interval text).
     """
     if isinstance(value, bool):
         raise ValueError("must be a number of seconds or a duration such as '30s' or '1h30m'")
@@ -68,6 +72,8 @@ def parse_duration(value: str | int | float) -> float:
                 pos = match.end()
             if pos == 0 or text[pos:].strip() != "":
                 raise ValueError(f"{value!r} is not a duration (use e.g. '30s', '2m', '1h30m')")
+    if not math.isfinite(seconds):
+        raise ValueError("is not a finite number of seconds")
     if seconds <= 0:
         raise ValueError("must be positive")
     return seconds

@@ -15,7 +15,6 @@ are session locks on it: finish commits first, then the locks are released.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, fields
@@ -25,7 +24,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from pgbeat import daemon, db, kinds, queries
+from pgbeat import daemon, db, kinds, maintenance, queries
 from pgbeat.config import Config
 from pgbeat.egress import HttpPolicy, redact
 from pgbeat.kinds import http as http_kind
@@ -33,9 +32,6 @@ from pgbeat.kinds import http as http_kind
 log = logging.getLogger("pgbeat.worker")
 
 SAFETY_POLL = 15.0  # seconds between claims when nothing wakes the worker
-HEARTBEAT_EVERY = 30.0
-REAP_EVERY = 4.0
-PRUNE_EVERY = 3600.0
 SESSION_CHECK_EVERY = 15.0  # prove the lock-holding session is alive (half-open TCP)
 CLAIM_ERROR_PAUSE = 1.0
 
@@ -383,52 +379,34 @@ class Worker:
                 raise daemon.SessionLost(f"worker session check failed: {exc!r}") from exc
 
 
-async def logged(what: str, action: Any) -> None:
-    """Run a side task's action; a failure is logged and retried next time rather than
-    cancelling the runs in flight (the main loop notices a lost session itself)."""
-    try:
-        await action()
-    except (asyncpg.PostgresError, *db.CONNECTION_ERRORS) as exc:
-        log.warning(f"{what} failed", extra={"event": f"{what}_failed", "error": repr(exc)})
-
-
 async def run_session(
     url: str, config: Config, stop: asyncio.Event, concurrency: int, http: aiohttp.ClientSession
 ) -> None:
     """One database session's worth of work: register, run the main loop with its side
     tasks, unregister. Raises a connection error when the session is lost."""
-    async with daemon.DaemonSession(url, "worker", (db.WORKER_CHANNEL,)) as session:
+    async with (
+        daemon.DaemonSession(url, "worker", (db.WORKER_CHANNEL,)) as session,
+        maintenance.Maintenance(
+            url,
+            session.daemon_id,
+            config.retention_days,
+            # A reaped task may have a pending run no one was told about.
+            on_reaped=lambda _abandoned: session.wake.set(),
+        ) as upkeep,
+    ):
         worker = Worker(session, http, config, concurrency)
-        pool = await db.create_pool(url, min_size=1, max_size=2)
         log.info(
             "worker ready",
             extra={"event": "worker_ready", "daemon_id": session.daemon_id, "concurrency": concurrency},
         )
-
-        async def heartbeat() -> None:
-            await pool.execute(queries.get("heartbeat_daemon"), session.daemon_id)
-
-        async def reap() -> None:
-            if await daemon.reap(pool):
-                session.wake.set()  # a reaped task may have a pending run no one was told about
-
-        async def prune() -> None:
-            await daemon.prune(pool, config.retention_days)
-
         # Side tasks end only when main ends (supervise cancels them): they keep going
         # while the main loop drains after stop.
         forever = asyncio.Event()
-        try:
-            await daemon.supervise(
-                worker.main(stop),
-                daemon.every(HEARTBEAT_EVERY, forever, lambda: logged("heartbeat", heartbeat)),
-                daemon.every(REAP_EVERY, forever, lambda: logged("reap", reap)),
-                daemon.every(PRUNE_EVERY, forever, lambda: logged("prune", prune)),
-                daemon.every(SESSION_CHECK_EVERY, forever, worker.check_session),
-            )
-        finally:
-            with contextlib.suppress(*db.CONNECTION_ERRORS):
-                await pool.close()
+        await daemon.supervise(
+            worker.main(stop),
+            *upkeep.side_tasks(forever),
+            daemon.every(SESSION_CHECK_EVERY, forever, worker.check_session),
+        )
 
 
 async def run_worker(url: str, config: Config, stop: asyncio.Event, concurrency: int) -> None:

@@ -42,7 +42,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 from markupsafe import Markup
 
-from pgbeat import queries
+from pgbeat import kinds, queries
 from pgbeat.api import charts, ratelimit, routes, words
 from pgbeat.api.errors import BadInput, bad_input_handler, postgres_error_handler
 from pgbeat.api.models import ScheduleIn, TaskChanges
@@ -55,7 +55,7 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
-KINDS = ("sleep", "counter", "http")
+KINDS = tuple(kinds.names())
 STATUSES = ("active", "paused", "complete", "deleted", "error")  # error: a task set aside (its data)
 FAILED_STATES = ("failed", "timed_out", "abandoned")
 TASKS_PER_PAGE = 50

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pgbeat.kinds import RunContext
+from pgbeat.kinds import Param, RunContext
+
+# Without "counter", the counter is named "task:<id>".
+PARAMS = {
+    "counter": Param("text", max_length=200),
+    "step": Param("integer", minimum=-1e9, maximum=1e9, default=1),
+}
+COUNTS = True
 
 
 async def run(params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:

@@ -26,9 +26,16 @@ import aiohttp
 from yarl import URL
 
 from pgbeat.egress import EgressDenied, EgressResolver, HttpPolicy, redact, redact_url
-from pgbeat.kinds import RunContext, RunFailed
+from pgbeat.kinds import Param, RunContext, RunFailed
 
-DEFAULT_URL = "https://httpbin.org/status/200"
+PARAMS = {
+    "url": Param("url", max_length=2048, default="https://httpbin.org/status/200"),
+    "method": Param(
+        "choice", choices=("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"), default="GET"
+    ),
+    "expect_status": Param("integer", minimum=100, maximum=599),
+    "retry_on_4xx": Param("boolean"),
+}
 CHUNK = 64 * 1024
 REDIRECTS = {301, 302, 303, 307, 308}
 
@@ -97,8 +104,8 @@ def next_hop(response: aiohttp.ClientResponse, url: URL, method: str) -> tuple[U
 
 async def run(params: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     policy = ctx.http_policy or HttpPolicy()
-    url = str(params.get("url", DEFAULT_URL))
-    method = str(params.get("method", "GET")).upper()
+    url = str(params.get("url", PARAMS["url"].default))
+    method = str(params.get("method", PARAMS["method"].default)).upper()
     expect = params.get("expect_status")
     retry_on_4xx = params.get("retry_on_4xx") is True
     started = time.monotonic()

@@ -38,7 +38,7 @@ SELECT 1 AS alive;
 
 -- name: materialize_due_runs
 -- Fire the due slots of interval and one-shot tasks (and materialise plain slots up to $2 ahead), $1 tasks at most.
-SELECT task_id, run_id, scheduled_for, outcome, missed, clock_timestamp() AS decided_at
+SELECT task_id, run_id, scheduled_for, outcome, missed, clock_timestamp() AS fired_at
   FROM pgbeat.materialize_due_runs($1, $2);
 
 -- name: due_cron_tasks
@@ -47,7 +47,7 @@ SELECT task_id, next_run_at, cron, timezone, db_now FROM pgbeat.due_cron_tasks($
 
 -- name: fire_cron_slots
 -- Fire the cron slots the scheduler computed with croniter.
-SELECT task_id, run_id, scheduled_for, outcome, missed, clock_timestamp() AS decided_at
+SELECT task_id, run_id, scheduled_for, outcome, missed, clock_timestamp() AS fired_at
   FROM pgbeat.fire_cron_slots($1);
 
 -- name: next_due_at
@@ -286,6 +286,18 @@ BEGIN
         EXECUTE 'DROP ROUTINE ' || obj;
     END LOOP;
 END $$;
+
+-- name: register_kinds
+-- Write the kind modules' declarations (%s: [{"name", "params", "counts"}, ...], psycopg) to pgbeat.kinds; delete the rest.
+-- A kind no module declares any more cannot be deleted while tasks use it (their
+-- foreign key): migrate then refuses.
+WITH declared AS (
+    SELECT d.name, d.params, d.counts FROM jsonb_to_recordset(%s::jsonb) AS d(name text, params jsonb, counts boolean)
+), written AS (
+    INSERT INTO pgbeat.kinds AS k (name, params, counts) SELECT * FROM declared
+    ON CONFLICT (name) DO UPDATE SET params = excluded.params, counts = excluded.counts
+)
+DELETE FROM pgbeat.kinds k WHERE NOT EXISTS (SELECT 1 FROM declared d WHERE d.name = k.name);
 
 -- name: schema_record_digest
 -- Record which schema files the database now holds. A utility statement takes no parameters: {digest} is a literal composed by psycopg.sql.

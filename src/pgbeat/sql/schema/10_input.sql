@@ -28,7 +28,9 @@ END $$;
 
 -- A duration given as seconds (JSON number) or interval text ('30s', '1h30m',
 -- '2 minutes'), as a pure time interval (no day or month parts, so adding it
--- never depends on the session's time zone).
+-- never depends on the session's time zone). The one rule for every entrance:
+-- positive, at most 10 years. (The API and the CLI read their users' text, such
+-- as 'every 2 minutes', into seconds first: pgbeat.schedules.parse_duration.)
 CREATE OR REPLACE FUNCTION pgbeat.parse_duration(p_field text, p_value jsonb) RETURNS interval
 LANGUAGE plpgsql AS $$
 DECLARE

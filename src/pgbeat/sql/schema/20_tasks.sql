@@ -3,51 +3,77 @@
 -- task row, validates everything (Rule 10), then writes. Cron maths is croniter's:
 -- the caller passes the first (or next) cron slot.
 
--- The params each kind accepts, checked here so psql users get the same rules
--- as the API. Returns the params with defaults filled in.
+-- The kinds, as a message lists them: 'counter, http or sleep'.
+CREATE OR REPLACE FUNCTION pgbeat.kind_names() RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT regexp_replace(string_agg(name, ', ' ORDER BY name), ', ([^,]+)$', ' or \1') FROM pgbeat.kinds
+$$;
+
+-- One param's value, checked against its declaration (a Param of the kind's module,
+-- pgbeat.kinds.params) and returned as stored.
+CREATE OR REPLACE FUNCTION pgbeat.check_param(p_field text, p_param jsonb, p_value jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    lowest double precision := (p_param->>'minimum')::double precision;
+    highest double precision := (p_param->>'maximum')::double precision;
+    choices text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(p_param->'choices', '[]')));
+    v text;
+BEGIN
+    CASE p_param->>'type'
+    WHEN 'number' THEN
+        PERFORM pgbeat.parse_number(p_field, p_value, lowest, highest);
+        RETURN p_value;
+    WHEN 'integer' THEN
+        -- Stored as an integer (2.0 -> 2): finishing a counter's run casts it to bigint.
+        RETURN to_jsonb(pgbeat.parse_number(p_field, p_value, lowest, highest, true)::bigint);
+    WHEN 'text' THEN
+        RETURN to_jsonb(pgbeat.parse_text(p_field, p_value, (p_param->>'max_length')::integer));
+    WHEN 'url' THEN
+        v := pgbeat.parse_text(p_field, p_value, (p_param->>'max_length')::integer);
+        IF v !~* '^https?://[^/?#\s]+([/?#]\S*)?$' THEN
+            PERFORM pgbeat.raise_invalid(p_field, format('%s is not an http:// or https:// URL', to_jsonb(v)));
+        END IF;
+        RETURN to_jsonb(v);
+    WHEN 'choice' THEN
+        IF jsonb_typeof(p_value) <> 'string' OR upper(p_value #>> '{}') <> ALL (choices) THEN
+            PERFORM pgbeat.raise_invalid(p_field, 'must be one of ' || array_to_string(choices, ', '));
+        END IF;
+        RETURN to_jsonb(upper(p_value #>> '{}'));
+    WHEN 'boolean' THEN
+        RETURN to_jsonb(pgbeat.parse_boolean(p_field, p_value));
+    END CASE;
+END $$;
+
+-- A kind's params, checked against its declaration in pgbeat.kinds (written by
+-- pgbeat migrate from the kind's module), so psql users get the same rules as the
+-- API. Returns the params with their defaults filled in.
 CREATE OR REPLACE FUNCTION pgbeat.check_params(p_kind text, p_params jsonb) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
-    url text;
+    declared jsonb;
+    param jsonb;
+    value jsonb;
+    checked jsonb := '{}';
 BEGIN
     IF p_params IS NULL OR jsonb_typeof(p_params) = 'null' THEN
         p_params := '{}';
     ELSIF jsonb_typeof(p_params) <> 'object' THEN
         PERFORM pgbeat.raise_invalid('params', 'must be an object');
     END IF;
-    CASE p_kind
-    WHEN 'sleep' THEN
-        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['seconds']);
-        PERFORM pgbeat.parse_number('params.seconds', coalesce(p_params->'seconds', '1'), 0, 86400);
-        RETURN jsonb_build_object('seconds', coalesce(p_params->'seconds', '1'));
-    WHEN 'counter' THEN
-        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['counter', 'step']);
-        IF p_params ? 'counter' THEN
-            PERFORM pgbeat.parse_text('params.counter', p_params->'counter', 200);
-        END IF;
-        -- Stored as an integer (2.0 -> 2): finishing a run casts it to bigint.
-        RETURN p_params || jsonb_build_object('step',
-            pgbeat.parse_number('params.step', coalesce(p_params->'step', '1'), -1e9, 1e9, true)::bigint);
-    WHEN 'http' THEN
-        PERFORM pgbeat.reject_unknown_keys('params', p_params, ARRAY['url', 'method', 'expect_status']);
-        url := pgbeat.parse_text('params.url', coalesce(p_params->'url', '"https://httpbin.org/status/200"'), 2048);
-        IF url !~* '^https?://[^/?#\s]+([/?#]\S*)?$' THEN
-            PERFORM pgbeat.raise_invalid('params.url', format('%s is not an http:// or https:// URL', to_jsonb(url)));
-        END IF;
-        IF p_params ? 'method' AND (jsonb_typeof(p_params->'method') <> 'string'
-                OR upper(p_params->>'method') NOT IN ('GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS')) THEN
-            PERFORM pgbeat.raise_invalid('params.method', 'must be one of GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS');
-        END IF;
-        IF p_params ? 'expect_status' THEN
-            p_params := p_params || jsonb_build_object('expect_status',
-                pgbeat.parse_number('params.expect_status', p_params->'expect_status', 100, 599, true)::integer);
-        END IF;
-        RETURN p_params || jsonb_build_object('url', url, 'method', upper(coalesce(p_params->>'method', 'GET')));
-    ELSE
-        PERFORM pgbeat.raise_invalid('kind', format('unknown kind %s (expected sleep, counter or http)',
-                                                    coalesce(to_jsonb(p_kind)::text, 'null')));
-    END CASE;
-    RETURN NULL;
+    SELECT k.params INTO declared FROM pgbeat.kinds k WHERE k.name = p_kind;
+    IF NOT FOUND THEN
+        PERFORM pgbeat.raise_invalid('kind', format('unknown kind %s (expected %s)',
+                                                    coalesce(to_jsonb(p_kind)::text, 'null'), pgbeat.kind_names()));
+    END IF;
+    PERFORM pgbeat.reject_unknown_keys('params', p_params,
+                                       ARRAY(SELECT e->>'name' FROM jsonb_array_elements(declared) e));
+    FOR param IN SELECT * FROM jsonb_array_elements(declared) LOOP
+        value := coalesce(p_params->(param->>'name'), param->'default');
+        CONTINUE WHEN value IS NULL;
+        checked := checked || jsonb_build_object(param->>'name',
+                                                 pgbeat.check_param('params.' || (param->>'name'), param, value));
+    END LOOP;
+    RETURN checked;
 END $$;
 
 -- An IANA time zone name as the tz database spells it ('europe/paris' ->
@@ -214,7 +240,7 @@ BEGIN
     END IF;
     PERFORM pgbeat.reject_unknown_keys('', p_spec, pgbeat.task_fields());
     IF NOT p_spec ? 'kind' OR jsonb_typeof(p_spec->'kind') <> 'string' THEN
-        PERFORM pgbeat.raise_invalid('kind', 'is required (sleep, counter or http)');
+        PERFORM pgbeat.raise_invalid('kind', format('is required (%s)', pgbeat.kind_names()));
     END IF;
     t.kind := p_spec->>'kind';
     t.params := pgbeat.check_params(t.kind, p_spec->'params');

@@ -1,6 +1,6 @@
 -- Scheduling: what a due slot becomes. The scheduler materialises due slots
 -- (materialize_due_runs for interval and one-shot tasks, due_cron_tasks +
--- fire_cron_slots for cron), and fire_slot decides each slot that is not plain:
+-- fire_cron_slots for cron), and fire_slot fires each slot that is not plain:
 -- coalesce, skip, misfire, expiry (Rules 1, 3, 6, 7, 8). Many schedulers may call
 -- these at once: each task row is locked (SKIP LOCKED) while its slot fires, and
 -- runs_one_per_slot backs that up (Rule 1). A scheduler's own moving on of
@@ -20,7 +20,7 @@ $$;
 --   p_latest  the latest slot that is due now (>= t.next_run_at)
 --   p_next    the first slot after now (NULL: no more slots)
 --   p_missed  due slots before p_latest that were not run (the scheduler was down)
--- Returns what was decided, one row.
+-- Returns the outcome, one row.
 CREATE OR REPLACE FUNCTION pgbeat.fire_slot(t pgbeat.tasks, p_latest timestamptz, p_next timestamptz, p_missed integer,
     OUT task_id integer, OUT run_id bigint, OUT scheduled_for timestamptz, OUT outcome text,
     OUT missed integer)

@@ -176,7 +176,7 @@ BEGIN
 END $$;
 
 -- Finish runs this session claimed, in one transaction: state, result, error,
--- and for a succeeded counter run the counter increment (Rule 4); a failed or
+-- and for a succeeded run of a counting kind the counter increment (Rule 4); a failed or
 -- timed-out run gets its retry (Rule 14). A run that is no longer this session's
 -- (reaped, or claimed elsewhere) is left alone and reported with applied = false.
 -- Release the task locks only after this commits (Rule 2). Runs are found by id,
@@ -218,12 +218,13 @@ BEGIN
     PERFORM 1 FROM pgbeat.runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE;
     WITH mine AS (
         SELECT DISTINCT ON (u.id) u.id, u.state, coalesce(u.result, '{}') AS result, u.error, u.ord,
-               CASE WHEN rn.kind = 'counter' AND u.state = 'succeeded'
+               CASE WHEN k.counts AND u.state = 'succeeded'
                     THEN coalesce(t.params->>'counter', 'task:' || rn.task_id) END AS counter_name,
                (t.params->>'step')::bigint AS step
           FROM unnest(p_run_ids, p_states, p_results, p_errors) WITH ORDINALITY AS u(id, state, result, error, ord)
           CROSS JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id OFFSET 0) rn  -- by primary key, one per id
           JOIN pgbeat.tasks t ON t.id = rn.task_id
+          JOIN pgbeat.kinds k ON k.name = t.kind  -- its finish behaviour (a counting kind: Rule 4)
          WHERE rn.state = 'running' AND rn.backend_pid = pg_backend_pid()
          ORDER BY u.id, u.ord
     ), counted AS (

@@ -1,5 +1,6 @@
--- Views for psql users (and the API's reads). Durations and lateness in
--- milliseconds; history stays readable after a task is deleted (Rule 11).
+-- Views for psql users (and the API's reads): status, history, what comes next,
+-- statistics, locks, live daemons. Durations and lateness in milliseconds;
+-- history stays readable after a task is deleted (Rule 11).
 
 -- A compact duration: 90 s -> '1m30s', 3600 s -> '1h', 1.5 s -> '1.5s'. PL/pgSQL:
 -- a SQL function with a WITH clause cannot be inlined, so every statement that
@@ -51,15 +52,47 @@ SELECT r.id, r.task_id, t.name AS task_name, r.kind, r.state, r.attempt, r.coale
   JOIN pgbeat.tasks t ON t.id = r.task_id
   LEFT JOIN pgbeat.daemons d ON d.id = r.daemon_id;
 
--- What runs next: runs waiting for a worker, then each active task's next slot.
+-- What comes next, soonest first: runs waiting for a worker, and each active
+-- task's next slot with what its later slots follow from (the interval in
+-- seconds, or the cron expression for croniter) and their bounds (until, how
+-- many slots max_runs still allows). At most p_limit of each; the caller
+-- expands the schedules and keeps the p_limit soonest. With p_task_id, that
+-- task only (P0002 for an id that never existed; a deleted task has none).
+CREATE OR REPLACE FUNCTION pgbeat.upcoming_slots(p_limit integer, p_until timestamptz DEFAULT NULL,
+                                      p_task_id integer DEFAULT NULL)
+RETURNS TABLE (task_id integer, task_name text, kind text, source text, run_id bigint,
+               scheduled_for timestamptz, every_seconds double precision, cron text, timezone text,
+               until timestamptz, remaining integer)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+BEGIN
+    IF p_task_id IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pgbeat.tasks t WHERE t.id = p_task_id) THEN
+        PERFORM pgbeat.raise_not_found(p_task_id);
+    END IF;
+    RETURN QUERY
+    (SELECT r.task_id, t.name, r.kind, 'pending'::text, r.id, r.due_at, NULL::double precision, NULL::text,
+            NULL::text, NULL::timestamptz, 1
+       FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
+      WHERE r.state = 'pending' AND (p_task_id IS NULL OR r.task_id = p_task_id)
+        AND (p_until IS NULL OR r.due_at <= p_until)
+      ORDER BY r.due_at, r.id
+      LIMIT p_limit)
+    UNION ALL
+    (SELECT t.id, t.name, t.kind, 'scheduled'::text, NULL::bigint, t.next_run_at,
+            extract(epoch FROM t.every)::double precision, t.cron, t.timezone, t.until, t.max_runs - t.fired
+       FROM pgbeat.tasks t
+      WHERE NOT t.paused AND t.next_run_at IS NOT NULL AND (p_task_id IS NULL OR t.id = p_task_id)
+        AND (p_until IS NULL OR t.next_run_at <= p_until)
+      ORDER BY t.next_run_at, t.id
+      LIMIT p_limit);
+END $$;
+
+-- What runs next: runs waiting for a worker, then each active task's next slot
+-- (upcoming_slots, the one place that says so; the API expands later slots).
 CREATE OR REPLACE VIEW pgbeat.upcoming_runs AS
-SELECT r.task_id, t.name AS task_name, t.kind, r.due_at AS run_at, 'pending' AS source, r.id AS run_id
-  FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
- WHERE r.state = 'pending'
-UNION ALL
-SELECT t.id, t.name, t.kind, t.next_run_at, 'scheduled', NULL
-  FROM pgbeat.tasks t
- WHERE NOT t.paused AND t.next_run_at IS NOT NULL;
+SELECT u.task_id, u.task_name, u.kind, u.scheduled_for AS run_at, u.source, u.run_id
+  FROM pgbeat.upcoming_slots(NULL) u;
 
 CREATE OR REPLACE VIEW pgbeat.task_stats AS
 SELECT t.id AS task_id, t.name AS task_name, t.kind,

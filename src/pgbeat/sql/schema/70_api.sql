@@ -1,8 +1,8 @@
 -- The REST API's calls, usable from psql as well: tasks and runs as the API shows
--- them, keyset-paginated lists, the inputs of "upcoming", the gauges behind
--- /metrics, and the task operations of 20_tasks.sql wrapped so that one call both
--- writes and returns the row as the API shows it (the re-read runs in a later
--- statement of the same transaction, so it sees the write).
+-- them, keyset-paginated lists, the gauges behind /metrics, and the task
+-- operations of 20_tasks.sql wrapped so that one call both writes and returns the
+-- row as the API shows it (the re-read runs in a later statement of the same
+-- transaction, so it sees the write). "Upcoming" is upcoming_slots (60_views.sql).
 
 -- A task as the API shows it (the request bodies use the same names).
 CREATE OR REPLACE VIEW pgbeat.api_tasks AS
@@ -94,42 +94,6 @@ BEGIN
         PERFORM pgbeat.raise_not_found(p_task_id);
     END IF;
     RETURN QUERY SELECT * FROM pgbeat.list_runs(p_task_id, p_state, NULL, NULL, NULL, p_before_id, p_limit);
-END $$;
-
--- What comes next, soonest first: runs waiting for a worker, and each active
--- task's next slot with what its later slots follow from (the interval in
--- seconds, or the cron expression for croniter) and their bounds (until, how
--- many slots max_runs still allows). At most p_limit of each; the caller
--- expands the schedules and keeps the p_limit soonest. With p_task_id, that
--- task only (P0002 for an id that never existed; a deleted task has none).
-CREATE OR REPLACE FUNCTION pgbeat.upcoming_slots(p_limit integer, p_until timestamptz DEFAULT NULL,
-                                      p_task_id integer DEFAULT NULL)
-RETURNS TABLE (task_id integer, task_name text, kind text, source text, run_id bigint,
-               scheduled_for timestamptz, every_seconds double precision, cron text, timezone text,
-               until timestamptz, remaining integer)
-LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
-BEGIN
-    IF p_task_id IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM pgbeat.tasks t WHERE t.id = p_task_id) THEN
-        PERFORM pgbeat.raise_not_found(p_task_id);
-    END IF;
-    RETURN QUERY
-    (SELECT r.task_id, t.name, r.kind, 'pending'::text, r.id, r.due_at, NULL::double precision, NULL::text,
-            NULL::text, NULL::timestamptz, 1
-       FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
-      WHERE r.state = 'pending' AND (p_task_id IS NULL OR r.task_id = p_task_id)
-        AND (p_until IS NULL OR r.due_at <= p_until)
-      ORDER BY r.due_at, r.id
-      LIMIT p_limit)
-    UNION ALL
-    (SELECT t.id, t.name, t.kind, 'scheduled'::text, NULL::bigint, t.next_run_at,
-            extract(epoch FROM t.every)::double precision, t.cron, t.timezone, t.until, t.max_runs - t.fired
-       FROM pgbeat.tasks t
-      WHERE NOT t.paused AND t.next_run_at IS NOT NULL AND (p_task_id IS NULL OR t.id = p_task_id)
-        AND (p_until IS NULL OR t.next_run_at <= p_until)
-      ORDER BY t.next_run_at, t.id
-      LIMIT p_limit);
 END $$;
 
 CREATE OR REPLACE FUNCTION pgbeat.api_update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
