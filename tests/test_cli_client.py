@@ -186,7 +186,7 @@ def _finish_all(db_url: str, count: int) -> list[int]:
 
 
 def test_runs_follow_never_drops_or_repeats_a_run(api, capsys, db_url):
-    tasks = [one(pgbeat_json(capsys, "task", "add", "sleep", "--every", "1h")) for _ in range(14)]
+    tasks = [one(pgbeat_json(capsys, "task", "add", "sleep", "--every", "1h")) for _ in range(26)]
     earlier = [one(pgbeat_json(capsys, "task", "trigger", str(t["id"])))["id"] for t in tasks[:2]]
     finished_before = _finish_all(db_url, 2)
     assert sorted(finished_before) == sorted(earlier)
@@ -209,12 +209,16 @@ def test_runs_follow_never_drops_or_repeats_a_run(api, capsys, db_url):
     try:
         shown = [json.loads(follower.stdout.readline())["id"] for _ in range(2)]  # the finished ones
         assert shown == sorted(finished_before)
-        # Twelve runs fall due together; more than --limit finish between two polls.
+        # 24 runs fall due together and wait; more than --limit finish between two polls,
+        # first while more than 20 are unfinished (re-read by paging), then fewer (by id).
         queued = [one(pgbeat_json(capsys, "task", "trigger", str(t["id"])))["id"] for t in tasks[2:]]
         time.sleep(0.5)  # the follower sees them pending first
         finished = _finish_all(db_url, 12)
-        assert sorted(finished) == sorted(queued)
         lines = [json.loads(follower.stdout.readline()) for _ in range(12)]
+        assert sorted(run["id"] for run in lines) == sorted(finished)
+        finished += _finish_all(db_url, 12)
+        assert sorted(finished) == sorted(queued)
+        lines += [json.loads(follower.stdout.readline()) for _ in range(12)]
         assert sorted(run["id"] for run in lines) == sorted(queued)
         assert all(run["state"] == "succeeded" and set(run) >= {"id", "task_id", "result"} for run in lines)
         # And nothing else follows: one more run is the next line.

@@ -513,8 +513,6 @@ async def runs_command(api: Api, args: argparse.Namespace, out: Out) -> None:
         run = await api.call("GET", f"/runs/{args.id}")
         out.json(run) if args.json else out.print(run_details(out, run))
         return
-    if args.task is not None:
-        await api.call("GET", f"/tasks/{args.task}")  # an unknown task is a 404, as everywhere
     if args.follow:
         await follow_runs(api, args, out)
         return
@@ -534,6 +532,9 @@ async def runs_after(api: Api, args: argparse.Namespace, after_id: int) -> list[
             break
         found.append(run)
     return found[::-1]
+
+
+RECHECK_ONE_BY_ONE = 20  # unfinished runs re-read by id; beyond that, by paging back to them
 
 
 async def follow_runs(api: Api, args: argparse.Namespace, out: Out) -> None:
@@ -575,9 +576,12 @@ async def follow_runs(api: Api, args: argparse.Namespace, out: Out) -> None:
         if deadline is not None and time.monotonic() >= deadline:
             return
         await asyncio.sleep(args.interval)
-        low = min(unfinished) - 1 if unfinished else mark
-        fresh = await runs_after(api, args, low)
-        pending_check = [run for run in fresh if run["id"] > mark or run["id"] in unfinished]
+        if len(unfinished) > RECHECK_ONE_BY_ONE:
+            polled = await runs_after(api, args, min(unfinished) - 1)
+        else:  # a few long runs need not make every poll page back to them
+            rechecked = await asyncio.gather(*(api.call("GET", f"/runs/{i}") for i in sorted(unfinished)))
+            polled = sorted([*rechecked, *await runs_after(api, args, mark)], key=lambda run: run["id"])
+        pending_check = [run for run in polled if run["id"] > mark or run["id"] in unfinished]
 
 
 async def upcoming_command(api: Api, args: argparse.Namespace, out: Out) -> None:
