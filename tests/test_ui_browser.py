@@ -239,6 +239,9 @@ def test_dashboard_pages_and_actions(fleet, db_url, chromium):
     act(page, "Delete")
     assert task_row(db_url, hourly)["deleted_at"] is not None
     assert page.url.endswith("/ui/tasks?done=deleted")
+    page.goto(f"{base}/ui/tasks/{hourly}")  # still readable, no longer changeable
+    assert "Deleted" in page.locator("main").inner_text()
+    assert page.get_by_role("button", name="Delete").count() == 0
 
     # The API docs, from the package (the browser has no other source).
     page.goto(base + "/ui")
