@@ -134,3 +134,7 @@ minikube-down:
 # The soak-and-chaos run: faults for DURATION seconds, then the invariant checker (exit 1 on a violation).
 chaos DURATION="600":
     {{bin}}/pgbeat chaos --duration {{DURATION}}
+
+# Plant each known bug in a scratch copy; its tests and a DURATION-second chaos run must each catch it.
+mutants DURATION="15" *ARGS:
+    {{bin}}/python -m pgbeat_lab.mutants --duration {{DURATION}} {{ARGS}}

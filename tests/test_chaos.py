@@ -14,7 +14,7 @@ from psycopg.types.json import Jsonb
 from sqlsupport import wait_for
 
 from pgbeat import daemon
-from pgbeat_lab import chaos
+from pgbeat_lab import chaos, invariants
 
 COUNTER_STEP = 2
 SLOTS = 29  # the healthy task ran slots 1..29 of its 1 s grid
@@ -70,7 +70,7 @@ def insert_run(conn: psycopg.Connection, task_id: int, slot: datetime, **columns
 
 
 @pytest.fixture
-def healthy(conn: psycopg.Connection) -> tuple[int, chaos.ChaosRecord]:
+def healthy(conn: psycopg.Connection) -> tuple[int, invariants.Record]:
     """A counter task on a 1 s grid that ran every slot for 30 s, its counter exact,
     and the record of a run that stopped its load now. Returns (task id, record)."""
     task_id = create_task(
@@ -95,7 +95,7 @@ def healthy(conn: psycopg.Connection) -> tuple[int, chaos.ChaosRecord]:
         [SLOTS, SLOTS, task_id],
     )
     now = db_now(conn)
-    record = chaos.ChaosRecord(since=now - timedelta(hours=1), load_stopped_at=now)
+    record = invariants.Record(since=now - timedelta(hours=1), load_stopped_at=now)
     return task_id, record
 
 
@@ -114,7 +114,7 @@ def run_at_slot(conn: psycopg.Connection, task_id: int, k: int) -> int:
 
 def test_healthy_history_has_no_violations(conn, healthy):
     _, record = healthy
-    assert chaos.check(conn, record) == {name: [] for name in chaos.INVARIANTS}
+    assert invariants.check(conn, record) == {name: [] for name in invariants.INVARIANTS}
 
 
 def test_overlapping_runs_are_reported(conn, healthy):
@@ -124,7 +124,7 @@ def test_overlapping_runs_are_reported(conn, healthy):
         "UPDATE pgbeat.runs SET finished_at = finished_at + interval '1.5 s' WHERE id = %s",
         [run_at_slot(conn, task_id, 5)],
     )
-    violations = chaos.check(conn, record)["1 no self-overlap"]
+    violations = invariants.check(conn, record)["rule_2_no_overlap"]
     assert len(violations) == 1 and f"run {run_at_slot(conn, task_id, 6)} " in violations[0]
 
 
@@ -134,7 +134,7 @@ def test_a_running_run_is_open_ended(conn, healthy):
         "UPDATE pgbeat.runs SET state = 'running', finished_at = NULL, result = NULL WHERE id = %s",
         [run_at_slot(conn, task_id, 3)],
     )
-    violations = chaos.check(conn, record)["1 no self-overlap"]
+    violations = invariants.check(conn, record)["rule_2_no_overlap"]
     assert len(violations) == SLOTS - 4
 
 
@@ -145,14 +145,14 @@ def test_two_runs_of_one_slot_are_reported(conn, healthy):
     insert_run(
         conn, task_id, s, state="skipped", daemon_id=None, backend_pid=None, started_at=s, finished_at=s
     )
-    violations = chaos.check(conn, record)["2 one run per slot"]
+    violations = invariants.check(conn, record)["rule_1_one_run_per_slot"]
     assert len(violations) == 1 and "has 2 runs" in violations[0]
 
 
 def test_a_counter_off_by_one_is_reported(conn, healthy):
     _, record = healthy
     conn.execute("UPDATE pgbeat.counters SET value = value + 1 WHERE name = 'c1'")
-    violations = chaos.check(conn, record)["3 counters exact"]
+    violations = invariants.check(conn, record)["rule_4_counters_exact"]
     assert violations == [
         f"counter c1 is {COUNTER_STEP * SLOTS + 1}, its succeeded runs add up to {COUNTER_STEP * SLOTS}"
     ]
@@ -163,7 +163,7 @@ def test_a_lost_increment_and_a_missing_counter_are_reported(conn, healthy):
     conn.execute("UPDATE pgbeat.runs SET result = '{}' WHERE id = %s", [run_at_slot(conn, task_id, 2)])
     private = create_task(conn, {"kind": "counter", "schedule": {"every": 1}})
     insert_run(conn, private, slot(conn, task_id, 40), result={"counter": f"task:{private}", "step": 1})
-    violations = chaos.check(conn, record)["3 counters exact"]
+    violations = invariants.check(conn, record)["rule_4_counters_exact"]
     assert any("records no counter increment" in v for v in violations)
     assert any(f"counter task:{private} is 0, its succeeded runs add up to 1" in v for v in violations)
 
@@ -179,7 +179,7 @@ def test_stuck_runs_are_reported(conn, healthy):
     insert_run(
         conn, other, s, state="pending", daemon_id=None, backend_pid=None, started_at=None, finished_at=None
     )
-    violations = chaos.check(conn, record)["4 nothing stuck, abandoned only by the killed"]
+    violations = invariants.check(conn, record)["rule_5_abandoned_only_when_the_worker_is_gone"]
     assert len(violations) == 2
     assert "is still running" in violations[0] and "is still pending" in violations[1]
 
@@ -190,13 +190,13 @@ def test_abandoned_runs_must_belong_to_killed_daemons(conn, healthy):
         "UPDATE pgbeat.runs SET state = 'abandoned', daemon_id = 7 WHERE id = %s",
         [run_at_slot(conn, task_id, 4)],
     )
-    name = "4 nothing stuck, abandoned only by the killed"
+    name = "rule_5_abandoned_only_when_the_worker_is_gone"
     conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
-    assert chaos.check(conn, record)[name] == [
-        f"task {task_id}: run {run_at_slot(conn, task_id, 4)} was abandoned by daemon 7, which was not killed"
-    ]
+    (violation,) = invariants.check(conn, record)[name]
+    assert violation.startswith(f"task {task_id}: run {run_at_slot(conn, task_id, 4)} was abandoned at ")
+    assert violation.endswith("but its daemon 7 was not killed")
     record.killed_daemon_ids = [3, 7]
-    assert chaos.check(conn, record)[name] == []
+    assert invariants.check(conn, record)[name] == []
 
 
 def test_a_run_beyond_its_timeout_is_reported(conn, healthy):
@@ -204,14 +204,14 @@ def test_a_run_beyond_its_timeout_is_reported(conn, healthy):
     conn.execute("UPDATE pgbeat.tasks SET timeout = 0.5 WHERE id = %s", [task_id])
     hung = run_at_slot(conn, task_id, SLOTS - 1)
     conn.execute("UPDATE pgbeat.runs SET finished_at = started_at + interval '6 s' WHERE id = %s", [hung])
-    violations = chaos.check(conn, record)["4 nothing stuck, abandoned only by the killed"]
+    violations = invariants.check(conn, record)["rule_5_abandoned_only_when_the_worker_is_gone"]
     assert violations == [f"task {task_id}: run {hung} (succeeded) ran 6.000 s, beyond its timeout of 0.5 s"]
 
 
 def test_a_task_whose_slots_stopped_firing_is_reported(conn, healthy):
     task_id, record = healthy
     conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() - interval '20 s' WHERE id = %s", [task_id])
-    violations = chaos.check(conn, record)["5 no schedule lost"]
+    violations = invariants.check(conn, record)["rule_6_every_slot_accounted_for"]
     assert len(violations) == 1 and "stopped firing" in violations[0]
 
 
@@ -225,7 +225,7 @@ def test_a_task_that_did_not_run_again_after_a_fault_is_reported(conn, healthy):
     conn.execute("UPDATE pgbeat.runs SET coalesced = 7 WHERE id = %s", [run_at_slot(conn, task_id, 12)])
     conn.execute("UPDATE pgbeat.counters SET value = value - %s", [7 * COUNTER_STEP])
     record.fault_windows = [(slot(conn, task_id, 10), slot(conn, task_id, 12) + timedelta(milliseconds=100))]
-    violations = chaos.check(conn, record)["5 no schedule lost"]
+    violations = invariants.check(conn, record)["rule_6_every_slot_accounted_for"]
     assert len(violations) == 1 and "no run started within 6.0 s after the fault window" in violations[0]
 
 
@@ -233,19 +233,42 @@ def test_a_slot_that_vanished_is_reported(conn, healthy):
     task_id, record = healthy
     conn.execute("DELETE FROM pgbeat.runs WHERE id = %s", [run_at_slot(conn, task_id, 15)])
     conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
-    violations = chaos.check(conn, record)["5 no schedule lost"]
+    violations = invariants.check(conn, record)["rule_6_every_slot_accounted_for"]
     assert len(violations) == 1
     assert f"task {task_id}: {SLOTS} grid slots from " in violations[0]
     assert violations[0].endswith(f"but runs account for {SLOTS - 1}")
     # Coalesced into its predecessor, the slot is accounted for.
     conn.execute("UPDATE pgbeat.runs SET coalesced = 1 WHERE id = %s", [run_at_slot(conn, task_id, 14)])
-    assert chaos.check(conn, record)["5 no schedule lost"] == []
+    assert invariants.check(conn, record)["rule_6_every_slot_accounted_for"] == []
+
+
+def test_a_slot_folded_into_a_pending_retry_is_accounted_for(conn, healthy):
+    task_id, record = healthy
+    conn.execute("UPDATE pgbeat.tasks SET max_retries = 1 WHERE id = %s", [task_id])
+    # Slot 15's first attempt failed; slot 16 fell due while its retry was pending.
+    failed = run_at_slot(conn, task_id, 15)
+    conn.execute("UPDATE pgbeat.runs SET state = 'failed', result = '{}' WHERE id = %s", [failed])
+    conn.execute("DELETE FROM pgbeat.runs WHERE id = %s", [run_at_slot(conn, task_id, 16)])
+    s = slot(conn, task_id, 15)
+    insert_run(
+        conn,
+        task_id,
+        s,
+        attempt=2,
+        coalesced=1,
+        due_at=s + timedelta(seconds=0.5),
+        started_at=s + timedelta(seconds=1.01),
+        finished_at=s + timedelta(seconds=1.05),
+        result={"counter": "c1", "step": COUNTER_STEP},
+    )
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
+    assert invariants.check(conn, record) == {name: [] for name in invariants.INVARIANTS}
 
 
 def test_a_one_shot_that_never_ran_is_reported(conn, healthy):
     _, record = healthy
     one_shot = create_task(conn, {"kind": "sleep", "schedule": {"in": "20s"}})
-    violations = chaos.check(conn, record)["5 no schedule lost"]
+    violations = invariants.check(conn, record)["rule_6_every_slot_accounted_for"]
     assert len(violations) == 1
     assert violations[0].startswith(f"task {one_shot}: one-shot at ") and violations[0].endswith("never ran")
 
@@ -262,7 +285,7 @@ def test_runs_after_delete_or_pause_are_reported(conn, healthy):
     insert_run(conn, deleted, after)
     insert_run(conn, paused, after)
     record.load_stopped_at = after + timedelta(seconds=1)
-    violations = chaos.check(conn, record)["5 no schedule lost"]
+    violations = invariants.check(conn, record)["rule_11_paused_and_deleted_tasks_stop"]
     assert sorted(violations)[0].startswith(f"task {deleted}: run ")
     assert len(violations) == 2
     assert "after the task was deleted" in violations[0] + violations[1]
@@ -277,13 +300,13 @@ def test_late_runs_outside_fault_windows_are_reported(conn, healthy):
                                   finished_at = scheduled_for + interval '6.1 s' WHERE id = %s""",
         [late],
     )
-    name = "6 lateness bounded outside faults"
-    violations = chaos.check(conn, record)[name]
+    name = "rule_9_no_run_before_its_slot_and_lateness_bounded"
+    violations = invariants.check(conn, record)[name]
     assert len(violations) == 1 and f"run {late} started 6.000 s after" in violations[0]
     # Inside a fault window (or its recovery margin) it is expected.
     s = slot(conn, task_id, SLOTS - 3)
     record.fault_windows = [(s, s + timedelta(seconds=1))]
-    assert chaos.check(conn, record)[name] == []
+    assert invariants.check(conn, record)[name] == []
 
 
 def test_a_high_p99_reports_every_run_over_the_bound(conn, healthy):
@@ -295,7 +318,7 @@ def test_a_high_p99_reports_every_run_over_the_bound(conn, healthy):
         insert_run(
             conn, slow, s, started_at=s + timedelta(seconds=1.5), finished_at=s + timedelta(seconds=1.6)
         )
-    violations = chaos.check(conn, record)["6 lateness bounded outside faults"]
+    violations = invariants.check(conn, record)["rule_9_no_run_before_its_slot_and_lateness_bounded"]
     assert len(violations) == 3 and all("started 1.500 s after it was ready" in v for v in violations)
     assert "while p99 is" in violations[0]
 
@@ -310,7 +333,7 @@ def test_waiting_behind_the_previous_run_is_not_lateness(conn, healthy):
     insert_run(
         conn, sleeper, s + timedelta(seconds=1), started_at=second, finished_at=second + timedelta(seconds=3)
     )
-    assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []
+    assert invariants.check(conn, record)["rule_9_no_run_before_its_slot_and_lateness_bounded"] == []
 
 
 def test_time_a_task_spent_paused_is_not_lateness(conn, healthy):
@@ -327,12 +350,170 @@ def test_time_a_task_spent_paused_is_not_lateness(conn, healthy):
         started_at=resumed + timedelta(milliseconds=5),
         finished_at=resumed + timedelta(seconds=1),
     )
-    name = "6 lateness bounded outside faults"
-    assert len(chaos.check(conn, record)[name]) == 1  # without the resume it looks 14 s late
+    name = "rule_9_no_run_before_its_slot_and_lateness_bounded"
+    assert len(invariants.check(conn, record)[name]) == 1  # without the resume it looks 14 s late
     record.resumes = [(once, resumed)]
-    assert chaos.check(conn, record)[name] == []
+    assert invariants.check(conn, record)[name] == []
     record.resumes = [(once, s - timedelta(seconds=1))]  # a resume before the slot excuses nothing
-    assert len(chaos.check(conn, record)[name]) == 1
+    assert len(invariants.check(conn, record)[name]) == 1
+
+
+# --- execution, not bookkeeping ---
+
+
+def test_a_run_stolen_while_its_worker_kept_executing_it_overlaps(conn, healthy):
+    """Run 5's row says abandoned at its slot + 50 ms, but its worker observed it executing
+    until after run 6 started: that is an overlap, although the rows do not overlap."""
+    task_id, record = healthy
+    victim, thief = run_at_slot(conn, task_id, 5), run_at_slot(conn, task_id, 6)
+    conn.execute("UPDATE pgbeat.runs SET state = 'abandoned', result = NULL WHERE id = %s", [victim])
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
+    record.killed_daemon_ids = [1]
+    assert invariants.check(conn, record) == {name: [] for name in invariants.INVARIANTS}
+    record.observed_ends = {victim: slot(conn, task_id, 6) + timedelta(milliseconds=500)}
+    (violation,) = invariants.check(conn, record)["rule_2_no_overlap"]
+    assert violation.startswith(f"task {task_id}: run {thief} started at ")
+    assert f"while run {victim} was executing" in violation and "although recorded abandoned" in violation
+
+
+def test_the_observed_ends_come_from_the_workers_log_or_its_death():
+    lines = [
+        '{"event": "run_started", "run_id": 1}',
+        '{"event": "run_started", "run_id": 2}',
+        '{"event": "run_started", "run_id": 3}',
+        '{"event": "run_finished", "run_id": 1, "ended_at": "2026-01-01T00:00:01.250000+00:00"}',
+        '{"event": "runs_cancelled", "run_ids": [2], "ended_at": "2026-01-01T00:00:02+00:00"}',
+        '{"event": "run_finished", "run_id": 3, "ended_',  # cut short by kill -9
+    ]
+    died = datetime.fromisoformat("2026-01-01T00:00:09+00:00")
+    logged, died_with = invariants.observed_ends(lines, died)
+    assert logged == {
+        1: datetime.fromisoformat("2026-01-01T00:00:01.25+00:00"),
+        2: died - timedelta(seconds=7),
+    }
+    assert died_with == {3: died}
+    assert invariants.observed_ends(lines, None) == (logged, {})
+
+
+def test_a_killed_workers_death_ends_only_the_runs_it_had_not_recorded(conn, healthy):
+    """A worker batches its log lines, so kill -9 can take the line of a run it had
+    finished: its death then says nothing about that run, whose recorded finish stands.
+    A run it had not recorded (abandoned) executed until the death."""
+    task_id, record = healthy
+    recorded, next_one = run_at_slot(conn, task_id, 5), run_at_slot(conn, task_id, 6)
+    record.died_with = {recorded: slot(conn, task_id, 6) + timedelta(milliseconds=500)}
+    assert invariants.check(conn, record)["rule_2_no_overlap"] == []
+    conn.execute("UPDATE pgbeat.runs SET state = 'abandoned', result = NULL WHERE id = %s", [recorded])
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
+    record.killed_daemon_ids = [1]
+    (violation,) = invariants.check(conn, record)["rule_2_no_overlap"]
+    assert f"run {next_one} started at " in violation and f"while run {recorded} was executing" in violation
+
+
+def test_a_slot_executed_twice_is_reported(conn, healthy):
+    task_id, record = healthy
+    conn.execute("ALTER TABLE pgbeat.runs DROP CONSTRAINT runs_one_per_slot")
+    s = slot(conn, task_id, 7)
+    again = s + timedelta(milliseconds=60)
+    insert_run(conn, task_id, s, started_at=again, finished_at=again, result={"counter": "c1", "step": 2})
+    conn.execute("UPDATE pgbeat.counters SET value = value + %s", [COUNTER_STEP])
+    (violation,) = invariants.check(conn, record)["rule_1_one_run_per_slot"]
+    assert "has 2 runs" in violation and "2 of them executed" in violation
+
+
+def test_runs_and_next_slots_off_the_grid_are_reported(conn, healthy):
+    task_id, record = healthy
+    off = run_at_slot(conn, task_id, 9)
+    conn.execute(
+        "UPDATE pgbeat.runs SET scheduled_for = scheduled_for - interval '1 ms' WHERE id = %s", [off]
+    )
+    conn.execute(
+        "UPDATE pgbeat.tasks SET next_run_at = next_run_at + interval '0.3 s' WHERE id = %s", [task_id]
+    )
+    violations = invariants.check(conn, record)["rule_7_slots_on_the_grid"]
+    assert len(violations) == 2
+    assert (
+        violations[0].startswith(f"task {task_id}: run {off} executed slot ")
+        and "8.999 intervals" in violations[0]
+    )
+    assert "next slot" in violations[1] and "29.3 intervals" in violations[1]
+
+
+def test_a_skip_task_executing_a_slot_that_fell_due_during_its_run_is_reported(conn, healthy):
+    _, record = healthy
+    skip = create_task(
+        conn, {"kind": "sleep", "params": {"seconds": 2.5}, "schedule": {"every": 1}, "overlap": "skip"}
+    )
+    s = slot(conn, skip, 5)
+    first = insert_run(conn, skip, s, finished_at=s + timedelta(seconds=2.5))
+    # Slot 8 fell due after run 5 ended: fine. Slot 6 fell due while it ran: queued, not skipped.
+    fine = insert_run(conn, skip, s + timedelta(seconds=3))
+    name = "rule_8_skip_never_runs_an_overlapping_slot"
+    assert invariants.check(conn, record)[name] == []
+    queued = insert_run(
+        conn,
+        skip,
+        s + timedelta(seconds=1),
+        started_at=s + timedelta(seconds=2.6),
+        finished_at=s + timedelta(seconds=2.9),
+    )
+    (violation,) = invariants.check(conn, record)[name]
+    assert violation.startswith(f"task {skip} (overlap skip): run {queued} executed slot ")
+    assert f"while run {first} was executing" in violation and str(fine) not in violation
+    # Run 5's worker saw it end before slot 6 (its row was abandoned later): no overlap.
+    conn.execute("UPDATE pgbeat.runs SET state = 'abandoned' WHERE id = %s", [first])
+    record.killed_daemon_ids = [1]
+    record.observed_ends = {first: s + timedelta(seconds=0.5)}
+    assert invariants.check(conn, record)[name] == []
+
+
+def test_cancelled_runs_must_have_outlasted_the_grace_of_a_sigterm(conn, healthy):
+    task_id, record = healthy
+    cancelled = run_at_slot(conn, task_id, 20)
+    conn.execute("UPDATE pgbeat.runs SET state = 'cancelled', result = NULL WHERE id = %s", [cancelled])
+    conn.execute("UPDATE pgbeat.counters SET value = value - %s", [COUNTER_STEP])
+    name = "rule_15_sigterm_drains_within_the_grace"
+    (violation,) = invariants.check(conn, record)[name]
+    assert violation.endswith("but its daemon 1 was never SIGTERMed")
+    s = slot(conn, task_id, 20)
+    record.sigterms, record.shutdown_grace = [(1, s - timedelta(seconds=3))], 3.0
+    assert invariants.check(conn, record)[name] == []  # cancelled 3.05 s after the SIGTERM
+    record.observed_ends = {cancelled: s - timedelta(seconds=1)}  # its worker stopped it 2 s after
+    (violation,) = invariants.check(conn, record)[name]
+    assert "2.000 s after its worker was SIGTERMed (the grace is 3 s)" in violation
+
+
+def test_a_retry_must_follow_a_failed_attempt(conn, healthy):
+    task_id, record = healthy
+    s = slot(conn, task_id, 12)
+    retry = insert_run(
+        conn,
+        task_id,
+        s,
+        attempt=2,
+        result={"counter": "c1", "step": COUNTER_STEP},
+        started_at=s + timedelta(seconds=0.5),
+        finished_at=s + timedelta(seconds=0.6),
+    )
+    conn.execute("UPDATE pgbeat.counters SET value = value + %s", [COUNTER_STEP])
+    (violation,) = invariants.check(conn, record)["rule_14_retries_follow_failures"]
+    assert violation.startswith(f"task {task_id}: run {retry} is attempt 2 of slot ")
+    assert "max_retries of 0" in violation
+
+
+def test_a_daemon_still_live_or_not_stopped_after_its_sigterm_is_reported(conn, healthy, db_url):
+    _, record = healthy
+    with psycopg.connect(db_url, autocommit=True) as daemon_session:
+        daemon_id = daemon_session.execute("SELECT pgbeat.register_daemon('worker', 'h', 1)").fetchone()[0]
+        record.sigterms = [(daemon_id, db_now(conn))]
+        violations = invariants.check(conn, record)["rule_12_no_daemon_outlives_its_session"]
+        assert (
+            len(violations) == 2
+            and "still live" in violations[0]
+            and "never recorded its stop" in violations[1]
+        )
+        daemon_session.execute("SELECT pgbeat.stop_daemon(%s)", [daemon_id])
+    assert invariants.check(conn, record)["rule_12_no_daemon_outlives_its_session"] == []
 
 
 # --- regressions found by the chaos run ---
@@ -369,8 +550,8 @@ def test_a_resume_counts_from_its_transaction_not_from_its_answer(fleet, conn):
         every=0.05,
     )
     assert since < moment <= started_at
-    record = chaos.ChaosRecord(since=since, load_stopped_at=db_now(conn), resumes=[(task["id"], moment)])
-    assert chaos.check(conn, record)["6 lateness bounded outside faults"] == []
+    record = invariants.Record(since=since, load_stopped_at=db_now(conn), resumes=[(task["id"], moment)])
+    assert invariants.check(conn, record)["rule_9_no_run_before_its_slot_and_lateness_bounded"] == []
     assert started_at - datetime.fromisoformat(task["schedule"]["at"]) > timedelta(seconds=1)
 
 

@@ -27,7 +27,7 @@ from fleetsupport import create_task, runs_of, start
 from sqlsupport import query, wait_for
 
 from pgbeat import migrations
-from pgbeat_lab import chaos
+from pgbeat_lab import chaos, invariants
 from pgbeat_lab.fleet import Fleet
 
 pytestmark = pytest.mark.slow
@@ -127,15 +127,15 @@ def ride_through(url: str, logs: Path, fault: Callable[[], None], every_session_
             assert worker.terminate() == 0
         reconnects = sum(len(p.events("reconnecting")) for p in (scheduler, *workers))
 
-    record = chaos.ChaosRecord(
+    record = invariants.Record(
         since=since,
         load_stopped_at=load_stopped_at,
         killed_daemon_ids=ended,  # the sessions the fault ended
         fault_windows=[(fault_at, recovered_at)],
     )
     with psycopg.connect(url) as conn:
-        violations = chaos.check(conn, record)
-    assert violations == {name: [] for name in chaos.INVARIANTS}
+        violations = invariants.check(conn, record)
+    assert violations == {name: [] for name in invariants.INVARIANTS}
     counted = query(url, "SELECT value FROM pgbeat.counters WHERE name = %s", f"task:{counter['id']}")
     succeeded = [r for r in runs_of(url, counter["id"]) if r["state"] == "succeeded"]
     assert counted[0]["value"] == len(succeeded)

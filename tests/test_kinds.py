@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -69,6 +70,9 @@ async def test_sleep_records_how_long_it_slept():
 
 async def test_counter_leaves_the_increment_to_the_database():
     assert await kinds.get("counter")({"step": 3}, context()) == {}
+    started = time.monotonic()
+    assert await kinds.get("counter")({"step": 3, "seconds": 0.2}, context()) == {}
+    assert time.monotonic() - started >= 0.19  # its work takes `seconds`; the increment is still not its own
 
 
 async def test_http_success_records_status_and_time(http, target):

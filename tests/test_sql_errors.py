@@ -54,7 +54,8 @@ CREATE_CASES: list[tuple[Any, Any, str]] = [
     ({"kind": "counter", "params": {"step": 1.5}, "schedule": HOUR}, None, "params.step"),
     ({"kind": "counter", "params": {"step": "1"}, "schedule": HOUR}, None, "params.step"),
     ({"kind": "counter", "params": {"step": 1e10}, "schedule": HOUR}, None, "params.step"),
-    ({"kind": "counter", "params": {"seconds": 1}, "schedule": HOUR}, None, "params.seconds"),
+    ({"kind": "counter", "params": {"seconds": -1}, "schedule": HOUR}, None, "params.seconds"),
+    ({"kind": "counter", "params": {"secs": 1}, "schedule": HOUR}, None, "params.secs"),
     ({"kind": "http", "params": {"url": "ftp://example.com"}, "schedule": HOUR}, None, "params.url"),
     ({"kind": "http", "params": {"url": "http://"}, "schedule": HOUR}, None, "params.url"),
     ({"kind": "http", "params": {"url": "http://a b"}, "schedule": HOUR}, None, "params.url"),
@@ -194,7 +195,8 @@ def test_update_task_rejects_bad_input_and_unknown_ids(conn):
         ([], "body"),
         ({"bogus": 1}, "bogus"),
         ({"kind": "http"}, "kind"),
-        ({"params": {"seconds": 1}}, "params.seconds"),  # a counter's params
+        ({"params": {"seconds": "1"}}, "params.seconds"),  # a counter's params
+        ({"params": {"url": "http://a"}}, "params.url"),
         ({"params": {"step": 0.5}}, "params.step"),
         ({"schedule": {"every": -1}}, "schedule.every"),
         ({"schedule": {"cron": "* * * * *"}}, "schedule.cron"),

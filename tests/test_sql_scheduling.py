@@ -142,6 +142,33 @@ def test_skip_policy_records_a_skipped_run_for_each_overlapping_slot(db_url):
     )
 
 
+def test_skip_policy_decides_at_the_slot_not_when_the_scheduler_gets_to_it(db_url):
+    """Rule 8 at the slot's time: a scheduler that reaches a skip-policy slot late, when
+    the run that was executing as it fell due has already finished, still skips it; a
+    slot that fell due after that run ended is queued."""
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR, "overlap": "skip"})["id"]
+    trigger = conn.execute("SELECT id FROM pgbeat.trigger_task(%s)", (tid,)).fetchone()["id"]
+    (c,) = claim(conn)
+    finish(conn, c["run_id"])
+    release(conn, [tid])
+    conn.execute(
+        """UPDATE pgbeat.runs SET started_at = now() - interval '5 s', finished_at = now() - interval '1 s'
+            WHERE id = %s""",
+        (trigger,),
+    )
+    make_due(conn, tid, 3)  # fell due 3 s ago, while the run executed (from -5 s to -1 s)
+    assert [r["outcome"] for r in materialize(conn)] == ["skipped"]
+    make_due(conn, tid, 0.5)  # fell due after it ended
+    assert [r["outcome"] for r in materialize(conn)] == ["queued"]
+    got = [(r["state"], r["error"]) for r in runs(conn, tid)]
+    assert got == [
+        ("succeeded", None),
+        ("skipped", "overlap: the previous run was still running"),
+        ("pending", None),
+    ]
+
+
 # (seconds the pass runs after the slot it decides, negative: ahead of it; slots
 # missed before it; the pass's look-ahead). The interval is 10 s.
 GRID_CASES = {

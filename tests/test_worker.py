@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -265,6 +266,9 @@ def test_sigterm_cancels_a_run_longer_than_the_grace(db_url, fleet):
     assert drain_cpu < 0.6, f"the draining worker used {drain_cpu:.2f}s of CPU in its 3 s grace: it spins"
     assert run["state"] == "cancelled"
     assert "shutdown grace of 3s" in run["error"]
+    # Rule 15, as the worker saw it: the run stopped executing only once the grace was over.
+    (finished,) = logged_events(worker, "run_finished")
+    assert datetime.fromisoformat(finished["ended_at"]) >= signalled_at + timedelta(seconds=3)
     assert query(db_url, "SELECT * FROM pgbeat.task_locks") == []
 
 
@@ -409,8 +413,10 @@ def test_lost_session_cancels_runs_in_flight_and_the_worker_reconnects(db_url, f
     print(f"\nsession lost: next run started {nxt['started_at'].timestamp() - cut_at:.2f}s after the cut")
     assert lost["state"] == "abandoned"
     assert nxt["backend_pid"] != running["backend_pid"] and nxt["worker_pid"] == worker.pid
-    # Our copy of the lost run was cancelled at once, not left running beside the new one.
-    assert any(running["id"] in e["run_ids"] for e in logged_events(worker, "runs_cancelled"))
+    # Our copy of the lost run was cancelled at once, not left running beside the new one:
+    # as the worker saw it, it stopped before the next run started (Rule 2).
+    (cancelled,) = [e for e in logged_events(worker, "runs_cancelled") if running["id"] in e["run_ids"]]
+    assert datetime.fromisoformat(cancelled["ended_at"]) < nxt["started_at"]
     assert logged_events(worker, "reconnecting")
     assert worker.alive() and worker.terminate() == 0
 

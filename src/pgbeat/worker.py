@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -72,6 +72,7 @@ class Outcome:
     result: dict[str, Any] | None
     error: str | None
     duration_ms: float
+    ended_at: float  # epoch seconds when the run stopped executing here (logged: the chaos checker's measure)
 
 
 async def execute(
@@ -102,7 +103,22 @@ async def execute(
         error = redact(repr(exc))
         log.error("run raised", extra={"event": "run_error", "run_id": run.run_id, "error": error})
         state, error = "failed", redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-    return Outcome(run, state, result, error, round((time.monotonic() - started) * 1000, 3))
+    return Outcome(run, state, result, error, round((time.monotonic() - started) * 1000, 3), time.time())
+
+
+def iso_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def log_unrecorded(outcomes: list[Outcome]) -> None:
+    log.warning(
+        "session lost before runs that ended could be recorded; they will be reaped",
+        extra={
+            "event": "runs_unrecorded",
+            "run_ids": [o.run.run_id for o in outcomes],
+            "ended_at": iso_time(max(o.ended_at for o in outcomes)),  # all had ended by then
+        },
+    )
 
 
 class Worker:
@@ -186,6 +202,9 @@ class Worker:
                     continue
                 await self.sleep(stop, wake_in)
         finally:
+            if self.ended:  # ended here, but the session went before they were recorded
+                log_unrecorded(self.ended)
+                self.ended = []
             await self.abandon_in_flight()
 
     async def sleep(self, stop: asyncio.Event, wake_in: float | None) -> None:
@@ -261,7 +280,7 @@ class Worker:
                 grace = self.config.shutdown_grace
                 error = f"worker stopped: still running after the shutdown grace of {grace:g}s"
                 duration = (time.time() - run.started_at.timestamp()) * 1000
-                self.ended.append(Outcome(run, "cancelled", None, error, round(duration, 3)))
+                self.ended.append(Outcome(run, "cancelled", None, error, round(duration, 3), time.time()))
             else:
                 self.ended.append(task.result())
 
@@ -279,10 +298,7 @@ class Worker:
                     [o.error for o in outcomes],
                 )
             except db.CONNECTION_ERRORS:
-                log.warning(
-                    "session lost before runs that ended could be recorded; they will be reaped",
-                    extra={"event": "runs_unrecorded", "run_ids": [o.run.run_id for o in outcomes]},
-                )
+                log_unrecorded(outcomes)
                 raise
             except asyncpg.PostgresError as exc:
                 rows = await self.finish_one_by_one(outcomes, exc)
@@ -305,6 +321,7 @@ class Worker:
                     "attempt": o.run.attempt,
                     "lateness_ms": o.run.lateness_ms,
                     "duration_ms": o.duration_ms,
+                    "ended_at": iso_time(o.ended_at),
                     "state": o.state if applied else (row["state"] if row else None),
                     "error": o.error,
                     "recorded": applied,
@@ -360,13 +377,17 @@ class Worker:
         reaped as abandoned since no one can finish them on a dead session."""
         if not self.in_flight:
             return
-        log.warning(
-            "cancelling runs in flight: the worker's session is gone",
-            extra={"event": "runs_cancelled", "run_ids": [r.run_id for r in self.in_flight.values()]},
-        )
         for task in self.in_flight:
             task.cancel()
         await asyncio.gather(*self.in_flight, return_exceptions=True)
+        log.warning(
+            "cancelled runs in flight: the worker's session is gone",
+            extra={
+                "event": "runs_cancelled",
+                "run_ids": [r.run_id for r in self.in_flight.values()],
+                "ended_at": iso_time(time.time()),
+            },
+        )
         self.in_flight.clear()
 
     async def check_session(self) -> None:

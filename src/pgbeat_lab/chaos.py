@@ -1,11 +1,12 @@
-"""The soak-and-chaos run (`pgbeat chaos`, `python -m pgbeat_lab.chaos`) and its invariant checker.
+"""The soak-and-chaos run (`pgbeat chaos`, `python -m pgbeat_lab.chaos`).
 
 The run starts an api, 2 schedulers and 3 workers against one PostgreSQL (a
 private embedded server, so it can be restarted), creates a few hundred tasks
 through the API, injects faults at random moments (kill -9 and SIGTERM of
-daemons, a PostgreSQL restart, task patches, deletes, pauses and resumes), stops
-the load, lets it settle, then checks the coordination rules from the database
-alone. Each invariant is one SQL query returning its violations, one per row.
+daemons, a PostgreSQL restart, tasks put back on a slot they already ran, task
+patches, deletes, pauses and resumes), stops the load, lets it settle, then
+checks every rule of RULES.md with pgbeat_lab.invariants: the database's history
+plus what the workers' logs say they executed, and until when.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,275 +31,21 @@ import psycopg
 from aiohttp import web
 
 from pgbeat.config import Config
+from pgbeat_lab import invariants
 from pgbeat_lab.fleet import Fleet, Process, free_port
-
-# ---------------------------------------------------------------------------
-# The invariant checker
-# ---------------------------------------------------------------------------
-
-# Bounds the checker holds the run to (SOLUTION.md, "Failure model", states them).
-LATENESS_P99_BOUND = 1.0  # s: p99 start delay outside fault windows
-LATENESS_MAX_BOUND = 5.0  # s: no single start delay outside fault windows beyond this
-RECOVERY_MARGIN = 5.0  # s: a fault window extends this far past the recovery it waits for
-SCHEDULE_TOLERANCE = 5.0  # s: how far behind the load stop a task's next slot may be
-
-
-@dataclass
-class ChaosRecord:
-    """What the run knows that the database does not: the faults it injected."""
-
-    since: datetime  # tasks created from here on are checked
-    load_stopped_at: datetime  # the schedulers were stopped here
-    killed_daemon_ids: list[int] = field(default_factory=list)  # kill -9, or sessions ended by a restart
-    fault_windows: list[tuple[datetime, datetime]] = field(default_factory=list)  # fault to recovery
-    resumes: list[tuple[int, datetime]] = field(default_factory=list)  # (task, its resume's transaction time)
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "since": self.since,
-            "load_stopped_at": self.load_stopped_at,
-            "killed": self.killed_daemon_ids,
-            "window_starts": [w[0] for w in self.fault_windows],
-            "window_ends": [w[1] for w in self.fault_windows],
-            "resumed_tasks": [r[0] for r in self.resumes],
-            "resumed_ats": [r[1] for r in self.resumes],
-            "margin": RECOVERY_MARGIN,
-            "tolerance": SCHEDULE_TOLERANCE,
-            "p99_bound": LATENESS_P99_BOUND,
-            "max_bound": LATENESS_MAX_BOUND,
-        }
-
-
-# Runs that really executed (claimed by a worker session), as opposed to
-# skipped slots and pending runs cancelled before they started.
-_SCOPE = """
-    scoped AS (SELECT t.* FROM pgbeat.tasks t WHERE t.created_at >= %(since)s),
-    executed AS (SELECT r.* FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
-                  WHERE r.backend_pid IS NOT NULL)
-"""
-
-# When each executed run could have started: its due time, when the task's
-# previous run finished (queued behind it), or when the task was last resumed
-# before it started (a one-shot paused across its slot fires at its resume, with
-# its original slot), whichever is latest; and whether that moment falls inside a
-# fault window (or its recovery margin).
-_READINESS = """
-    readiness AS (
-        SELECT e.id, e.task_id, e.started_at,
-               greatest(e.due_at,
-                        lag(e.finished_at) OVER (PARTITION BY e.task_id ORDER BY e.started_at, e.id),
-                        (SELECT max(rs.at) FROM unnest(%(resumed_tasks)s::integer[],
-                                                       %(resumed_ats)s::timestamptz[]) AS rs(task_id, at)
-                          WHERE rs.task_id = e.task_id AND rs.at <= e.started_at)) AS ready_at
-          FROM executed e),
-    outside AS (
-        SELECT r.*, extract(epoch FROM r.started_at - r.ready_at)::float8 AS lateness
-          FROM readiness r
-         WHERE NOT EXISTS (SELECT 1 FROM unnest(%(window_starts)s::timestamptz[],
-                                                %(window_ends)s::timestamptz[]) AS w(s, e)
-                            WHERE r.ready_at BETWEEN w.s AND w.e + make_interval(secs => %(margin)s)))
-"""
-
-INVARIANTS: dict[str, tuple[str, str]] = {
-    "1 no self-overlap": (
-        "no two runs of one task overlap in [started_at, finished_at) (running = open-ended)",
-        f"""
-        WITH {_SCOPE},
-        ordered AS (
-            SELECT e.*, max(coalesce(e.finished_at, 'infinity')) OVER (
-                       PARTITION BY e.task_id ORDER BY e.started_at, e.id
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_end
-              FROM executed e)
-        SELECT format('task %%s: run %%s started at %%s before an earlier run of the task ended (%%s)',
-                      task_id, id, started_at, earlier_end)
-          FROM ordered WHERE started_at < earlier_end ORDER BY task_id, id
-        """,
-    ),
-    "2 one run per slot": (
-        "no (task, slot, attempt) has more than one run",
-        f"""
-        WITH {_SCOPE}
-        SELECT format('task %%s: slot %%s attempt %%s has %%s runs (%%s)',
-                      r.task_id, r.scheduled_for, r.attempt, count(*), string_agg(r.id::text, ', '))
-          FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
-         GROUP BY r.task_id, r.scheduled_for, r.attempt HAVING count(*) > 1
-         ORDER BY r.task_id, r.scheduled_for
-        """,
-    ),
-    "3 counters exact": (
-        "every counter equals the sum of its succeeded runs' steps",
-        f"""
-        WITH {_SCOPE},
-        names AS (
-            SELECT coalesce(t.params->>'counter', 'task:' || t.id) AS name
-              FROM scoped t WHERE t.kind = 'counter'
-            UNION
-            SELECT r.result->>'counter' FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
-             WHERE r.result ? 'counter'),
-        expected AS (
-            SELECT r.result->>'counter' AS name, sum((r.result->>'step')::bigint) AS value
-              FROM pgbeat.runs r
-             WHERE r.kind = 'counter' AND r.state = 'succeeded' AND r.result ? 'counter'
-             GROUP BY 1)
-        SELECT format('counter %%s is %%s, its succeeded runs add up to %%s',
-                      n.name, coalesce(c.value, 0), coalesce(e.value, 0))
-          FROM names n
-          LEFT JOIN pgbeat.counters c ON c.name = n.name
-          LEFT JOIN expected e ON e.name = n.name
-         WHERE coalesce(c.value, 0) <> coalesce(e.value, 0)
-        UNION ALL
-        SELECT format('task %%s: run %%s succeeded but records no counter increment', r.task_id, r.id)
-          FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
-         WHERE r.kind = 'counter' AND r.state = 'succeeded'
-           AND NOT (r.result ? 'counter' AND r.result ? 'step')
-        """,
-    ),
-    "4 nothing stuck, abandoned only by the killed": (
-        "no run left running or pending past the settle time, none beyond its timeout;"
-        " abandoned runs belong to killed daemons",
-        f"""
-        WITH {_SCOPE}
-        SELECT format('task %%s: run %%s is still %%s (due %%s)', r.task_id, r.id, r.state, r.due_at)
-          FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
-         WHERE r.state = 'running' OR (r.state = 'pending' AND r.due_at <= %(load_stopped_at)s)
-        UNION ALL
-        SELECT format('task %%s: run %%s was abandoned by daemon %%s, which was not killed',
-                      r.task_id, r.id, coalesce(r.daemon_id::text, 'none'))
-          FROM pgbeat.runs r JOIN scoped t ON t.id = r.task_id
-         WHERE r.state = 'abandoned' AND NOT coalesce(r.daemon_id = ANY (%(killed)s::integer[]), false)
-        UNION ALL
-        SELECT format('task %%s: run %%s (%%s) ran %%s s, beyond its timeout of %%s s',
-                      e.task_id, e.id, e.state, round(extract(epoch FROM e.finished_at - e.started_at), 3),
-                      t.timeout)
-          FROM executed e JOIN scoped t ON t.id = e.task_id
-         WHERE e.state NOT IN ('abandoned', 'cancelled')
-           AND e.finished_at > e.started_at + make_interval(secs => t.timeout + %(margin)s)
-        """,
-    ),
-    "5 no schedule lost": (
-        "every active task kept firing and running after every fault; deleted and paused tasks stopped",
-        f"""
-        WITH {_SCOPE},
-        windows AS (SELECT s, e FROM unnest(%(window_starts)s::timestamptz[],
-                                            %(window_ends)s::timestamptz[]) AS w(s, e)),
-        recurring AS (
-            SELECT t.* FROM scoped t
-             WHERE t.deleted_at IS NULL AND NOT t.paused AND t.run_at IS NULL
-               AND t.until IS NULL AND t.max_runs IS NULL),
-        -- Interval tasks never patched, paused or deleted: their grid is unbroken.
-        untouched AS (
-            SELECT t.* FROM recurring t WHERE t.every IS NOT NULL AND t.updated_at = t.created_at),
-        slots AS (
-            SELECT t.id, t.every, count(*) AS rows, sum(r.coalesced) AS coalesced,
-                   min(r.scheduled_for) AS first_slot, max(r.scheduled_for) AS last_slot,
-                   (array_agg(r.coalesced ORDER BY r.scheduled_for))[1] AS first_coalesced,
-                   (array_agg(r.coalesced ORDER BY r.scheduled_for DESC))[1] AS last_coalesced
-              FROM untouched t JOIN pgbeat.runs r ON r.task_id = t.id AND r.attempt = 1
-             GROUP BY t.id, t.every),
-        slot_counts AS (
-            SELECT s.*, round(extract(epoch FROM s.last_slot - s.first_slot)
-                              / extract(epoch FROM s.every))::bigint + 1 AS grid_slots
-              FROM slots s)
-        -- The scheduler kept firing every recurring task up to the load stop.
-        SELECT format('task %%s: next slot %%s is behind the load stop %%s (slots stopped firing)',
-                      t.id, coalesce(t.next_run_at::text, 'none'), %(load_stopped_at)s::timestamptz)
-          FROM recurring t
-         WHERE t.created_at < %(load_stopped_at)s - make_interval(secs => %(tolerance)s)
-           AND coalesce(t.next_run_at < %(load_stopped_at)s - make_interval(secs => %(tolerance)s), true)
-        UNION ALL
-        -- After each fault, each untouched interval task started a run again within
-        -- its interval (plus a sleep task's own duration) and the recovery margin.
-        SELECT format('task %%s: no run started within %%s s after the fault window ending %%s',
-                      t.id, round((extract(epoch FROM t.every) + coalesce((t.params->>'seconds')::numeric, 0)
-                                   + %(margin)s)::numeric, 1), w.e)
-          FROM untouched t CROSS JOIN windows w
-         WHERE t.created_at < w.s
-           AND w.e + t.every + make_interval(secs => coalesce((t.params->>'seconds')::float8, 0)
-                                                    + %(margin)s) < %(load_stopped_at)s
-           AND NOT EXISTS (
-               SELECT 1 FROM executed e
-                WHERE e.task_id = t.id AND e.started_at > w.e
-                  AND e.started_at <= w.e + t.every + make_interval(
-                          secs => coalesce((t.params->>'seconds')::float8, 0) + %(margin)s))
-        UNION ALL
-        -- Every slot of an unbroken grid is accounted for: a run of its own, or
-        -- coalesced into a neighbour (queued behind a run, or folded as a misfire).
-        SELECT format('task %%s: %%s grid slots from %%s to %%s, but runs account for %%s',
-                      id, grid_slots, first_slot, last_slot, rows + coalesced)
-          FROM slot_counts
-         WHERE rows + coalesced < grid_slots
-            OR rows + coalesced > grid_slots + first_coalesced + last_coalesced
-        UNION ALL
-        -- One-shots whose time came (and were left alone) ran.
-        SELECT format('task %%s: one-shot at %%s never ran', t.id, t.run_at)
-          FROM scoped t
-         WHERE t.run_at IS NOT NULL AND t.updated_at = t.created_at
-           AND t.run_at < %(load_stopped_at)s - make_interval(secs => %(tolerance)s)
-           AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id)
-        UNION ALL
-        -- Deleted tasks, and tasks paused at the end, ran no new slot afterwards.
-        SELECT format('task %%s: run %%s (slot %%s) started at %%s, after the task was %%s at %%s',
-                      t.id, e.id, e.scheduled_for, e.started_at,
-                      CASE WHEN t.deleted_at IS NOT NULL THEN 'deleted' ELSE 'paused' END,
-                      coalesce(t.deleted_at, t.updated_at))
-          FROM scoped t JOIN executed e ON e.task_id = t.id
-         WHERE (t.deleted_at IS NOT NULL OR t.paused)
-           AND e.started_at > coalesce(t.deleted_at, t.updated_at)
-           AND e.scheduled_for > coalesce(t.deleted_at, t.updated_at)
-        """,
-    ),
-    "6 lateness bounded outside faults": (
-        f"start delay (from due, the previous run's end, or a resume) outside fault windows: "
-        f"p99 <= {LATENESS_P99_BOUND:g} s, max <= {LATENESS_MAX_BOUND:g} s",
-        f"""
-        WITH {_SCOPE}, {_READINESS},
-        stats AS (SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY lateness) AS p99 FROM outside)
-        SELECT format('task %%s: run %%s started %%s s after it was ready (%%s)%%s',
-                      o.task_id, o.id, round(o.lateness::numeric, 3), o.ready_at,
-                      CASE WHEN o.lateness > %(max_bound)s THEN ' beyond the max bound'
-                           ELSE format(' while p99 is %%s s', round(s.p99::numeric, 3)) END)
-          FROM outside o CROSS JOIN stats s
-         WHERE o.lateness > %(max_bound)s OR (s.p99 > %(p99_bound)s AND o.lateness > %(p99_bound)s)
-         ORDER BY o.lateness DESC
-        """,
-    ),
-}
-
-LATENESS_STATS = f"""
-    WITH {_SCOPE}, {_READINESS}
-    SELECT count(*),
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY lateness),
-           percentile_cont(0.99) WITHIN GROUP (ORDER BY lateness),
-           max(lateness)
-      FROM outside
-"""
-
-
-def check(conn: psycopg.Connection, record: ChaosRecord) -> dict[str, list[str]]:
-    """Run every invariant query; returns each invariant's violations (empty: it held)."""
-    params = record.params()
-    return {
-        name: [row[0] for row in conn.execute(sql, params).fetchall()]
-        for name, (_, sql) in INVARIANTS.items()
-    }
-
-
-def lateness_stats(conn: psycopg.Connection, record: ChaosRecord) -> tuple[int, float, float, float]:
-    """(runs, p50, p99, max) start delay in seconds outside the fault windows."""
-    n, p50, p99, worst = conn.execute(LATENESS_STATS, record.params()).fetchone()
-    return n, p50 or 0.0, p99 or 0.0, worst or 0.0
-
+from pgbeat_lab.invariants import RECOVERY_MARGIN, Record
 
 # ---------------------------------------------------------------------------
 # The chaos run
 # ---------------------------------------------------------------------------
 
-FAULT_KINDS = ("kill9_worker", "kill9_scheduler", "sigterm_worker", "restart_postgres")
+FAULT_KINDS = ("kill9_worker", "kill9_scheduler", "sigterm_worker", "restart_postgres", "stale_slots")
 OP_KINDS = ("patch", "delete", "pause", "resume")
 SCHEDULERS, WORKERS, WORKER_CONCURRENCY = 2, 3, 32
 SHUTDOWN_GRACE = 3.0  # s: SIGTERMed workers cancel what still runs after this
 DRAIN_TIMEOUT = 30.0  # s: after the schedulers stop, how long the workers get to empty the queue
 POSTGRES_DOWN = 2.0  # s: how long PostgreSQL stays down during its restart
+STALE_SLOTS = 30  # interval tasks put back on the slot they last ran, per stale_slots fault
 
 
 def utc_now() -> datetime:
@@ -423,9 +170,10 @@ class Api:
 
 def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duration: float) -> list[dict]:
     """The task mix: sleep tasks longer than their interval (overlap policy queue or
-    skip), counter tasks on shared and private counters (some with misfire skip),
-    http tasks against the flaky server, one-shots, and cron tasks with a seconds
-    field (the 6th field, croniter's convention)."""
+    skip), counter tasks on shared and private counters (some with misfire skip, some
+    whose runs take seconds and time out, are cancelled or die with their worker),
+    http tasks against the flaky server (some retried), one-shots, and cron tasks
+    with a seconds field (the 6th field, croniter's convention)."""
     specs: list[dict] = []
     for i in range(count):
         share = i / count
@@ -448,15 +196,19 @@ def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duratio
                 params["counter"] = f"chaos-{tag}-shared-{rng.randrange(4)}"
             elif luck < 0.75:
                 params["counter"] = f"chaos-{tag}-private-{i}"
-            specs.append(
-                {
-                    "name": f"chaos-counter-{i}",
-                    "kind": "counter",
-                    "params": params,
-                    "schedule": {"every": rng.choice([0.5, 1, 2, 3])},
-                    "misfire": rng.choice(["run_once", "run_once", "run_once", "skip"]),
-                }
-            )
+            spec: dict[str, Any] = {
+                "name": f"chaos-counter-{i}",
+                "kind": "counter",
+                "params": params,
+                "schedule": {"every": rng.choice([0.5, 1, 2, 3])},
+                "misfire": rng.choice(["run_once", "run_once", "run_once", "skip"]),
+            }
+            if rng.random() < 0.3:
+                # Counted work that takes a while: some runs time out, some are cancelled
+                # by a SIGTERM's grace, some die with their worker (Rule 4: none counts).
+                params["seconds"] = rng.choice([0.5, 2, 4])
+                spec["timeout"] = rng.choice([1.5, 3, 10])
+            specs.append(spec)
         elif share < 0.70:
             path = rng.choice(["ok", "flaky", "flaky", "slow"])
             specs.append(
@@ -466,6 +218,8 @@ def task_specs(rng: random.Random, count: int, http_base: str, tag: str, duratio
                     "params": {"url": f"{http_base}/{path}"},
                     "schedule": {"every": rng.choice([1, 2, 3])},
                     "timeout": rng.choice([2.5, 5]),
+                    "max_retries": rng.choice([0, 1]),
+                    "retry_backoff": 0.5,
                 }
             )
         elif share < 0.85:
@@ -499,7 +253,7 @@ def plan_faults(rng: random.Random, duration: float, can_restart: bool) -> list[
     """(seconds into the load, kind): every kind at least once (the restart exactly once),
     about one fault per 12 s, spread over 10-80 % of the load."""
     count = max(5, round(duration / 12))
-    kinds = ["kill9_worker", "kill9_scheduler", "sigterm_worker"]
+    kinds = ["kill9_worker", "kill9_scheduler", "sigterm_worker", "stale_slots"]
     if can_restart:
         kinds.append("restart_postgres")
     while len(kinds) < count:
@@ -542,6 +296,7 @@ class ChaosRun:
                 "PGBEAT_SHUTDOWN_GRACE": str(SHUTDOWN_GRACE),
                 "PGBEAT_API_KEYS": "",
                 "PGBEAT_RATE_LIMIT": "1000000",
+                "PGBEAT_MIN_INTERVAL": "0.5",  # the mix has half-second slots
             },
         )
         self.api: Api | None = None
@@ -549,6 +304,9 @@ class ChaosRun:
         self.ops: Counter[str] = Counter()
         self.op_errors: list[tuple[datetime, str]] = []  # API calls that failed
         self.killed: set[int] = set()
+        self.died_at: dict[int, datetime] = {}  # pid -> when it was sent SIGKILL
+        self.sigterms: list[tuple[int, datetime]] = []  # (daemon id, when its process was SIGTERMed)
+        self.touched: set[int] = set()  # tasks whose slot a stale_slots fault rewound
         self.windows: list[tuple[datetime, datetime]] = []
         self.sigterm_exits: list[int] = []
         self.live_tasks: list[int] = []
@@ -611,6 +369,9 @@ class ChaosRun:
             role = kind.removeprefix("kill9_")
             victim = self.rng.choice(self.fleet.live(role))
             self.stopped.append(victim)
+            # Its runs stop when it dies, just after the signal; their task locks are freed
+            # later still, so a correct successor never starts before this moment.
+            self.died_at[victim.pid] = utc_now()
             victim.kill()
             self.killed |= self.daemon_ids_of(victim.pid)
             replacement = self.start_worker() if role == "worker" else self.fleet.start("scheduler")
@@ -619,15 +380,39 @@ class ChaosRun:
             victim = self.rng.choice(self.fleet.live("worker"))
             self.stopped.append(victim)
             replacement = self.start_worker()
-            self.sigterm_exits.append(victim.terminate(timeout=SHUTDOWN_GRACE + 30))
+            self.terminate(victim)
             self.wait_registered([replacement])
         elif kind == "restart_postgres":
             assert self.pg is not None
             self.killed |= {row[0] for row in self.query("SELECT id FROM pgbeat.live_daemons")}
             self.pg.restart(POSTGRES_DOWN)
             self.wait_registered([p for p in self.fleet.live() if p.role != "api"])
+        elif kind == "stale_slots":
+            self.rewind_slots()
         self.windows.append((started, utc_now()))
         self.faults[kind] += 1
+
+    def terminate(self, p: Process) -> None:
+        """SIGTERM a daemon and wait for it to exit, recording when (its runs may be
+        cancelled only once the shutdown grace after this is over)."""
+        at = utc_now()
+        self.sigterms += [(daemon_id, at) for daemon_id in self.daemon_ids_of(p.pid)]
+        self.sigterm_exits.append(p.terminate(timeout=SHUTDOWN_GRACE + 30))
+
+    def rewind_slots(self) -> None:
+        """Put interval tasks back on the slot they last ran, as a restored backup or a
+        scheduler acting on an old read would: Rule 1 must hold whatever moves a task's
+        next slot, so the slot decided again never becomes a second run."""
+        ids = self.rng.sample(self.live_tasks, min(STALE_SLOTS, len(self.live_tasks)))
+        rows = self.query(
+            """UPDATE pgbeat.tasks t SET next_run_at = r.scheduled_for
+                 FROM (SELECT DISTINCT ON (task_id) task_id, scheduled_for FROM pgbeat.runs
+                        WHERE task_id = ANY (%s) AND attempt = 1 ORDER BY task_id, scheduled_for DESC) r
+                WHERE t.id = r.task_id AND t.every IS NOT NULL AND t.next_run_at IS NOT NULL
+                RETURNING t.id""",
+            [ids],
+        )
+        self.touched |= {row[0] for row in rows}
 
     def replace_crashed(self) -> None:
         """A process that exited on its own is a failure of the run; replace it (as an
@@ -694,7 +479,7 @@ class ChaosRun:
         stopped_at = utc_now()
         for p in self.fleet.live("scheduler"):
             self.stopped.append(p)
-            self.sigterm_exits.append(p.terminate(timeout=30))
+            self.terminate(p)
         deadline = time.monotonic() + DRAIN_TIMEOUT
         while time.monotonic() < deadline:
             busy = self.query(
@@ -707,7 +492,7 @@ class ChaosRun:
         self.replace_crashed()
         for p in self.fleet.live():
             self.stopped.append(p)
-            self.sigterm_exits.append(p.terminate(timeout=SHUTDOWN_GRACE + 30))
+            self.terminate(p)
         time.sleep(1)  # settle
         return stopped_at
 
@@ -727,14 +512,36 @@ class ChaosRun:
             self.stop_ops.set()
             operator.join(30)
 
-    def report(self, since: datetime, record: ChaosRecord, violations: dict[str, list[str]]) -> str:
+    def record(self, since: datetime, load_stopped_at: datetime) -> Record:
+        """What the checker needs to know about this run, the workers' own logs included."""
+        ends: dict[int, datetime] = {}
+        died_with: dict[int, datetime] = {}
+        for p in self.fleet.processes:
+            if p.role == "worker":
+                logged, died = invariants.observed_ends(p.log().splitlines(), self.died_at.get(p.pid))
+                ends.update(logged)
+                died_with.update(died)
+        return Record(
+            since=since,
+            load_stopped_at=load_stopped_at,
+            killed_daemon_ids=sorted(self.killed),
+            fault_windows=self.windows,
+            resumes=self.resumes,
+            sigterms=self.sigterms,
+            shutdown_grace=SHUTDOWN_GRACE,
+            touched_tasks=sorted(self.touched),
+            observed_ends=ends,
+            died_with=died_with,
+        )
+
+    def report(self, since: datetime, record: Record, violations: dict[str, list[str]]) -> str:
         with psycopg.connect(self.url, autocommit=True) as conn:
             states = conn.execute(
                 """SELECT r.state, count(*) FROM pgbeat.runs r JOIN pgbeat.tasks t ON t.id = r.task_id
                     WHERE t.created_at >= %s GROUP BY 1 ORDER BY 2 DESC""",
                 [since],
             ).fetchall()
-            n, p50, p99, worst = lateness_stats(conn, record)
+            n, p50, p99, worst = invariants.lateness_stats(conn, record)
         total = sum(count for _, count in states)
         bad_exits = [code for code in self.sigterm_exits if code != 0]
         lines = [
@@ -757,9 +564,9 @@ class ChaosRun:
             *(f"      {crash}" for crash in self.crashed),
             "invariants:",
         ]
-        for name, (description, _) in INVARIANTS.items():
+        for name, (description, _) in invariants.INVARIANTS.items():
             found = violations[name]
-            lines.append(f"  {name:<48} {len(found):>5} violations   ({description})")
+            lines.append(f"  {name:<52} {len(found):>5} violations   ({description})")
             lines.extend(f"      {v}" for v in found[:5])
             if len(found) > 5:
                 lines.append(f"      ... and {len(found) - 5} more")
@@ -809,15 +616,9 @@ def run(options: ChaosOptions) -> ChaosResult:
         chaos_run.create_tasks(http.base_url)
         chaos_run.load()
         load_stopped_at = chaos_run.stop_load()
-        record = ChaosRecord(
-            since=since,
-            load_stopped_at=load_stopped_at,
-            killed_daemon_ids=sorted(chaos_run.killed),
-            fault_windows=chaos_run.windows,
-            resumes=chaos_run.resumes,
-        )
+        record = chaos_run.record(since, load_stopped_at)
         with psycopg.connect(url, autocommit=True) as conn:
-            violations = check(conn, record)
+            violations = invariants.check(conn, record)
         report = chaos_run.report(since, record, violations)
         report += f"\nlogs: {chaos_run.fleet.log_dir}"
         if options.keep and pg is not None:

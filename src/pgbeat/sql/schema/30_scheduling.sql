@@ -16,6 +16,18 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
         / (extract(epoch FROM p_every) * 1000000)::numeric) + 1)
 $$;
 
+-- Whether a run of the task was executing when p_at fell due and has finished since:
+-- the newest run that started before p_at (a task's runs execute one at a time)
+-- finished after it. Rule 8 judges a slot by the runs at its own time, so a
+-- scheduler that reaches a skip-policy slot late, after the run that was executing
+-- when it fell due has finished, still skips it, as one on time would have.
+CREATE OR REPLACE FUNCTION pgbeat.ran_across(p_task_id integer, p_at timestamptz) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT r.finished_at > p_at FROM pgbeat.runs r
+                      WHERE r.task_id = p_task_id AND r.backend_pid IS NOT NULL AND r.started_at < p_at
+                      ORDER BY r.id DESC LIMIT 1), false)
+$$;
+
 -- Fire the due slot of a task the caller has locked.
 --   p_latest  the latest slot that is due now (>= t.next_run_at)
 --   p_next    the first slot after now (NULL: no more slots)
@@ -72,7 +84,8 @@ BEGIN
         -- Rule 3: at most one pending run; Rule 8: the overlap policy.
         SELECT r.id INTO pending_id FROM pgbeat.runs r
          WHERE r.task_id = t.id AND r.state = 'pending' FOR UPDATE;
-        is_running := EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'running');
+        is_running := EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'running')
+                      OR (t.overlap_policy = 'skip' AND pgbeat.ran_across(t.id, p_latest));
         IF pending_id IS NOT NULL AND t.overlap_policy = 'queue' THEN
             UPDATE pgbeat.runs r SET coalesced = r.coalesced + 1 + folded WHERE r.id = pending_id;
             run_id := pending_id;
@@ -171,7 +184,8 @@ BEGIN
                     OR NOT (now() - s.latest > make_interval(secs => (s.tk_row).misfire_grace)))
                AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'pending')
                AND ((s.tk_row).overlap_policy = 'queue'
-                    OR NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'running')),
+                    OR NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'running')
+                       AND NOT pgbeat.ran_across(s.id, s.latest)),
                false) AS plain
           FROM slot s
     )
