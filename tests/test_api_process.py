@@ -153,4 +153,4 @@ def test_openapi_contract_with_schemathesis(fleet, tmp_path: Path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "Tested: 15" in result.stdout, result.stdout[-3000:]
+    assert "Tested: 16" in result.stdout, result.stdout[-3000:]

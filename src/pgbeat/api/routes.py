@@ -388,7 +388,7 @@ class TaskController(Controller):
     async def update_task(self, state: State, task_id: TaskId, data: JSONBody[TaskChanges]) -> Task:
         return await update_task(state.pool, task_id, data, state.input_limits)
 
-    @delete("/{task_id:int}", summary="Delete: future runs stop, history stays", responses=_errors(404))
+    @delete("/{task_id:int}", summary="Delete: future runs stop, history stays", responses=_errors(404, 409))
     async def delete_task(self, state: State, task_id: TaskId) -> None:
         await delete_task(state.pool, task_id)
 
@@ -443,7 +443,7 @@ class RunController(Controller):
     path = "/runs"
     tags = ["runs"]
 
-    @get(summary="All runs, newest first (keyset pagination)", responses=_errors())
+    @get(summary="All runs, newest first (keyset pagination)", responses=_errors(404))
     async def list_runs(
         self,
         state: State,
