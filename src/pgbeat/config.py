@@ -33,6 +33,11 @@ def parse_networks(text: str) -> tuple[Network, ...]:
         raise SystemExit(f"PGBEAT_TRUSTED_PROXIES: {exc}") from None
 
 
+def _list(name: str) -> tuple[str, ...]:
+    """A comma-separated variable's items, blanks dropped."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Config:
     database_url: str | None = None
@@ -47,11 +52,12 @@ class Config:
     min_interval: float = MIN_INTERVAL_SECONDS  # shortest `every` the API accepts
     http: HttpPolicy = field(default_factory=HttpPolicy)  # the http kind's limits and egress policy
     ui_secret: str | None = None  # signs the dashboard's sessions and CSRF tokens (pgbeat.api.dashboard)
+    cors_origins: tuple[str, ...] = ()  # origins whose browser apps may call the API; none: CORS off
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Config:
-        keys = tuple(k.strip() for k in os.environ.get("PGBEAT_API_KEYS", "").split(",") if k.strip())
+        keys = _list("PGBEAT_API_KEYS")
         return cls(
             database_url=os.environ.get("PGBEAT_DATABASE_URL") or None,
             data_dir=Path(os.environ.get("PGBEAT_DATA_DIR", ".pgbeat")),
@@ -65,4 +71,5 @@ class Config:
             min_interval=_float("PGBEAT_MIN_INTERVAL", MIN_INTERVAL_SECONDS),
             http=HttpPolicy.from_env(),
             ui_secret=os.environ.get("PGBEAT_UI_SECRET") or None,
+            cors_origins=_list("PGBEAT_CORS_ORIGINS"),
         )

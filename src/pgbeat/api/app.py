@@ -30,6 +30,7 @@ from pgbeat import db, migrations, queries
 from pgbeat.api import dashboard, ratelimit
 from pgbeat.api.creations import TaskCreations
 from pgbeat.api.errors import EXCEPTION_HANDLERS
+from pgbeat.api.http import PgbeatApp, RequestGuard, compression_config, cors_config
 from pgbeat.api.models import Health, Readiness
 from pgbeat.api.ratelimit import presented_key
 from pgbeat.api.routes import InputLimits, RunController, TaskController, upcoming
@@ -42,6 +43,7 @@ log = logging.getLogger("pgbeat.api")
 OPEN_PATHS = ["^/health$", "^/ready$", "^/metrics", "^/schema"]
 # The dashboard signs in with a form and keeps a session instead (pgbeat.api.dashboard).
 KEYLESS_PATHS = [*OPEN_PATHS, "^/ui(/|$)"]
+DASHBOARD_PATHS = ("/ui/",)  # its forms carry their own CSRF token
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -218,7 +220,8 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
                 app.state.pool.terminate()
 
     middleware: list[DefineMiddleware] = [
-        PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware
+        PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware,
+        DefineMiddleware(RequestGuard, allowed_origins=config.cors_origins, exempt=DASHBOARD_PATHS),
     ]
     # Failed authentications per client address, shared by the API's keys and the dashboard's sign-in.
     auth_failures = ratelimit.FixedWindows(config.auth_failures_per_minute)
@@ -239,7 +242,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             )
         )
 
-    return Litestar(
+    return PgbeatApp(
         route_handlers=[
             TaskController,
             RunController,
@@ -254,6 +257,8 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=MAX_BODY_BYTES,
+        cors_config=cors_config(config.cors_origins),
+        compression_config=compression_config(),
         openapi_config=OpenAPIConfig(
             title="pgbeat",
             version=pgbeat.__version__,
