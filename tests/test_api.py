@@ -437,7 +437,9 @@ async def test_delete_is_204_future_runs_stop_and_history_stays(client):
     run = (await client.post(f"/tasks/{task['id']}/trigger")).json()
     resp = await client.delete(f"/tasks/{task['id']}")
     assert resp.status_code == 204 and resp.content == b""
-    history = (await client.get(f"/tasks/{task['id']}/runs")).json()
+    # Gone from its own path, like the task; its history stays under /runs.
+    assert (await client.get(f"/tasks/{task['id']}/runs")).status_code == 404
+    history = (await client.get("/runs", params={"task_id": task["id"]})).json()
     assert [r["id"] for r in history["items"]] == [run["id"]]
     assert history["items"][0]["state"] == "cancelled"
     assert (await client.get(f"/runs/{run['id']}")).status_code == 200
@@ -693,3 +695,28 @@ async def test_rate_limit_per_key_is_429_with_standard_headers(db_url):
         assert limited.json()["status_code"] == 429
         assert (await c.get("/tasks", headers={"X-API-Key": "b"})).status_code == 200  # per key
         assert (await c.get("/health")).status_code == 200  # probes are not limited
+
+
+async def test_query_parameters_are_what_the_schema_says(client):
+    """Times need an offset (as in bodies), "null" is no value, ids and cursors past
+    the columns' range name nothing rather than fail."""
+    for params in (
+        {"since": "2026-11-23T00:00:00"},  # naive: whose clock?
+        {"until": "0.5"},  # msgspec alone would read 1970
+        {"since": "2026-13-01T00:00:00Z"},
+        {"state": "null"},
+        {"kind": "null"},
+        {"task_id": "null"},
+        {"kind": "ftp"},
+    ):
+        resp = await client.get("/runs", params=params)
+        assert resp.status_code == 400, (params, resp.text)
+        assert resp.json()["field"] == next(iter(params)), resp.text
+    assert (await client.get("/upcoming", params={"until": "2026-11-24"})).status_code == 400
+    for moment in ("2026-11-23T10:00:00+02:00", "2026-11-23t10:00:00.123456789z", "2016-12-31T23:59:60Z"):
+        assert (await client.get("/runs", params={"since": moment})).status_code == 200, moment
+    assert (await client.get("/tasks", params={"name": "null"})).status_code == 200  # text may say null
+    page = (await client.get("/runs", params={"cursor": 2**70, "task_id": 2**40})).json()
+    assert page == {"items": [], "next_cursor": None}
+    assert (await client.get(f"/runs/{2**63}")).status_code == 404
+    assert (await client.get(f"/tasks/{2**31}/runs")).status_code == 404

@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 import pytest
 import sqlsupport as sql
 
+pytestmark = pytest.mark.slow  # real api processes
+
 ALLOWED = "https://app.example"
 
 

@@ -21,17 +21,18 @@ from litestar.middleware import (
     AuthenticationResult,
     DefineMiddleware,
 )
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Example
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from prometheus_client import Gauge
 
-import pgbeat
 from pgbeat import db, migrations, queries
 from pgbeat.api import dashboard, ratelimit
 from pgbeat.api.creations import TaskCreations
 from pgbeat.api.errors import EXCEPTION_HANDLERS
 from pgbeat.api.http import PgbeatApp, RequestGuard, compression_config, cors_config
 from pgbeat.api.models import Health, Readiness
+from pgbeat.api.openapi import openapi_config, tidy
 from pgbeat.api.ratelimit import presented_key
 from pgbeat.api.routes import InputLimits, RunController, TaskController, upcoming
 from pgbeat.api.status import status
@@ -44,6 +45,7 @@ OPEN_PATHS = ["^/health$", "^/ready$", "^/metrics", "^/schema"]
 # The dashboard signs in with a form and keeps a session instead (pgbeat.api.dashboard).
 KEYLESS_PATHS = [*OPEN_PATHS, "^/ui(/|$)"]
 DASHBOARD_PATHS = ("/ui/",)  # its forms carry their own CSRF token
+OPEN_PREFIXES = ("/health", "/ready", "/metrics", "/schema")
 MAX_BODY_BYTES = 64 * 1024
 
 
@@ -119,7 +121,9 @@ class SchemaCheck:
         return self.pending or []
 
 
-@get("/health", tags=["operations"], summary="Liveness", cache=False)
+@get(
+    "/health", tags=["operations"], operation_id="getHealth", summary="Liveness: 200 while the process serves"
+)
 async def health() -> Health:
     return Health("ok")
 
@@ -127,8 +131,25 @@ async def health() -> Health:
 @get(
     "/ready",
     tags=["operations"],
+    operation_id="getReadiness",
     summary="Readiness: database reachable and schema current (503 otherwise)",
-    cache=False,
+    responses={
+        503: ResponseSpec(
+            Readiness,
+            description="not ready: the database is unreachable or migrations are pending",
+            generate_examples=False,
+            examples=[
+                Example(
+                    summary="migrations pending",
+                    value={
+                        "status": "not ready",
+                        "detail": "migrations pending (run pgbeat migrate)",
+                        "pending_migrations": ["0013_example"],
+                    },
+                )
+            ],
+        )
+    },
 )
 async def ready(state: State) -> Response[Readiness]:
     try:
@@ -242,7 +263,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             )
         )
 
-    return PgbeatApp(
+    app = PgbeatApp(
         route_handlers=[
             TaskController,
             RunController,
@@ -259,16 +280,12 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
         request_max_body_size=MAX_BODY_BYTES,
         cors_config=cors_config(config.cors_origins),
         compression_config=compression_config(),
-        openapi_config=OpenAPIConfig(
-            title="pgbeat",
-            version=pgbeat.__version__,
-            description="A task scheduler whose every coordination rule lives in PostgreSQL.",
-            path="/schema",
-            render_plugins=[dashboard.api_docs()],
-        ),
+        openapi_config=openapi_config(keyed=bool(config.api_keys), render_plugins=[dashboard.api_docs()]),
         template_config=dashboard.TEMPLATES,
         logging_config=None,  # pgbeat.logs configures logging
     )
+    tidy(app.openapi_schema, open_paths=OPEN_PREFIXES)
+    return app
 
 
 class _Server(uvicorn.Server):

@@ -7,6 +7,7 @@ Request bodies are validated by msgspec (types, unknown fields); everything else
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -14,6 +15,52 @@ from msgspec import UNSET, Struct, UnsetType
 
 # A timestamp with a UTC offset ("2027-08-08T17:35:00Z"); naive ones are refused.
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+MAX_INT4 = 2**31 - 1
+MAX_INT8 = 2**63 - 1
+
+
+# Enums, not Literals: each is one named schema in the OpenAPI document, and so one
+# class in a generated client, wherever it appears.
+class TaskKind(StrEnum):
+    """pgbeat.kinds; the database refuses any other"""
+
+    SLEEP = "sleep"
+    COUNTER = "counter"
+    HTTP = "http"
+
+
+class TaskStatus(StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    DELETED = "deleted"
+
+
+class RunState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    ABANDONED = "abandoned"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class Overlap(StrEnum):
+    """what a slot does while the task's previous run is pending or running"""
+
+    QUEUE = "queue"
+    SKIP = "skip"
+
+
+class Misfire(StrEnum):
+    """what slots missed while no scheduler ran become"""
+
+    RUN_ONCE = "run_once"
+    SKIP = "skip"
+
+
 # A duration: seconds, or text such as "30s", "2m", "1h30m", "every 2 minutes".
 Duration = float | str
 CronText = Annotated[
@@ -56,8 +103,8 @@ class TaskFields(Struct, forbid_unknown_fields=True, omit_defaults=True):
     paused: bool | UnsetType = UNSET
     until: Timestamp | UnsetType | None = UNSET
     max_runs: int | UnsetType | None = UNSET
-    overlap: Literal["queue", "skip"] | UnsetType = UNSET
-    misfire: Literal["run_once", "skip"] | UnsetType = UNSET
+    overlap: Overlap | UnsetType = UNSET
+    misfire: Misfire | UnsetType = UNSET
     misfire_grace: float | UnsetType = UNSET
     max_retries: int | UnsetType = UNSET
     retry_backoff: float | UnsetType = UNSET
@@ -89,7 +136,7 @@ class ScheduleOut(Struct, omit_defaults=True):
 class Task(Struct):
     id: int
     name: str
-    kind: str
+    kind: TaskKind
     params: dict[str, Any]
     schedule: ScheduleOut
     timeout: float
@@ -98,12 +145,12 @@ class Task(Struct):
     until: datetime | None
     max_runs: int | None
     fired: int
-    overlap: str
-    misfire: str
+    overlap: Overlap
+    misfire: Misfire
     misfire_grace: float
     max_retries: int
     retry_backoff: float
-    status: Literal["active", "paused", "complete", "deleted"]
+    status: TaskStatus
     created_at: datetime
     updated_at: datetime
 
@@ -112,12 +159,12 @@ class Run(Struct):
     id: int
     task_id: int
     task_name: str
-    kind: str
+    kind: TaskKind
     scheduled_for: datetime
     due_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    state: str
+    state: RunState
     attempt: int
     coalesced: int
     result: dict[str, Any] | None
@@ -147,7 +194,7 @@ class RunPage(Struct):
 class UpcomingRun(Struct):
     task_id: int
     task_name: str
-    kind: str
+    kind: TaskKind
     scheduled_for: datetime
     source: Literal["pending", "scheduled"]  # pending: already a run waiting for a worker
     run_id: int | None = None
@@ -166,7 +213,7 @@ class Error(Struct, omit_defaults=True):
 
 
 class Health(Struct):
-    status: str
+    status: Literal["ok"]
 
 
 class Readiness(Struct, omit_defaults=True):

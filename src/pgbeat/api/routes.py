@@ -6,62 +6,75 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
 from litestar import Controller, Response, delete, get, patch, post
-from litestar.datastructures import State
+from litestar.connection import ASGIConnection
+from litestar.datastructures import ResponseHeader, State
 from litestar.exceptions import NotFoundException
-from litestar.openapi import ResponseSpec
+from litestar.handlers import BaseRouteHandler
 from litestar.openapi.spec import Example
-from litestar.params import Body, FromQuery, JSONBody, PathParameter, QueryParameter
+from litestar.params import Body, JSONBody, PathParameter, QueryParameter
 
 from pgbeat import limits, queries, schedules
 from pgbeat.api.errors import BadInput
 from pgbeat.api.models import (
-    Error,
+    MAX_INT4,
+    MAX_INT8,
     Run,
     RunPage,
+    RunState,
     ScheduleIn,
     ScheduleOut,
     Task,
     TaskChanges,
     TaskDetails,
     TaskFields,
+    TaskKind,
     TaskPage,
     TaskSpec,
+    TaskStatus,
     UpcomingRun,
     UpcomingRuns,
 )
+from pgbeat.api.openapi import errors
 from pgbeat.config import Config
 from pgbeat.egress import HttpPolicy, redact, redact_url
 
-MAX_INT4 = 2**31 - 1
-MAX_INT8 = 2**63 - 1
-TaskId = Annotated[int, PathParameter(ge=1, le=MAX_INT4, description="task id")]
-RunId = Annotated[int, PathParameter(ge=1, le=MAX_INT8, description="run id")]
+TaskId = Annotated[int, PathParameter(ge=1, description="task id (one that cannot exist is 404)")]
+RunId = Annotated[int, PathParameter(ge=1, description="run id (one that cannot exist is 404)")]
 PageLimit = Annotated[int, QueryParameter(ge=1, le=500, description="page size (at most 500)")]
-Cursor = Annotated[str | None, QueryParameter(description="next_cursor of the previous page")]
-RunState = Literal[
-    "pending", "running", "succeeded", "failed", "timed_out", "abandoned", "cancelled", "skipped"
+CURSOR = (
+    "where the page starts: the previous page's `next_cursor` (the id of its last row); "
+    "leave out for the first page"
+)
+Cursor = Annotated[int | None, QueryParameter(ge=1, description=CURSOR)]
+RunStateFilter = Annotated[
+    RunState | None, QueryParameter(name="state", description="only runs in this state")
 ]
-TaskStatus = Literal["active", "paused", "complete", "deleted"]
+KindFilter = Annotated[TaskKind | None, QueryParameter(description="only tasks of this kind")]
+RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 
 
-def _errors(*codes: int) -> dict[int, ResponseSpec]:
-    what = {
-        400: "malformed request or parameter (field named in detail)",
-        401: "missing or wrong API key",
-        404: "unknown id",
-        409: "the task's state forbids it",
-        413: "request body too large",
-        422: "invalid input (field named in detail)",
-        429: "rate limit exceeded",
-    }
-    return {code: ResponseSpec(Error, description=what[code]) for code in (400, 401, 429, *codes)}
+def moment_parameter(description: str) -> Any:
+    """A time in the query string (parsed by query_time: msgspec would take `0.5` as 1970)."""
+    return Annotated[
+        str | None,
+        QueryParameter(
+            description=description + "; RFC 3339 with an offset (`2026-11-23T10:00:00Z`)",
+            schema_extra={"format": "date-time"},
+        ),
+    ]
+
+
+SinceParameter = moment_parameter("only runs scheduled at or after this time")
+UntilParameter = moment_parameter("only runs scheduled before this time")
+UpcomingUntilParameter = moment_parameter("only executions up to this time")
 
 
 TASK_EXAMPLE = {
@@ -111,6 +124,32 @@ def run_from_row(row: asyncpg.Record) -> Run:
     return run
 
 
+# Query parameters whose value is text: for any other, the word "null" is refused.
+TEXT_PARAMETERS = frozenset({"name"})
+
+
+def parameters_that_mean_something(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """A guard: `?state=null` is refused (msgspec would read it as None: no filter; a
+    query string has no null, a parameter is left out instead), and a task or run id
+    beyond its column's range names nothing (404, not an integer type's error)."""
+    for name, value in connection.query_params.multi_items():
+        if value == "null" and name not in TEXT_PARAMETERS:
+            raise BadInput(name, "'null' is not a value: leave the parameter out", 400)
+    params = connection.path_params
+    if params.get("task_id", 0) > MAX_INT4:
+        raise NotFoundException(f"task {params['task_id']} not found")
+    if params.get("run_id", 0) > MAX_INT8:
+        raise NotFoundException(f"run {params['run_id']} not found")
+
+
+def query_value(value: Any, maximum: int | None = None) -> Any:
+    """A query parameter's value, None when left out; a cursor past every id is clamped
+    to the last one (it names the same page)."""
+    if value is None or maximum is None:
+        return value
+    return min(value, maximum)
+
+
 def parse_cursor(cursor: str | None, maximum: int) -> int | None:
     if not cursor:
         return None
@@ -123,16 +162,30 @@ def next_cursor(rows: list[Any], limit: int) -> str | None:
     return str(rows[-1]["id"]) if len(rows) == limit else None
 
 
-def as_utc(moment: datetime | None, field: str) -> datetime | None:
-    """A query-string time (taken as UTC without an offset), within the accepted range."""
-    if moment is None:
+def query_time(field: str, value: str | None) -> datetime | None:
+    """A query parameter's time: RFC 3339 with an offset, as in bodies (400 otherwise,
+    a naive time included: whose clock would it be?)."""
+    if value is None:
         return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    problem = limits.time_problem(moment)
-    if problem:
-        raise BadInput(field, problem, 400)
-    return moment
+    match = RFC3339.fullmatch(value.strip())
+    if match is None:
+        raise BadInput(field, f"{value!r} is not a time with an offset, such as 2026-11-23T10:00:00Z", 400)
+    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
+    fraction, offset = match.group(7) or "", match.group(8).upper()
+    leap = second == 60  # RFC 3339 allows a leap second; Python and PostgreSQL do not
+    try:
+        moment = datetime.fromisoformat(
+            f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{min(second, 59):02d}"
+            f"{fraction[:7]}{'+00:00' if offset == 'Z' else offset}"
+        )
+    except ValueError as exc:
+        raise BadInput(field, f"{value!r} is not a time: {exc}", 400) from None
+    try:
+        moment = moment.astimezone(UTC) + timedelta(seconds=leap)
+    except OverflowError:
+        return limits.EARLIEST if moment.year == 1 else limits.LATEST
+    # A bound beyond the times pgbeat keeps (pgbeat.limits) bounds nothing more.
+    return min(max(moment, limits.EARLIEST), limits.LATEST)
 
 
 # ---------------------------------------------------------------- schedules
@@ -338,11 +391,23 @@ async def task_upcoming(pool: asyncpg.Pool, task_id: int, count: int) -> list[Up
 class TaskController(Controller):
     path = "/tasks"
     tags = ["tasks"]
+    guards = [parameters_that_mean_something]
 
     @post(
         status_code=201,
+        operation_id="createTask",
         summary="Schedule a task",
-        responses=_errors(413, 422),
+        response_description="the task; its URL in Location",
+        response_headers=[
+            ResponseHeader(
+                name="Location",
+                value="/tasks/7",
+                description="the task's URL: /tasks/{id}",
+                required=True,
+                documentation_only=True,
+            )
+        ],
+        responses=errors(413, 422, write=True),
     )
     async def create_task(
         self,
@@ -353,50 +418,61 @@ class TaskController(Controller):
         task = task_from_row(await state.creations.create(doc, first_slot))
         return Response(task, status_code=201, headers={"Location": f"/tasks/{task.id}"})
 
-    @get(summary="List tasks (oldest first, keyset pagination)", responses=_errors())
+    @get(operation_id="listTasks", summary="List tasks (oldest first, keyset pagination)", responses=errors())
     async def list_tasks(
         self,
         state: State,
-        kind: FromQuery[str | None] = None,
-        status: FromQuery[TaskStatus | None] = None,
-        paused: FromQuery[bool | None] = None,
+        kind: KindFilter = None,
+        status: Annotated[TaskStatus | None, QueryParameter(description="only tasks in this status")] = None,
+        paused: Annotated[bool | None, QueryParameter(description="only paused (or unpaused) tasks")] = None,
         name: Annotated[str | None, QueryParameter(description="part of the name, any case")] = None,
         limit: PageLimit = 100,
         cursor: Cursor = None,
     ) -> TaskPage:
-        after = parse_cursor(cursor, MAX_INT4)
         rows = await state.pool.fetch(
             queries.get("list_tasks"),
-            kind,
-            status,
-            paused,
-            name,
-            after,
+            query_value(kind),
+            query_value(status),
+            query_value(paused),
+            query_value(name),
+            query_value(cursor, MAX_INT4),
             limit,
         )
         return TaskPage([task_details_from_row(row) for row in rows], next_cursor(rows, limit))
 
-    @get("/{task_id:int}", summary="One task, with its last run and pending run", responses=_errors(404))
+    @get(
+        "/{task_id:int}",
+        operation_id="getTask",
+        summary="One task, with its last run and pending run",
+        responses=errors(404),
+    )
     async def get_task(self, state: State, task_id: TaskId) -> TaskDetails:
         return await get_task(state.pool, task_id)
 
     @patch(
         "/{task_id:int}",
+        operation_id="updateTask",
         summary="Change schedule, params, timeout, name, paused...",
-        responses=_errors(404, 409, 413, 422),
+        responses=errors(404, 409, 413, 422, write=True),
     )
     async def update_task(self, state: State, task_id: TaskId, data: JSONBody[TaskChanges]) -> Task:
         return await update_task(state.pool, task_id, data, state.input_limits)
 
-    @delete("/{task_id:int}", summary="Delete: future runs stop, history stays", responses=_errors(404, 409))
+    @delete(
+        "/{task_id:int}",
+        operation_id="deleteTask",
+        summary="Delete: future runs stop, history stays",
+        responses=errors(404, write=True),
+    )
     async def delete_task(self, state: State, task_id: TaskId) -> None:
         await delete_task(state.pool, task_id)
 
     @post(
         "/{task_id:int}/pause",
         status_code=200,
+        operation_id="pauseTask",
         summary="Pause (a pending run is cancelled)",
-        responses=_errors(404, 409),
+        responses=errors(404, 409, write=True),
     )
     async def pause_task(self, state: State, task_id: TaskId) -> Task:
         return await pause_task(state.pool, task_id)
@@ -404,8 +480,9 @@ class TaskController(Controller):
     @post(
         "/{task_id:int}/resume",
         status_code=200,
+        operation_id="resumeTask",
         summary="Resume at the next slot",
-        responses=_errors(404, 409),
+        responses=errors(404, 409, write=True),
     )
     async def resume_task(self, state: State, task_id: TaskId) -> Task:
         return await resume_task(state.pool, task_id)
@@ -413,28 +490,43 @@ class TaskController(Controller):
     @post(
         "/{task_id:int}/trigger",
         status_code=202,
+        operation_id="triggerTask",
         summary="Run now (returns the pending run)",
-        responses=_errors(404, 409),
+        responses=errors(404, 409, write=True),
     )
     async def trigger_task(self, state: State, task_id: TaskId) -> Run:
         return await trigger_task(state.pool, task_id)
 
-    @get("/{task_id:int}/runs", summary="A task's runs, newest first", responses=_errors(404))
+    @get(
+        "/{task_id:int}/runs",
+        operation_id="listTaskRuns",
+        summary="A task's runs, newest first",
+        responses=errors(404),
+    )
     async def task_runs(
         self,
         state: State,
         task_id: TaskId,
-        run_state: Annotated[RunState | None, QueryParameter(name="state")] = None,
+        run_state: RunStateFilter = None,
         limit: PageLimit = 100,
         cursor: Cursor = None,
     ) -> RunPage:
-        before = parse_cursor(cursor, MAX_INT8)
-        rows = await state.pool.fetch(queries.get("task_runs"), task_id, run_state, before, limit)
+        rows = await state.pool.fetch(
+            queries.get("task_runs"), task_id, query_value(run_state), query_value(cursor, MAX_INT8), limit
+        )
         return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
 
-    @get("/{task_id:int}/upcoming", summary="A task's next executions", responses=_errors(404))
+    @get(
+        "/{task_id:int}/upcoming",
+        operation_id="listTaskUpcoming",
+        summary="A task's next executions",
+        responses=errors(404),
+    )
     async def task_upcoming(
-        self, state: State, task_id: TaskId, count: Annotated[int, QueryParameter(ge=1, le=500)] = 10
+        self,
+        state: State,
+        task_id: TaskId,
+        count: Annotated[int, QueryParameter(ge=1, le=500, description="how many (at most 500)")] = 10,
     ) -> UpcomingRuns:
         return UpcomingRuns(await task_upcoming(state.pool, task_id, count))
 
@@ -442,33 +534,35 @@ class TaskController(Controller):
 class RunController(Controller):
     path = "/runs"
     tags = ["runs"]
+    guards = [parameters_that_mean_something]
 
-    @get(summary="All runs, newest first (keyset pagination)", responses=_errors(404))
+    @get(operation_id="listRuns", summary="All runs, newest first (keyset pagination)", responses=errors())
     async def list_runs(
         self,
         state: State,
-        task_id: Annotated[int | None, QueryParameter(ge=1, le=MAX_INT4)] = None,
-        run_state: Annotated[RunState | None, QueryParameter(name="state")] = None,
-        kind: FromQuery[str | None] = None,
-        since: Annotated[datetime | None, QueryParameter(description="scheduled_for >= since")] = None,
-        until: Annotated[datetime | None, QueryParameter(description="scheduled_for < until")] = None,
+        task_id: Annotated[int | None, QueryParameter(ge=1, description="only this task's")] = None,
+        run_state: RunStateFilter = None,
+        kind: KindFilter = None,
+        since: SinceParameter = None,
+        until: UntilParameter = None,
         limit: PageLimit = 100,
         cursor: Cursor = None,
     ) -> RunPage:
-        before = parse_cursor(cursor, MAX_INT8)
+        if isinstance(task_id, int) and task_id > MAX_INT4:
+            return RunPage([], None)  # no such task
         rows = await state.pool.fetch(
             queries.get("list_runs"),
-            task_id,
-            run_state,
-            kind,
-            as_utc(since, "since"),
-            as_utc(until, "until"),
-            before,
+            query_value(task_id),
+            query_value(run_state),
+            query_value(kind),
+            query_time("since", query_value(since)),
+            query_time("until", query_value(until)),
+            query_value(cursor, MAX_INT8),
             limit,
         )
         return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
 
-    @get("/{run_id:int}", summary="One run", responses=_errors(404))
+    @get("/{run_id:int}", operation_id="getRun", summary="One run", responses=errors(404))
     async def get_run(self, state: State, run_id: RunId) -> Run:
         return await get_run(state.pool, run_id)
 
@@ -476,14 +570,16 @@ class RunController(Controller):
 @get(
     "/upcoming",
     tags=["runs"],
+    operation_id="listUpcoming",
+    guards=[parameters_that_mean_something],
     summary="The next executions across all tasks, soonest first",
-    responses=_errors(),
+    responses=errors(),
 )
 async def upcoming(
     state: State,
-    limit: Annotated[int, QueryParameter(ge=1, le=500)] = 20,
-    until: Annotated[datetime | None, QueryParameter(description="only executions up to this time")] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=500, description="how many (at most 500)")] = 20,
+    until: UpcomingUntilParameter = None,
 ) -> UpcomingRuns:
-    until = as_utc(until, "until")
-    rows = await state.pool.fetch(queries.get("upcoming_slots"), limit, until, None)
-    return UpcomingRuns(soonest(rows, limit, until))
+    end = query_time("until", query_value(until))
+    rows = await state.pool.fetch(queries.get("upcoming_slots"), limit, end, None)
+    return UpcomingRuns(soonest(rows, limit, end))
