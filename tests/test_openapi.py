@@ -27,7 +27,10 @@ def tool(name: str) -> str:
 
 @pytest.fixture
 def keyed_api(fleet) -> str:
-    _, base = fleet.start_api(env={"PGBEAT_API_KEYS": KEY})
+    # No rate limits: schemathesis is one client sending thousands of requests, many
+    # with a wrong key on purpose.
+    limits = {"PGBEAT_RATE_LIMIT": "0", "PGBEAT_AUTH_FAILURE_LIMIT": "1000000"}
+    _, base = fleet.start_api(env={"PGBEAT_API_KEYS": KEY, **limits})
     return base
 
 
