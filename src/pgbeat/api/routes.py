@@ -53,7 +53,17 @@ CURSOR = (
     "where the page starts: the previous page's `next_cursor` (the id of its last row); "
     "leave out for the first page"
 )
-Cursor = Annotated[int | None, QueryParameter(ge=1, description=CURSOR)]
+
+
+def cursor_parameter(maximum: int) -> Any:
+    """A cursor: digits, read by parse_cursor (msgspec would read `1e3` as 1000); an
+    integer in the OpenAPI document, which is what digits in a query string are."""
+    schema = {"type": "integer", "minimum": 1, "maximum": maximum}
+    return Annotated[str | None, QueryParameter(description=CURSOR, schema_extra=schema)]
+
+
+TaskCursor = cursor_parameter(MAX_INT4)
+RunCursor = cursor_parameter(MAX_INT8)
 RunStateFilter = Annotated[
     RunState | None, QueryParameter(name="state", description="only runs in this state")
 ]
@@ -142,14 +152,6 @@ def parameters_that_mean_something(connection: ASGIConnection, _: BaseRouteHandl
         raise NotFoundException(f"run {params['run_id']} not found")
 
 
-def query_value(value: Any, maximum: int | None = None) -> Any:
-    """A query parameter's value, None when left out; a cursor past every id is clamped
-    to the last one (it names the same page)."""
-    if value is None or maximum is None:
-        return value
-    return min(value, maximum)
-
-
 def parse_cursor(cursor: str | None, maximum: int) -> int | None:
     if not cursor:
         return None
@@ -180,12 +182,11 @@ def query_time(field: str, value: str | None) -> datetime | None:
         )
     except ValueError as exc:
         raise BadInput(field, f"{value!r} is not a time: {exc}", 400) from None
-    try:
-        moment = moment.astimezone(UTC) + timedelta(seconds=leap)
-    except OverflowError:
-        return limits.EARLIEST if moment.year == 1 else limits.LATEST
-    # A bound beyond the times pgbeat keeps (pgbeat.limits) bounds nothing more.
-    return min(max(moment, limits.EARLIEST), limits.LATEST)
+    # A well-formed time pgbeat keeps none at (pgbeat.limits) is refused as in bodies (422).
+    problem = limits.time_problem(moment)
+    if problem:
+        raise BadInput(field, problem, 422)
+    return moment.astimezone(UTC) + timedelta(seconds=leap)
 
 
 # ---------------------------------------------------------------- schedules
@@ -427,15 +428,15 @@ class TaskController(Controller):
         paused: Annotated[bool | None, QueryParameter(description="only paused (or unpaused) tasks")] = None,
         name: Annotated[str | None, QueryParameter(description="part of the name, any case")] = None,
         limit: PageLimit = 100,
-        cursor: Cursor = None,
+        cursor: TaskCursor = None,
     ) -> TaskPage:
         rows = await state.pool.fetch(
             queries.get("list_tasks"),
-            query_value(kind),
-            query_value(status),
-            query_value(paused),
-            query_value(name),
-            query_value(cursor, MAX_INT4),
+            kind,
+            status,
+            paused,
+            name,
+            parse_cursor(cursor, MAX_INT4),
             limit,
         )
         return TaskPage([task_details_from_row(row) for row in rows], next_cursor(rows, limit))
@@ -509,10 +510,10 @@ class TaskController(Controller):
         task_id: TaskId,
         run_state: RunStateFilter = None,
         limit: PageLimit = 100,
-        cursor: Cursor = None,
+        cursor: RunCursor = None,
     ) -> RunPage:
         rows = await state.pool.fetch(
-            queries.get("task_runs"), task_id, query_value(run_state), query_value(cursor, MAX_INT8), limit
+            queries.get("task_runs"), task_id, run_state, parse_cursor(cursor, MAX_INT8), limit
         )
         return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
 
@@ -536,7 +537,11 @@ class RunController(Controller):
     tags = ["runs"]
     guards = [parameters_that_mean_something]
 
-    @get(operation_id="listRuns", summary="All runs, newest first (keyset pagination)", responses=errors())
+    @get(
+        operation_id="listRuns",
+        summary="All runs, newest first (keyset pagination)",
+        responses=errors(422),  # a time outside the range pgbeat keeps
+    )
     async def list_runs(
         self,
         state: State,
@@ -546,18 +551,18 @@ class RunController(Controller):
         since: SinceParameter = None,
         until: UntilParameter = None,
         limit: PageLimit = 100,
-        cursor: Cursor = None,
+        cursor: RunCursor = None,
     ) -> RunPage:
         if isinstance(task_id, int) and task_id > MAX_INT4:
             return RunPage([], None)  # no such task
         rows = await state.pool.fetch(
             queries.get("list_runs"),
-            query_value(task_id),
-            query_value(run_state),
-            query_value(kind),
-            query_time("since", query_value(since)),
-            query_time("until", query_value(until)),
-            query_value(cursor, MAX_INT8),
+            task_id,
+            run_state,
+            kind,
+            query_time("since", since),
+            query_time("until", until),
+            parse_cursor(cursor, MAX_INT8),
             limit,
         )
         return RunPage([run_from_row(row) for row in rows], next_cursor(rows, limit))
@@ -573,13 +578,13 @@ class RunController(Controller):
     operation_id="listUpcoming",
     guards=[parameters_that_mean_something],
     summary="The next executions across all tasks, soonest first",
-    responses=errors(),
+    responses=errors(422),  # a time outside the range pgbeat keeps
 )
 async def upcoming(
     state: State,
     limit: Annotated[int, QueryParameter(ge=1, le=500, description="how many (at most 500)")] = 20,
     until: UpcomingUntilParameter = None,
 ) -> UpcomingRuns:
-    end = query_time("until", query_value(until))
+    end = query_time("until", until)
     rows = await state.pool.fetch(queries.get("upcoming_slots"), limit, end, None)
     return UpcomingRuns(soonest(rows, limit, end))
