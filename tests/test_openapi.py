@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def test_the_document_validates_and_says_what_the_server_does(keyed_api):
     assert set(operations) == {
         "createTask", "listTasks", "getTask", "updateTask", "deleteTask", "pauseTask", "resumeTask",
         "triggerTask", "listTaskRuns", "listTaskUpcoming", "listRuns", "getRun", "listUpcoming",
-        "getHealth", "getReadiness",
+        "getHealth", "getReadiness", "getStatus",
     }  # fmt: skip
     for operation_id, (path, method, op) in operations.items():
         statuses = set(op["responses"])
@@ -202,8 +203,11 @@ def run_lifecycle(base: str) -> None:
         assert len(upcoming.items) == 3
         assert api["delete_task"].sync_detailed(client=client, task_id=task.id).status_code == 204
 
-        # Errors come back as the documented Error model, not None.
-        gone = api["get_task"].sync(client=client, task_id=task.id)
+        # A deleted task stays readable; errors come back as the documented Error model.
+        assert api["get_task"].sync(client=client, task_id=task.id).status == models.TaskStatus.DELETED
+        refused = api["pause_task"].sync(client=client, task_id=task.id)
+        assert isinstance(refused, models.Error) and refused.status_code == 409
+        gone = api["get_task"].sync(client=client, task_id=2**31 - 1)
         assert isinstance(gone, models.Error) and gone.status_code == 404
         bad = api["create_task"].sync(
             client=client, body=models.TaskSpec(kind="sleep", schedule=models.ScheduleIn(cron="61 * * * *"))
@@ -218,15 +222,21 @@ def run_lifecycle(base: str) -> None:
 
 @pytest.mark.timeout(240)
 def test_schemathesis_with_every_check_finds_nothing(keyed_api, tmp_path):
-    """Every check, including positive and negative data, OPTIONS and Allow, auth and
-    stateful links; a fixed seed and few examples keep it deterministic and short.
+    """Every check (but one, below), including positive and negative data, OPTIONS and
+    Allow, auth and stateful links; a fixed seed and few examples keep it deterministic
+    and short.
     tests/schemathesis.toml lists the statuses a schema-valid request may still get
     (404, 409, 422: what no schema can state)."""
     config = Path(__file__).with_name("schemathesis.toml")
     command = [tool("st"), "--config-file", str(config), "run", keyed_api + "/schema/openapi.json"]
-    command += ["--checks", "all", "--max-examples", "10", "--seed", "1", "--workers", "1"]
+    # Every check but use_after_free: DELETE /tasks/{id} keeps the task readable, with
+    # `status: deleted`, and its runs (README: a deleted task stays readable, never
+    # changes), where that check expects 404 from every read under a deleted path.
+    command += ["--checks", "all", "--exclude-checks", "use_after_free"]
+    command += ["--max-examples", "10", "--seed", "1", "--workers", "1"]
     command += ["--header", f"Authorization: Bearer {KEY}", "--no-color", "--request-timeout", "20"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=230, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout, result.stdout[-3000:]
-    assert "Tested: 15" in result.stdout or "15/15" in result.stdout, result.stdout[-3000:]
+    cases = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+    assert cases and cases[1] == cases[2] and int(cases[1]) > 500, result.stdout[-3000:]
+    assert "❌" not in result.stdout and "Selected: 16/16" in result.stdout, result.stdout[-3000:]

@@ -462,8 +462,8 @@ class TaskController(Controller):
     @delete(
         "/{task_id:int}",
         operation_id="deleteTask",
-        summary="Delete: future runs stop, history stays",
-        responses=errors(404, write=True),
+        summary="Delete: future runs stop, the task and its history stay readable",
+        responses=errors(404, 409, write=True),  # 409: already deleted
     )
     async def delete_task(self, state: State, task_id: TaskId) -> None:
         await delete_task(state.pool, task_id)
@@ -540,7 +540,7 @@ class RunController(Controller):
     @get(
         operation_id="listRuns",
         summary="All runs, newest first (keyset pagination)",
-        responses=errors(422),  # a time outside the range pgbeat keeps
+        responses=errors(404, 422),  # a task_id that never existed; a time outside pgbeat's range
     )
     async def list_runs(
         self,
@@ -553,8 +553,8 @@ class RunController(Controller):
         limit: PageLimit = 100,
         cursor: RunCursor = None,
     ) -> RunPage:
-        if isinstance(task_id, int) and task_id > MAX_INT4:
-            return RunPage([], None)  # no such task
+        if task_id is not None and task_id > MAX_INT4:
+            raise NotFoundException(f"task {task_id} not found")  # as for any id that never existed
         rows = await state.pool.fetch(
             queries.get("list_runs"),
             task_id,

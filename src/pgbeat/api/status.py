@@ -12,6 +12,7 @@ from litestar.datastructures import State
 
 import pgbeat
 from pgbeat import queries
+from pgbeat.api.openapi import errors
 
 
 class StatusDaemon(msgspec.Struct):
@@ -52,7 +53,9 @@ class Status(msgspec.Struct):
 @get(
     "/status",
     tags=["operations"],
+    operation_id="getStatus",
     summary="Live schedulers and workers, the backlog of due runs, and recent lateness",
+    responses=errors(),
     cache=False,
 )
 async def status(state: State) -> Status:
