@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgbeat.egress import HttpPolicy
-from pgbeat.limits import MIN_INTERVAL_SECONDS
+from pgbeat.limits import MIN_INTERVAL_FLOOR, MIN_INTERVAL_SECONDS
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -68,7 +68,7 @@ class Config:
             rate_limit_per_minute=int(_float("PGBEAT_RATE_LIMIT", 3000)),
             auth_failures_per_minute=int(_float("PGBEAT_AUTH_FAILURE_LIMIT", 20)),
             trusted_proxies=parse_networks(os.environ.get("PGBEAT_TRUSTED_PROXIES", "")),
-            min_interval=_float("PGBEAT_MIN_INTERVAL", MIN_INTERVAL_SECONDS),
+            min_interval=max(MIN_INTERVAL_FLOOR, _float("PGBEAT_MIN_INTERVAL", MIN_INTERVAL_SECONDS)),
             http=HttpPolicy.from_env(),
             ui_secret=os.environ.get("PGBEAT_UI_SECRET") or None,
             cors_origins=_list("PGBEAT_CORS_ORIGINS"),

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 MIN_INTERVAL_SECONDS = 1.0  # default of PGBEAT_MIN_INTERVAL
+MIN_INTERVAL_FLOOR = 0.1  # the lowest it may be set to (the tasks_every_floor constraint)
 MAX_PARAMS_DEPTH = 32  # nesting of objects and arrays in params
 MAX_PARAMS_BYTES = 16 * 1024  # params as JSON
 MAX_BODY_BYTES = 64 * 1024  # a request body

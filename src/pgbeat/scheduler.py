@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from pgbeat import daemon, db, maintenance, queries, schedules
+from pgbeat import daemon, db, limits, maintenance, queries, schedules
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.scheduler")
@@ -74,9 +74,22 @@ def earliest_in(payloads: list[str]) -> tuple[datetime | None, bool]:
     return earliest, understood
 
 
+def log_set_aside(task_id: int, error: str) -> None:
+    """Rule 17: logged once, when the task is set aside (it then fires no more)."""
+    log.error(
+        "task %s set aside: %s",
+        task_id,
+        error,
+        extra={"event": "task_set_aside", "task_id": task_id, "error": error},
+    )
+
+
 def log_outcomes(rows: list[asyncpg.Record]) -> None:
     """One structured event per fired slot (its outcome, RULES.md glossary)."""
     for row in rows:
+        if row["outcome"] == "error":
+            log_set_aside(row["task_id"], row["error"])
+            continue
         slot = row["scheduled_for"]  # NULL when the task expired (its `until` passed) instead
         lateness_ms = None if slot is None else round((row["fired_at"] - slot).total_seconds() * 1000, 3)
         log.info(
@@ -144,11 +157,12 @@ class Scheduler:
             due = await self.conn.fetch(queries.get("due_cron_tasks"), BATCH, timeout=QUERY_TIMEOUT)
             if not due:
                 break
-            rows = await self.conn.fetch(
-                queries.get("fire_cron_slots"),
-                cron_slots(due),
-                timeout=QUERY_TIMEOUT,
-            )
+            slots, failures = cron_slots(due)
+            for task_id, error in failures:
+                set_aside = queries.get("set_task_aside")
+                if await self.conn.fetchval(set_aside, task_id, error, timeout=QUERY_TIMEOUT):
+                    log_set_aside(task_id, error)
+            rows = await self.conn.fetch(queries.get("fire_cron_slots"), slots, timeout=QUERY_TIMEOUT)
             log_outcomes(rows)
             fired += len(rows)
             if len(due) < BATCH or not rows:
@@ -204,31 +218,31 @@ class Scheduler:
             return
 
 
-def cron_slots(due: list[asyncpg.Record]) -> list[dict[str, Any]]:
+def cron_slots(due: list[asyncpg.Record]) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
     """fire_cron_slots' argument: each due cron task's latest slot, next slot and missed
-    count, computed by croniter against the database's clock."""
-    slots = []
+    count, computed by croniter against the database's clock; and the tasks whose
+    cron or time zone croniter refused, with the error (to be set aside, Rule 17)."""
+    slots, failures = [], []
     for task in due:
         try:
             latest, following, missed = schedules.cron_catch_up(
                 task["cron"], task["timezone"], task["next_run_at"], task["db_now"]
             )
         except Exception as exc:  # croniter's assorted errors: this task's problem, not the pass's
-            log.error(
-                "cron slot could not be computed",
-                extra={"event": "cron_error", "task_id": task["task_id"], "error": str(exc)},
-            )
+            error = f"cron slot could not be computed: {type(exc).__name__}: {exc}"
+            failures.append((task["task_id"], error))
             continue
         slots.append(
             {
                 "task_id": task["task_id"],
                 "slot": task["next_run_at"].isoformat(),
                 "latest": latest.isoformat(),
-                "next": following.isoformat(),
+                # past the range of times (Rule 18) there are no more slots
+                "next": following.isoformat() if following < limits.LATEST else None,
                 "missed": missed,
             }
         )
-    return slots
+    return slots, failures
 
 
 async def run_scheduler(url: str, config: Config, stop: asyncio.Event) -> None:

@@ -34,7 +34,7 @@ from pgbeat.api.http import PgbeatApp, RequestGuard, compression_config, cors_co
 from pgbeat.api.models import Health, Readiness
 from pgbeat.api.openapi import openapi_config, tidy
 from pgbeat.api.ratelimit import presented_key
-from pgbeat.api.routes import InputLimits, RunController, TaskController, upcoming
+from pgbeat.api.routes import InputLimits, RunController, TaskController, answer_task, upcoming
 from pgbeat.api.status import status
 from pgbeat.config import Config
 
@@ -221,10 +221,16 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
             max_size=pool_size,
             # No JIT: the API's statements are small, and a misestimated one (a view's
             # status over 100,000 tasks) spent a second compiling before running 10 ms.
-            server_settings={"timezone": "UTC", "application_name": "pgbeat-api", "jit": "off"},
+            # pgbeat.min_interval: the stored functions enforce the same minimum as the API.
+            server_settings={
+                "timezone": "UTC",
+                "application_name": "pgbeat-api",
+                "jit": "off",
+                "pgbeat.min_interval": repr(config.min_interval),
+            },
         )
         app.state.schema_check = SchemaCheck(url)
-        app.state.creations = TaskCreations(app.state.pool)
+        app.state.creations = TaskCreations(app.state.pool, shape=answer_task)
         app.state.input_limits = InputLimits.of(config)
         app.state.auth_failures = auth_failures
         if not config.api_keys:

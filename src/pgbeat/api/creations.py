@@ -15,12 +15,13 @@ its own task or its own error.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from pgbeat import queries
+from pgbeat import db, queries
 
 CREATE_TASKS = queries.get("create_tasks")
 
@@ -31,9 +32,24 @@ def refused_input(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] in ("22", "23")
 
 
+def as_is(row: asyncpg.Record) -> Any:
+    return row
+
+
 class TaskCreations:
-    def __init__(self, pool: asyncpg.Pool, max_per_call: int = 64, max_calls: int = 2) -> None:
+    """`shape` turns each created row into its answer inside the call's transaction:
+    a row that cannot be answered rolls the call back (Rule 10: a 5xx never follows
+    a commit), and the call's other specs are sent again, one per call."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        max_per_call: int = 64,
+        max_calls: int = 2,
+        shape: Callable[[asyncpg.Record], Any] = as_is,
+    ) -> None:
         self.pool = pool
+        self.shape = shape
         self.max_per_call = max_per_call
         # Calls in flight at once: one fills while another commits.
         self.max_calls = max_calls
@@ -41,8 +57,8 @@ class TaskCreations:
         self.queued: list[tuple[dict[str, Any], datetime | None, asyncio.Future]] = []
         self.senders: set[asyncio.Task] = set()
 
-    async def create(self, spec: dict[str, Any], first_slot: datetime | None) -> asyncpg.Record:
-        """The created task's api_tasks row (or the database's error for this spec)."""
+    async def create(self, spec: dict[str, Any], first_slot: datetime | None) -> Any:
+        """The created task's api_tasks row, shaped (or the error for this spec)."""
         answer = asyncio.get_running_loop().create_future()
         self.queued.append((spec, first_slot, answer))
         if self.calls < self.max_calls:
@@ -64,14 +80,15 @@ class TaskCreations:
     async def send(self, batch: list[tuple[dict[str, Any], datetime | None, asyncio.Future]]) -> None:
         answers = [answer for *_, answer in batch]
         try:
-            rows = await self.pool.fetch(CREATE_TASKS, [b[0] for b in batch], [b[1] for b in batch])
-            answered = list(zip(answers, rows, strict=True))
+            async with self.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(CREATE_TASKS, [b[0] for b in batch], [b[1] for b in batch])
+                answered = list(zip(answers, [self.shape(row) for row in rows], strict=True))
         except asyncio.CancelledError:
             for answer in answers:
                 answer.cancel()
             raise
         except Exception as exc:
-            if len(batch) > 1 and refused_input(exc):
+            if len(batch) > 1 and (refused_input(exc) or not isinstance(exc, db.CONNECTION_ERRORS)):
                 await asyncio.gather(*(self.send([one]) for one in batch))
                 return
             for answer in answers:

@@ -34,6 +34,7 @@ class TaskStatus(StrEnum):
     PAUSED = "paused"
     COMPLETE = "complete"
     DELETED = "deleted"
+    ERROR = "error"  # set aside (RULES.md, Rule 17)
 
 
 class RunState(StrEnum):
@@ -153,6 +154,8 @@ class Task(Struct):
     status: TaskStatus
     created_at: datetime
     updated_at: datetime
+    error: str | None = None  # status "error": why the task was set aside (Rule 17)
+    error_at: datetime | None = None
 
 
 class Run(Struct):

@@ -46,6 +46,7 @@ from pgbeat.api.openapi import errors
 from pgbeat.config import Config
 from pgbeat.egress import HttpPolicy, redact, redact_url
 
+ANSWER_ENCODER = msgspec.json.Encoder()
 TaskId = Annotated[int, PathParameter(ge=1, description="task id (one that cannot exist is 404)")]
 RunId = Annotated[int, PathParameter(ge=1, description="run id (one that cannot exist is 404)")]
 PageLimit = Annotated[int, QueryParameter(ge=1, le=500, description="page size (at most 500)")]
@@ -111,6 +112,20 @@ def task_from_row(row: asyncpg.Record, cls: type[Task] = Task) -> Task:
     values["schedule"] = msgspec.convert(row["schedule"], ScheduleOut)
     values["params"] = without_credentials(values["params"], "url")
     return cls(**values)
+
+
+def answer_task(row: asyncpg.Record) -> Task:
+    """The task as the API answers it, proven encodable: called inside the write's
+    transaction, so a row that cannot be answered is rolled back (Rule 10)."""
+    task = task_from_row(row)
+    ANSWER_ENCODER.encode(task)
+    return task
+
+
+def answer_run(row: asyncpg.Record) -> Run:
+    run = run_from_row(row)
+    ANSWER_ENCODER.encode(run)
+    return run
 
 
 def task_details_from_row(row: asyncpg.Record) -> TaskDetails:
@@ -281,12 +296,17 @@ def spec_for_sql(spec: TaskFields, given: InputLimits) -> tuple[dict[str, Any], 
     return doc, first_slot
 
 
-async def resume_cron_slot(conn: asyncpg.Connection, task_id: int) -> datetime | None:
-    """Lock the task (P0002 when unknown) and, for a cron task, compute where it resumes."""
+async def resume_cron_slot(conn: asyncpg.Connection, task_id: int, resuming: bool = True) -> datetime | None:
+    """Lock the task (P0002 when unknown) and, for a cron task that resumes (or one set
+    aside, which any change resumes: Rule 17), compute where it resumes."""
     row = await conn.fetchrow(queries.get("lock_task_schedule"), task_id)
-    if row["cron"] is None:
+    if row["cron"] is None or not (resuming or row["error"] is not None):
         return None
-    return schedules.next_cron_slot(row["cron"], row["timezone"], datetime.now(UTC))
+    try:
+        return schedules.next_cron_slot(row["cron"], row["timezone"], datetime.now(UTC))
+    except Exception as exc:  # croniter's assorted errors: the stored schedule is the problem
+        problem = f"the task's cron schedule cannot be computed ({exc}); give a new one"
+        raise BadInput("schedule", problem) from None
 
 
 # ---------------------------------------------------------------- upcoming
@@ -295,9 +315,12 @@ async def resume_cron_slot(conn: asyncpg.Connection, task_id: int) -> datetime |
 def _cron_times(cron: str, timezone: str, first: datetime) -> Iterator[datetime]:
     yield first
     after, chunk = first, 8
-    while True:
-        batch = schedules.cron_slots(cron, timezone, after, chunk)
-        yield from batch
+    while after < limits.LATEST:  # (Rule 18: no slot past the range of times)
+        try:
+            batch = schedules.cron_slots(cron, timezone, after, chunk)
+        except Exception:  # croniter's errors: a stored schedule it rejects has no more slots here
+            return
+        yield from (moment for moment in batch if moment < limits.LATEST)
         after, chunk = batch[-1], min(chunk * 2, 256)
 
 
@@ -305,7 +328,11 @@ def _slot_times(row: asyncpg.Record) -> Iterator[datetime]:
     first = row["scheduled_for"]
     if row["every_seconds"] is not None:
         every = timedelta(seconds=row["every_seconds"])
-        return (first + every * i for i in itertools.count())
+        # (no slot at or past the range of times: Rule 18)
+        return itertools.takewhile(
+            lambda moment: moment < limits.LATEST,
+            (first + every * i for i in range(int((limits.LATEST - first) / every) + 2)),
+        )
     if row["cron"] is not None:
         return _cron_times(row["cron"], row["timezone"], first)
     return iter([first])
@@ -338,14 +365,11 @@ async def update_task(
     pool: asyncpg.Pool, task_id: int, changes: TaskChanges, given: InputLimits = InputLimits()
 ) -> Task:
     doc, first_slot = spec_for_sql(changes, given)
-    async with pool.acquire() as conn:
-        if changes.paused is False and not isinstance(changes.schedule, ScheduleIn):
-            async with conn.transaction():
-                first_slot = await resume_cron_slot(conn, task_id)
-                row = await conn.fetchrow(queries.get("update_task"), task_id, doc, first_slot)
-        else:
-            row = await conn.fetchrow(queries.get("update_task"), task_id, doc, first_slot)
-    return task_from_row(row)
+    # Every write's answer is shaped inside its transaction (Rule 10: no 5xx after a commit).
+    async with pool.acquire() as conn, conn.transaction():
+        if changes.paused is not True and not isinstance(changes.schedule, ScheduleIn):
+            first_slot = await resume_cron_slot(conn, task_id, resuming=changes.paused is False)
+        return answer_task(await conn.fetchrow(queries.get("update_task"), task_id, doc, first_slot))
 
 
 async def delete_task(pool: asyncpg.Pool, task_id: int) -> None:
@@ -353,18 +377,19 @@ async def delete_task(pool: asyncpg.Pool, task_id: int) -> None:
 
 
 async def pause_task(pool: asyncpg.Pool, task_id: int) -> Task:
-    return task_from_row(await pool.fetchrow(queries.get("pause_task"), task_id))
+    async with pool.acquire() as conn, conn.transaction():
+        return answer_task(await conn.fetchrow(queries.get("pause_task"), task_id))
 
 
 async def resume_task(pool: asyncpg.Pool, task_id: int) -> Task:
     async with pool.acquire() as conn, conn.transaction():
         slot = await resume_cron_slot(conn, task_id)
-        row = await conn.fetchrow(queries.get("resume_task"), task_id, slot)
-    return task_from_row(row)
+        return answer_task(await conn.fetchrow(queries.get("resume_task"), task_id, slot))
 
 
 async def trigger_task(pool: asyncpg.Pool, task_id: int) -> Run:
-    return run_from_row(await pool.fetchrow(queries.get("trigger_task"), task_id))
+    async with pool.acquire() as conn, conn.transaction():
+        return answer_run(await conn.fetchrow(queries.get("trigger_task"), task_id))
 
 
 async def get_task(pool: asyncpg.Pool, task_id: int) -> TaskDetails:
@@ -416,7 +441,7 @@ class TaskController(Controller):
         data: Annotated[TaskSpec, Body(examples=[Example(value=TASK_EXAMPLE)])],
     ) -> Response[Task]:
         doc, first_slot = spec_for_sql(data, state.input_limits)
-        task = task_from_row(await state.creations.create(doc, first_slot))
+        task = await state.creations.create(doc, first_slot)
         return Response(task, status_code=201, headers={"Location": f"/tasks/{task.id}"})
 
     @get(operation_id="listTasks", summary="List tasks (oldest first, keyset pagination)", responses=errors())

@@ -38,8 +38,12 @@ SELECT 1 AS alive;
 
 -- name: materialize_due_runs
 -- Fire the due slots of interval and one-shot tasks (and materialise plain slots up to $2 ahead), $1 tasks at most.
-SELECT task_id, run_id, scheduled_for, outcome, missed, clock_timestamp() AS fired_at
+SELECT task_id, run_id, scheduled_for, outcome, missed, error, clock_timestamp() AS fired_at
   FROM pgbeat.materialize_due_runs($1, $2);
+
+-- name: set_task_aside
+-- Set a task aside with the error its data caused (Rule 17: croniter refused its cron or time zone).
+SELECT pgbeat.set_task_aside($1, $2) AS set_aside;
 
 -- name: due_cron_tasks
 -- Cron tasks whose slot is due ($1 at most), with the database's clock for croniter.
@@ -47,7 +51,7 @@ SELECT task_id, next_run_at, cron, timezone, db_now FROM pgbeat.due_cron_tasks($
 
 -- name: fire_cron_slots
 -- Fire the cron slots the scheduler computed with croniter.
-SELECT task_id, run_id, scheduled_for, outcome, missed, clock_timestamp() AS fired_at
+SELECT task_id, run_id, scheduled_for, outcome, missed, error, clock_timestamp() AS fired_at
   FROM pgbeat.fire_cron_slots($1);
 
 -- name: next_due_at
@@ -109,8 +113,8 @@ SELECT * FROM pgbeat.get_task($1);
 SELECT * FROM pgbeat.list_tasks($1, $2, $3, $4, $5, $6);
 
 -- name: lock_task_schedule
--- Lock a live task for this transaction (P0002 when unknown) and read its cron schedule.
-SELECT cron, timezone FROM pgbeat.lock_task($1);
+-- Lock a live task for this transaction (P0002 when unknown) and read its cron schedule and error.
+SELECT cron, timezone, error FROM pgbeat.lock_task($1);
 
 -- name: update_task
 -- Change a task ($2: the fields given; $3: the first slot of a new or resumed cron schedule).

@@ -70,8 +70,32 @@ BEGIN
     RETURN v;
 END $$;
 
+-- The range of times accepted anywhere (Rule 18; pgbeat.limits in Python, and the
+-- CHECK constraints of migration 0002).
+CREATE OR REPLACE FUNCTION pgbeat.earliest_time() RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT timestamptz '1970-01-01 00:00:00+00' $$;
+
+CREATE OR REPLACE FUNCTION pgbeat.latest_time() RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ SELECT timestamptz '9000-01-01 00:00:00+00' $$;
+
+-- The shortest `every` (Rule 18): the session's pgbeat.min_interval setting in
+-- seconds (the API sets it from PGBEAT_MIN_INTERVAL on its sessions; for psql,
+-- ALTER DATABASE ... SET pgbeat.min_interval = '0.5'), default 1, never under the
+-- 100 ms that the tasks_every_floor constraint holds.
+CREATE OR REPLACE FUNCTION pgbeat.min_interval() RETURNS interval
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    configured text := nullif(btrim(current_setting('pgbeat.min_interval', true)), '');
+BEGIN
+    RETURN make_interval(secs => greatest(0.1, coalesce(configured::double precision, 1)));
+EXCEPTION WHEN invalid_text_representation THEN
+    RETURN interval '1 second';
+END $$;
+
 CREATE OR REPLACE FUNCTION pgbeat.parse_timestamp(p_field text, p_value jsonb) RETURNS timestamptz
 LANGUAGE plpgsql AS $$
+DECLARE
+    v timestamptz;
 BEGIN
     IF p_value IS NULL OR jsonb_typeof(p_value) = 'null' THEN
         RETURN NULL;
@@ -81,7 +105,15 @@ BEGIN
     IF (p_value #>> '{}') !~ '^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}(:?\d{2})?)$' THEN
         PERFORM pgbeat.raise_invalid(p_field, format('%s is not an ISO 8601 timestamp with a UTC offset', p_value));
     END IF;
-    RETURN (p_value #>> '{}')::timestamptz;
+    v := (p_value #>> '{}')::timestamptz;
+    -- Rule 18: a time every reader can represent, after any time-zone shift or
+    -- interval added to it (Python's datetime ends at 9999-12-31).
+    IF NOT (v >= pgbeat.earliest_time() AND v < pgbeat.latest_time()) THEN
+        PERFORM pgbeat.raise_invalid(p_field, format('must be from %s up to (not including) %s (UTC)',
+            to_char(pgbeat.earliest_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
+            to_char(pgbeat.latest_time() AT TIME ZONE 'UTC', 'YYYY-MM-DD')));
+    END IF;
+    RETURN v;
 EXCEPTION WHEN datetime_field_overflow OR invalid_datetime_format THEN
     PERFORM pgbeat.raise_invalid(p_field, format('%s is not a valid timestamp', p_value));
 END $$;

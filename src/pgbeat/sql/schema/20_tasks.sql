@@ -60,6 +60,13 @@ BEGIN
     ELSIF jsonb_typeof(p_params) <> 'object' THEN
         PERFORM pgbeat.raise_invalid('params', 'must be an object');
     END IF;
+    -- Rule 18: params small and shallow enough for every reader (pgbeat.limits).
+    IF octet_length(p_params::text) > 16384 THEN
+        PERFORM pgbeat.raise_invalid('params', 'must be at most 16384 bytes as JSON');
+    END IF;
+    IF jsonb_path_exists(p_params, 'strict $.**{32 to last} ? (@.type() == "object" || @.type() == "array")') THEN
+        PERFORM pgbeat.raise_invalid('params', 'nests deeper than 32 levels');
+    END IF;
     SELECT k.params INTO declared FROM pgbeat.kinds k WHERE k.name = p_kind;
     IF NOT FOUND THEN
         PERFORM pgbeat.raise_invalid('kind', format('unknown kind %s (expected %s)',
@@ -92,7 +99,11 @@ BEGIN
         canonical := NULL;
     END;
     PERFORM set_config('timezone', saved, true);
-    IF canonical IS NULL OR canonical !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$' THEN
+    -- Files of the zone database that are not zones a user means (the host's own
+    -- zone, a placeholder, a rules template, the duplicate trees) are refused too.
+    IF canonical IS NULL OR canonical !~ '^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z0-9_+-]+)*$'
+       OR lower(canonical) IN ('localtime', 'factory', 'posixrules')
+       OR lower(canonical) ~ '^(posix|right)/' THEN
         PERFORM pgbeat.raise_invalid(p_field, format('unknown time zone %s (use an IANA name such as "Europe/Paris")',
                                                      to_jsonb(p_name)));
     END IF;
@@ -127,6 +138,10 @@ BEGIN
     CASE forms[1]
     WHEN 'every' THEN
         t.every := pgbeat.parse_duration('schedule.every', p_schedule->'every');
+        IF t.every < pgbeat.min_interval() THEN
+            PERFORM pgbeat.raise_invalid('schedule.every', format('must be at least %ss (PGBEAT_MIN_INTERVAL)',
+                trim_scale(extract(epoch FROM pgbeat.min_interval()))));
+        END IF;
         -- The grid's origin: the first slot is one interval from now unless a start is given.
         t.anchor := coalesce(pgbeat.parse_timestamp('schedule.start', p_schedule->'start'), now() + t.every);
         t.next_run_at := CASE WHEN t.anchor > now() THEN t.anchor
@@ -291,11 +306,38 @@ LANGUAGE sql AS $$
      WHERE task_id = p_task_id AND state = 'pending'
 $$;
 
+-- Rule 17: set a task aside, because its own data made scheduling, claiming or
+-- finishing it fail: it is paused (its pending run cancelled) with the error and
+-- when, so it no longer costs any pass anything, and shows status 'error' until a
+-- resume or a valid change clears it (update_task). Returns whether it was set
+-- aside now (false: unknown, deleted, or already set aside).
+CREATE OR REPLACE FUNCTION pgbeat.set_task_aside(p_id integer, p_error text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('pgbeat.quiet', 'on', true);
+    -- A next slot outside the range of times is dropped (a resume computes another).
+    UPDATE pgbeat.tasks
+       SET paused = true, error = left(coalesce(p_error, 'unknown error'), 2000), error_at = now(),
+           next_run_at = CASE WHEN next_run_at >= pgbeat.earliest_time() AND next_run_at < pgbeat.latest_time()
+                              THEN next_run_at END,
+           updated_at = greatest(now(), created_at)
+     WHERE id = p_id AND deleted_at IS NULL AND error IS NULL;
+    PERFORM set_config('pgbeat.quiet', 'off', true);
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM pgbeat.cancel_pending_run(p_id, 'task set aside: ' || left(p_error, 200));
+    RETURN true;
+END $$;
+
 -- update_task(7, '{"schedule": {"every": "1m"}, "paused": true}')
 -- Only the given fields change; a new schedule starts a new grid (and drops a
 -- pending run of the old schedule) but keeps fired, so a task that reached
 -- max_runs stays complete unless the change also resets fired (0) or raises
 -- max_runs. Cron: pass the first slot of the new schedule.
+-- A task set aside (Rule 17) is resumed by any valid change that does not pause
+-- it: the error is cleared, and the next pass sets it aside again if its data
+-- still fails.
 CREATE OR REPLACE FUNCTION pgbeat.update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
 RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
@@ -324,6 +366,9 @@ BEGIN
         t.params := pgbeat.check_params(t.kind, p_changes->'params');
     END IF;
     t := pgbeat.apply_options(t, p_changes);
+    IF t.error IS NOT NULL AND NOT (p_changes ? 'paused' AND t.paused) THEN
+        t.paused := false; t.error := NULL; t.error_at := NULL;
+    END IF;
     IF p_changes ? 'schedule' THEN
         t := pgbeat.apply_schedule(t, p_changes->'schedule', p_first_slot);
         PERFORM pgbeat.cancel_pending_run(p_id, 'schedule changed');
@@ -352,7 +397,7 @@ BEGIN
            fired = t.fired, timeout = t.timeout, paused = t.paused, next_run_at = t.next_run_at,
            overlap_policy = t.overlap_policy, misfire_policy = t.misfire_policy,
            misfire_grace = t.misfire_grace, max_retries = t.max_retries,
-           retry_backoff = t.retry_backoff, updated_at = now()
+           retry_backoff = t.retry_backoff, error = t.error, error_at = t.error_at, updated_at = now()
      WHERE id = p_id
     RETURNING * INTO t;
     RETURN t;

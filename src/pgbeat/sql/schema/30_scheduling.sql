@@ -66,7 +66,7 @@ BEGIN
             INSERT INTO pgbeat.runs AS r (task_id, kind, scheduled_for, due_at, state, coalesced,
                                           started_at, finished_at, error)
             VALUES (t.id, t.kind, p_latest, p_latest, 'skipped', p_missed, now(), now(),
-                    format('misfire: %s slot(s) missed, latest by %s', p_missed + 1, now() - p_latest))
+                    format('misfire: %s slot(s) missed, latest by %s', p_missed::bigint + 1, now() - p_latest))
             ON CONFLICT DO NOTHING RETURNING r.id INTO run_id;
             outcome := 'misfire_skipped';
             folded := -1;
@@ -87,7 +87,9 @@ BEGIN
         is_running := EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'running')
                       OR (t.overlap_policy = 'skip' AND pgbeat.ran_across(t.id, p_latest));
         IF pending_id IS NOT NULL AND t.overlap_policy = 'queue' THEN
-            UPDATE pgbeat.runs r SET coalesced = r.coalesced + 1 + folded WHERE r.id = pending_id;
+            -- Rule 18: counts saturate rather than overflow.
+            UPDATE pgbeat.runs r SET coalesced = least(r.coalesced::bigint + 1 + folded, 2147483647)::integer
+             WHERE r.id = pending_id;
             run_id := pending_id;
             outcome := 'coalesced';
         ELSIF pending_id IS NOT NULL OR (is_running AND t.overlap_policy = 'skip') THEN
@@ -108,8 +110,8 @@ BEGIN
     -- Move the task forward. Scheduler updates do not wake the other schedulers.
     PERFORM set_config('pgbeat.quiet', 'on', true);
     UPDATE pgbeat.tasks
-       SET fired = fired + 1,
-           next_run_at = CASE WHEN p_next > until OR fired + 1 >= max_runs THEN NULL ELSE p_next END
+       SET fired = least(fired::bigint + 1, 2147483647)::integer,
+           next_run_at = CASE WHEN p_next > until OR fired::bigint + 1 >= max_runs THEN NULL ELSE p_next END
      WHERE id = t.id;
     PERFORM set_config('pgbeat.quiet', 'off', true);
 END $$;
@@ -139,7 +141,7 @@ END $$;
 -- merge join; the plans stay custom, chosen per call: a generic plan, which cannot
 -- know how many tasks fall before the horizon, made a pass over 100,000 tasks ten
 -- times slower.
-CREATE OR REPLACE FUNCTION pgbeat.materialize_due_runs(p_limit integer DEFAULT 1000, p_ahead interval DEFAULT '0')
+CREATE OR REPLACE FUNCTION pgbeat.materialize_due_slots(p_limit integer, p_ahead interval, p_only integer)
 RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
 LANGUAGE plpgsql SET enable_seqscan = off SET enable_mergejoin = off AS $$
 #variable_conflict use_column
@@ -157,17 +159,12 @@ DECLARE
     written_slots timestamptz[];
     c record;
 BEGIN
-    IF p_limit IS NULL OR p_limit < 1 THEN
-        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
-    END IF;
-    IF p_ahead IS NULL OR p_ahead < interval '0' OR p_ahead > interval '1 second' THEN
-        PERFORM pgbeat.raise_invalid('ahead', 'must be between 0 and 1 second');
-    END IF;
     WITH due AS (
         SELECT tk AS tk_row, tk.id, tk.next_run_at,
                CASE WHEN tk.every IS NOT NULL THEN pgbeat.grid_slot_after(tk.anchor, tk.every, horizon) END AS nxt
           FROM pgbeat.tasks tk
          WHERE tk.next_run_at <= horizon AND NOT tk.paused AND tk.cron IS NULL
+           AND (p_only IS NULL OR tk.id = p_only)
          ORDER BY tk.next_run_at LIMIT p_limit
            FOR UPDATE SKIP LOCKED
     ), slot AS (
@@ -179,7 +176,7 @@ BEGIN
                (s.latest <= (s.tk_row).until OR (s.tk_row).until IS NULL)
                AND ((s.tk_row).every IS NULL
                     OR round(extract(epoch FROM s.latest - s.next_run_at)
-                             / extract(epoch FROM (s.tk_row).every))::integer = 0)
+                             / extract(epoch FROM (s.tk_row).every)) = 0)
                AND ((s.tk_row).misfire_policy <> 'skip'
                     OR NOT (now() - s.latest > make_interval(secs => (s.tk_row).misfire_grace)))
                AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'pending')
@@ -211,8 +208,8 @@ BEGIN
             RETURNING r.task_id, r.id, r.scheduled_for
         ), moved AS (
             UPDATE pgbeat.tasks tk
-               SET fired = tk.fired + 1,
-                   next_run_at = CASE WHEN f.nxt > tk.until OR tk.fired + 1 >= tk.max_runs THEN NULL
+               SET fired = least(tk.fired::bigint + 1, 2147483647)::integer,
+                   next_run_at = CASE WHEN f.nxt > tk.until OR tk.fired::bigint + 1 >= tk.max_runs THEN NULL
                                       ELSE f.nxt END
               FROM f JOIN ins ON ins.task_id = f.id
              WHERE tk.id = f.id
@@ -247,12 +244,79 @@ BEGIN
                     latest := greatest(t.next_run_at, pgbeat.grid_slot_after(t.anchor, t.every, t.until) - t.every);
                 END IF;
                 RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt,
-                    round(extract(epoch FROM latest - t.next_run_at) / extract(epoch FROM t.every))::integer);
+                    least(round(extract(epoch FROM latest - t.next_run_at) / extract(epoch FROM t.every)),
+                          2147483647)::integer);
             ELSE
                 RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, t.next_run_at, NULL, 0);
             END IF;
         END LOOP;
     END IF;
+END $$;
+
+-- Rule 17: an error raised by one task's data (a data exception, a constraint,
+-- an exception raised in PL/pgSQL, a program limit) is that task's; any other
+-- (a lost lock, a deadlock, a cancel, the server going down) is the pass's.
+CREATE OR REPLACE FUNCTION pgbeat.is_task_error(p_sqlstate text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT left(p_sqlstate, 2) IN ('22', '23', '54', 'P0') AND p_sqlstate <> 'P0002'
+$$;
+
+-- Materialise the due slots of interval and one-shot tasks (materialize_due_slots,
+-- above), setting aside any task whose data makes that fail (Rule 17): the pass
+-- is one call, all or nothing, so when it fails on a task's error it is redone
+-- task by task, each in its own subtransaction, and a task that fails alone is
+-- set aside (outcome 'error', its error in `error`) while the others fire.
+CREATE OR REPLACE FUNCTION pgbeat.materialize_due_runs(p_limit integer DEFAULT 1000, p_ahead interval DEFAULT '0')
+RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer,
+               error text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    ids integer[]; runs bigint[]; slots timestamptz[]; outcomes text[]; misses integer[]; errors text[];
+    tid integer;
+    state text;
+    message text;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
+    END IF;
+    IF p_ahead IS NULL OR p_ahead < interval '0' OR p_ahead > interval '1 second' THEN
+        PERFORM pgbeat.raise_invalid('ahead', 'must be between 0 and 1 second');
+    END IF;
+    BEGIN
+        SELECT array_agg(m.task_id), array_agg(m.run_id), array_agg(m.scheduled_for), array_agg(m.outcome),
+               array_agg(m.missed), array_agg(NULL::text)
+          INTO ids, runs, slots, outcomes, misses, errors
+          FROM pgbeat.materialize_due_slots(p_limit, p_ahead, NULL) m;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE;
+        IF NOT pgbeat.is_task_error(state) THEN
+            RAISE;
+        END IF;
+        ids := '{}'; runs := '{}'; slots := '{}'; outcomes := '{}'; misses := '{}'; errors := '{}';
+        FOR tid IN SELECT tk.id FROM pgbeat.tasks tk
+                    WHERE tk.next_run_at <= now() + p_ahead AND NOT tk.paused AND tk.cron IS NULL
+                    ORDER BY tk.next_run_at LIMIT p_limit LOOP
+            BEGIN
+                SELECT ids || array_agg(m.task_id), runs || array_agg(m.run_id),
+                       slots || array_agg(m.scheduled_for), outcomes || array_agg(m.outcome),
+                       misses || array_agg(m.missed), errors || array_agg(NULL::text)
+                  INTO ids, runs, slots, outcomes, misses, errors
+                  FROM pgbeat.materialize_due_slots(p_limit, p_ahead, tid) m;
+            EXCEPTION WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
+                IF NOT pgbeat.is_task_error(state) THEN
+                    RAISE;
+                END IF;
+                message := format('scheduling failed: %s (SQLSTATE %s)', message, state);
+                IF pgbeat.set_task_aside(tid, message) THEN
+                    ids := ids || tid; runs := runs || NULL::bigint; slots := slots || NULL::timestamptz;
+                    outcomes := outcomes || 'error'::text; misses := misses || 0; errors := errors || message;
+                END IF;
+            END;
+        END LOOP;
+    END;
+    RETURN QUERY SELECT * FROM unnest(ids, runs, slots, outcomes, misses, errors);
 END $$;
 
 -- Cron tasks that are due: the caller computes their slots with croniter.
@@ -274,8 +338,11 @@ END $$;
 --   p_slots = [{"task_id": 7, "slot": <next_run_at it saw>, "latest": ..., "next": ..., "missed": 0}, ...]
 -- A task whose next_run_at moved meanwhile (another scheduler fired it, or the
 -- user changed it) is left alone: its slot has already been handled.
+-- A slot that fails on its task's data sets that task aside (Rule 17): outcome
+-- 'error', the error in `error`; the other slots fire.
 CREATE OR REPLACE FUNCTION pgbeat.fire_cron_slots(p_slots jsonb)
-RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
+RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer,
+               error text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -288,6 +355,9 @@ DECLARE
     latest timestamptz;
     nxt timestamptz;
     n_missed integer;
+    decided record;
+    state text;
+    message text;
 BEGIN
     IF p_slots IS NULL OR jsonb_typeof(p_slots) <> 'array' THEN
         PERFORM pgbeat.raise_invalid('slots', 'must be a JSON array');
@@ -316,7 +386,20 @@ BEGIN
            AND tk.next_run_at <= now() AND NOT tk.paused AND tk.cron IS NOT NULL
         FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
-        RETURN QUERY SELECT * FROM pgbeat.fire_slot(t, latest, nxt, n_missed);
+        BEGIN
+            SELECT * INTO decided FROM pgbeat.fire_slot(t, latest, nxt, n_missed);
+            task_id := decided.task_id; run_id := decided.run_id; scheduled_for := decided.scheduled_for;
+            outcome := decided.outcome; missed := decided.missed; error := NULL;
+        EXCEPTION WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT;
+            IF NOT pgbeat.is_task_error(state) THEN
+                RAISE;
+            END IF;
+            error := format('scheduling failed: %s (SQLSTATE %s)', message, state);
+            CONTINUE WHEN NOT pgbeat.set_task_aside(t.id, error);
+            task_id := t.id; run_id := NULL; scheduled_for := NULL; outcome := 'error'; missed := 0;
+        END;
+        RETURN NEXT;
     END LOOP;
 END $$;
 

@@ -37,12 +37,17 @@ DECLARE
     new_id bigint;
 BEGIN
     SELECT * INTO t FROM pgbeat.tasks WHERE id = r.task_id AND deleted_at IS NULL AND NOT paused;
-    IF NOT FOUND OR r.attempt > t.max_retries OR r.state NOT IN ('failed', 'timed_out', 'abandoned') THEN
+    -- A run whose result says a retry cannot help (an http 4xx, a refused destination,
+    -- an oversized body: pgbeat.kinds.http) is not retried.
+    IF NOT FOUND OR r.attempt > t.max_retries OR r.state NOT IN ('failed', 'timed_out', 'abandoned')
+       OR r.result->'retry' = 'false'::jsonb THEN
         RETURN NULL;
     END IF;
     INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, attempt)
     VALUES (r.task_id, r.kind, r.scheduled_for,
-            greatest(r.scheduled_for, now() + make_interval(secs => t.retry_backoff * 2 ^ (r.attempt - 1))),
+            -- (doubling, but never more than a day: 2^100 backoffs would leave the range of times)
+            greatest(r.scheduled_for, now() + make_interval(secs => least(t.retry_backoff * 2 ^ least(r.attempt - 1, 60),
+                                                                          86400))),
             r.attempt + 1)
     ON CONFLICT DO NOTHING
     RETURNING id INTO new_id;
@@ -175,6 +180,21 @@ BEGIN
     RETURN QUERY SELECT * FROM pgbeat.claim_runs(p_daemon_id, p_limit);
 END $$;
 
+-- Why a counter task's params cannot be counted (NULL: they can): a step that is
+-- not an integer within +-1e9, a counter name that is not 1 to 200 characters.
+CREATE OR REPLACE FUNCTION pgbeat.counter_problem(p_params jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_params ? 'step' AND NOT (jsonb_typeof(p_params->'step') = 'number'
+                                        AND (p_params->>'step')::numeric BETWEEN -1e9 AND 1e9
+                                        AND (p_params->>'step')::numeric = trunc((p_params->>'step')::numeric))
+            THEN format('params.step: %s is not an integer between -1e9 and 1e9', p_params->'step')
+        WHEN p_params ? 'counter' AND NOT (jsonb_typeof(p_params->'counter') = 'string'
+                                           AND length(p_params->>'counter') BETWEEN 1 AND 200)
+            THEN format('params.counter: %s is not a name of 1 to 200 characters', left((p_params->'counter')::text, 100))
+    END
+$$;
+
 -- Finish runs this session claimed, in one transaction: state, result, error,
 -- and for a succeeded run of a counting kind the counter increment (Rule 4); a failed or
 -- timed-out run gets its retry (Rule 14). A run that is no longer this session's
@@ -193,6 +213,8 @@ DECLARE
     done_ids bigint[];
     done pgbeat.runs[];
     r pgbeat.runs;
+    aside_ids integer[];
+    aside_errors text[];
 BEGIN
     IF cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_states)
        OR cardinality(p_run_ids) IS DISTINCT FROM cardinality(p_results)
@@ -216,17 +238,29 @@ BEGIN
     -- its first occurrence. Counters are incremented in name order, once per
     -- counter, and each run's result shows the value its own increment reached.
     PERFORM 1 FROM pgbeat.runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE;
-    WITH mine AS (
+    -- A succeeded counting run whose task's params cannot be counted (written by
+    -- hand in psql) fails with the reason instead, and its task is set aside
+    -- (Rule 17): the other runs of the batch are recorded as given.
+    WITH given AS (
         SELECT DISTINCT ON (u.id) u.id, u.state, coalesce(u.result, '{}') AS result, u.error, u.ord,
-               CASE WHEN k.counts AND u.state = 'succeeded'
-                    THEN coalesce(t.params->>'counter', 'task:' || rn.task_id) END AS counter_name,
-               (t.params->>'step')::bigint AS step
+               rn.task_id, t.params,
+               CASE WHEN k.counts AND u.state = 'succeeded' THEN pgbeat.counter_problem(t.params) END AS problem,
+               k.counts AND u.state = 'succeeded' AS counts
           FROM unnest(p_run_ids, p_states, p_results, p_errors) WITH ORDINALITY AS u(id, state, result, error, ord)
           CROSS JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id OFFSET 0) rn  -- by primary key, one per id
           JOIN pgbeat.tasks t ON t.id = rn.task_id
           JOIN pgbeat.kinds k ON k.name = t.kind  -- its finish behaviour (a counting kind: Rule 4)
          WHERE rn.state = 'running' AND rn.backend_pid = pg_backend_pid()
          ORDER BY u.id, u.ord
+    ), mine AS (
+        SELECT g.id, g.ord, g.task_id, g.result, g.problem,
+               CASE WHEN g.problem IS NOT NULL THEN 'failed' ELSE g.state END AS state,
+               CASE WHEN g.problem IS NOT NULL THEN g.problem || ' (the task is set aside)' ELSE g.error END AS error,
+               CASE WHEN g.counts AND g.problem IS NULL
+                    THEN coalesce(g.params->>'counter', 'task:' || g.task_id) END AS counter_name,
+               CASE WHEN g.counts AND g.problem IS NULL
+                    THEN coalesce((g.params->>'step')::numeric, 1)::bigint END AS step
+          FROM given g
     ), counted AS (
         INSERT INTO pgbeat.counters AS c (name, value)
         SELECT m.counter_name, sum(m.step)::bigint FROM mine m
@@ -250,8 +284,13 @@ BEGIN
          WHERE rn.id = o.id
         RETURNING rn.id, rn
     )
-    SELECT array_agg(f.id), array_agg(f.rn) FILTER (WHERE (f.rn).state IN ('failed', 'timed_out'))
-      INTO done_ids, done FROM finished f;
+    SELECT array_agg(f.id), array_agg(f.rn) FILTER (WHERE (f.rn).state IN ('failed', 'timed_out')),
+           (SELECT array_agg(m.task_id) FROM mine m WHERE m.problem IS NOT NULL),
+           (SELECT array_agg(m.problem) FROM mine m WHERE m.problem IS NOT NULL)
+      INTO done_ids, done, aside_ids, aside_errors FROM finished f;
+    FOR i IN 1 .. coalesce(cardinality(aside_ids), 0) LOOP
+        PERFORM pgbeat.set_task_aside(aside_ids[i], 'finishing a run failed: ' || aside_errors[i]);
+    END LOOP;
     FOREACH r IN ARRAY coalesce(done, '{}') LOOP
         PERFORM pgbeat.schedule_retry(r);
     END LOOP;

@@ -33,12 +33,13 @@ SELECT t.id, t.name, t.kind, t.params, pgbeat.schedule_json(t) AS schedule,
        t.every, t.run_at, t.cron, t.timezone, t.until, t.max_runs, t.fired, t.timeout, t.paused,
        t.next_run_at, t.overlap_policy, t.misfire_policy, t.misfire_grace, t.max_retries, t.retry_backoff,
        CASE WHEN t.deleted_at IS NOT NULL THEN 'deleted'
+            WHEN t.error IS NOT NULL THEN 'error'
             WHEN t.paused THEN 'paused'
             WHEN t.next_run_at IS NULL
                  AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r
                                   WHERE r.task_id = t.id AND r.state IN ('pending', 'running')) THEN 'complete'
             ELSE 'active' END AS status,
-       t.created_at, t.updated_at, t.deleted_at
+       t.created_at, t.updated_at, t.deleted_at, t.error, t.error_at
   FROM pgbeat.tasks t;
 
 CREATE OR REPLACE VIEW pgbeat.run_history AS

@@ -8,7 +8,8 @@
 CREATE OR REPLACE VIEW pgbeat.api_tasks AS
 SELECT s.id, s.name, s.kind, s.params, s.schedule, s.timeout, s.paused, s.next_run_at,
        s.until, s.max_runs, s.fired, s.overlap_policy AS overlap, s.misfire_policy AS misfire,
-       s.misfire_grace, s.max_retries, s.retry_backoff, s.status, s.created_at, s.updated_at, s.deleted_at
+       s.misfire_grace, s.max_retries, s.retry_backoff, s.status, s.created_at, s.updated_at, s.deleted_at,
+       s.error, s.error_at
   FROM pgbeat.task_status s;
 
 -- A run as the API shows it: durations and lateness in milliseconds.
@@ -164,7 +165,7 @@ CREATE OR REPLACE FUNCTION pgbeat.metric_values(p_window interval DEFAULT interv
 RETURNS TABLE (metric text, label text, value double precision)
 LANGUAGE sql STABLE AS $$
     SELECT 'tasks', s.status, count(t.id)::double precision
-      FROM unnest(ARRAY['active', 'paused', 'complete', 'deleted']) AS s(status)
+      FROM unnest(ARRAY['active', 'paused', 'complete', 'deleted', 'error']) AS s(status)
       LEFT JOIN pgbeat.task_status t ON t.status = s.status
      GROUP BY s.status
     UNION ALL
