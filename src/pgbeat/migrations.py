@@ -33,7 +33,7 @@ import psycopg
 from psycopg import sql
 from yoyo import get_backend, read_migrations
 from yoyo.backends.base import DatabaseBackend
-from yoyo.migrations import get_migration_hash
+from yoyo.migrations import MigrationList, get_migration_hash
 
 from pgbeat import kinds, queries
 
@@ -133,7 +133,7 @@ def schema_digest() -> str:
     return "pgbeat schema files sha256:" + digest.hexdigest()
 
 
-def adopt_pre_v1(backend, migrations) -> None:
+def adopt_pre_v1(backend: DatabaseBackend, migrations: MigrationList) -> None:
     """Record the baseline as applied on a database the pre-v1 migrations made."""
     applied = set(backend.get_applied_migration_hashes())
     baseline = [m for m in migrations if m.id == BASELINE]
