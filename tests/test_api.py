@@ -621,7 +621,6 @@ async def test_health_ready_metrics_and_schema(client):
         "pgbeat_runs_pending ",
         "pgbeat_runs_running ",
         'pgbeat_runs_finished_recent{state="succeeded"}',
-        'pgbeat_run_start_delay_seconds{quantile="0.95"}',
         'pgbeat_daemons_live{role="worker"}',
         "pgbeat_database_up 1.0",
         "pgbeat_api_requests_total",

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import signal
 import sys
+from collections.abc import Awaitable
 
 from pgbeat import __version__, logs
 from pgbeat.config import Config
@@ -56,7 +57,9 @@ def cmd_scheduler(args: argparse.Namespace, config: Config) -> int:
     from pgbeat import daemon, scheduler
 
     url = require_database_url(config, "scheduler")
-    return daemon.run_until_signalled(lambda stop: scheduler.run_scheduler(url, config, stop))
+    return daemon.run_until_signalled(
+        lambda stop: with_metrics_endpoint(args, config, scheduler.run_scheduler(url, config, stop))
+    )
 
 
 def cmd_worker(args: argparse.Namespace, config: Config) -> int:
@@ -64,8 +67,19 @@ def cmd_worker(args: argparse.Namespace, config: Config) -> int:
 
     url = require_database_url(config, "worker")
     return daemon.run_until_signalled(
-        lambda stop: worker.run_worker(url, config, stop, concurrency=args.concurrency)
+        lambda stop: with_metrics_endpoint(
+            args, config, worker.run_worker(url, config, stop, concurrency=args.concurrency)
+        )
     )
+
+
+async def with_metrics_endpoint(args: argparse.Namespace, config: Config, main: Awaitable[None]) -> None:
+    """Run a daemon with /health and /metrics on --metrics-port (PGBEAT_METRICS_PORT)."""
+    from pgbeat import metrics
+
+    port = config.metrics_port if args.metrics_port is None else args.metrics_port
+    async with metrics.endpoint(port):
+        await main
 
 
 def cmd_api(args: argparse.Namespace, config: Config) -> int:
@@ -157,11 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.set_defaults(func=cmd_api)
 
+    metrics_help = "port of /health and /metrics (default PGBEAT_METRICS_PORT, else 9100; 0: none)"
     p = daemon("scheduler", "turn due slots into runs (any number of replicas)", "pgbeat scheduler")
+    p.add_argument("--metrics-port", type=int, default=None, help=metrics_help)
     p.set_defaults(func=cmd_scheduler)
 
     p = daemon("worker", "claim and execute runs (any number of replicas)", "pgbeat worker --concurrency 32")
     p.add_argument("--concurrency", type=int, default=16, help="runs executed at once")
+    p.add_argument("--metrics-port", type=int, default=None, help=metrics_help)
     p.set_defaults(func=cmd_worker)
 
     p = daemon(

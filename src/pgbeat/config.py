@@ -52,6 +52,7 @@ class Config:
     min_interval: float = MIN_INTERVAL_SECONDS  # shortest `every` the API accepts
     http: HttpPolicy = field(default_factory=HttpPolicy)  # the http kind's limits and egress policy
     ui_secret: str | None = None  # signs the dashboard's sessions and CSRF tokens (pgbeat.api.dashboard)
+    metrics_port: int = 9100  # a scheduler's or worker's /health and /metrics; 0: none
     cors_origins: tuple[str, ...] = ()  # origins whose browser apps may call the API; none: CORS off
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -72,4 +73,5 @@ class Config:
             http=HttpPolicy.from_env(),
             ui_secret=os.environ.get("PGBEAT_UI_SECRET") or None,
             cors_origins=_list("PGBEAT_CORS_ORIGINS"),
+            metrics_port=int(_float("PGBEAT_METRICS_PORT", 9100)),
         )

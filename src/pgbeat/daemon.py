@@ -18,7 +18,7 @@ from typing import Any, Self
 import asyncpg
 import uvloop
 
-from pgbeat import db, queries
+from pgbeat import db, metrics, queries
 
 log = logging.getLogger("pgbeat.daemon")
 
@@ -89,6 +89,7 @@ class DaemonSession:
         self.wake.set()
 
     def _on_terminate(self, _conn: Any) -> None:
+        metrics.HEALTH.session_ok = False
         self.lost.set()
         self.wake.set()
 
@@ -116,6 +117,7 @@ class DaemonSession:
         except BaseException:
             await self.conn.close(timeout=2)
             raise
+        metrics.HEALTH.session_ok = True
         log.info(
             "daemon registered",
             extra={"event": "daemon_registered", "role": self.role, "daemon_id": self.daemon_id},
@@ -123,6 +125,7 @@ class DaemonSession:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        metrics.HEALTH.session_ok = False
         conn, self.conn = self.conn, None
         if conn is None or conn.is_closed():
             return
@@ -165,6 +168,7 @@ async def run_forever(role: str, stop: asyncio.Event, session_main: Callable[[],
             await session_main()
             backoff.reset()
         except db.CONNECTION_ERRORS as exc:
+            metrics.RECONNECTS.labels(role).inc()
             if time.monotonic() - started > 10:
                 backoff.reset()  # a session that lasted: this is a new outage, retry quickly
             log.warning(

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from pgbeat import daemon, db, limits, maintenance, queries, schedules
+from pgbeat import daemon, db, limits, maintenance, metrics, queries, schedules
 from pgbeat.config import Config
 
 log = logging.getLogger("pgbeat.scheduler")
@@ -87,6 +87,7 @@ def log_set_aside(task_id: int, error: str) -> None:
 def log_outcomes(rows: list[asyncpg.Record]) -> None:
     """One structured event per fired slot (its outcome, RULES.md glossary)."""
     for row in rows:
+        metrics.SLOTS_FIRED.labels(row["outcome"]).inc()
         if row["outcome"] == "error":
             log_set_aside(row["task_id"], row["error"])
             continue

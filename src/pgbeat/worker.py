@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from pgbeat import daemon, db, kinds, maintenance, queries
+from pgbeat import daemon, db, kinds, maintenance, metrics, queries
 from pgbeat.config import Config
 from pgbeat.egress import HttpPolicy, redact
 from pgbeat.kinds import http as http_kind
@@ -244,6 +244,7 @@ class Worker:
     async def claim_failed(self, exc: asyncpg.PostgresError) -> None:
         """A claim transaction failed: its row changes rolled back, but advisory locks it took
         are session locks and survive; release all but the ones our runs hold."""
+        metrics.CLAIM_ERRORS.inc()
         log.error("claim failed", extra={"event": "claim_failed", "error": repr(exc)})
         held = sorted({run.task_id for run in self.in_flight.values()})
         async with self.session_lock:
@@ -254,6 +255,8 @@ class Worker:
             )
 
     def start(self, run: ClaimedRun) -> None:
+        metrics.RUNS_CLAIMED.labels(run.kind).inc()
+        metrics.RUN_LATENESS.labels(run.kind).observe(max(run.lateness_ms, 0) / 1000)
         log.info(
             "run started",
             extra={
@@ -309,6 +312,9 @@ class Worker:
         for o in outcomes:
             row = recorded.get(o.run.run_id)
             applied = bool(row and row["applied"])
+            if applied:
+                metrics.RUNS_FINISHED.labels(o.run.kind, o.state).inc()
+                metrics.RUN_DURATION.labels(o.run.kind).observe(o.duration_ms / 1000)
             log.log(
                 logging.INFO if applied else logging.WARNING,
                 "run finished" if applied else "run finished, but it was no longer ours to record",
@@ -342,6 +348,7 @@ class Worker:
     async def finish_one_by_one(self, outcomes: list[Outcome], exc: asyncpg.PostgresError) -> list[Any]:
         """The batch failed (one bad outcome rolls back all): record each alone; one that
         still fails is recorded failed with the database's error."""
+        metrics.FINISH_ERRORS.inc()
         log.error("finishing a batch failed", extra={"event": "finish_failed", "error": repr(exc)})
         rows = []
         for o in outcomes:

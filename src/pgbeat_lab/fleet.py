@@ -77,6 +77,7 @@ class Fleet:
             **os.environ,
             "PGBEAT_DATABASE_URL": self.database_url,
             "PGBEAT_LOG_FORMAT": "json",
+            "PGBEAT_METRICS_PORT": "0",  # many daemons on one host: a port only where a test asks
             **self.env,
             **(env or {}),
         }

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import uvicorn
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import NotAuthorizedException
@@ -24,7 +24,8 @@ from litestar.middleware import (
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, Gauge
+from prometheus_client.exposition import choose_encoder
 
 from pgbeat import db, migrations, queries
 from pgbeat.api import dashboard, ratelimit
@@ -172,11 +173,6 @@ DATABASE_GAUGES = {
     "runs_finished_recent": Gauge(
         "pgbeat_runs_finished_recent", "Runs finished in the last 5 minutes, by state", ["state"]
     ),
-    "run_start_delay_seconds": Gauge(
-        "pgbeat_run_start_delay_seconds",
-        "Delay between a run falling due and starting, over runs finished in the last 5 minutes",
-        ["quantile"],
-    ),
     "daemons_live": Gauge(
         "pgbeat_daemons_live", "Schedulers and workers alive (holding their lock)", ["role"]
     ),
@@ -199,14 +195,16 @@ async def read_database_gauges(pool: asyncpg.Pool) -> None:
 
 
 class MetricsController(PrometheusController):
-    """Litestar's Prometheus endpoint, with the scheduler's gauges refreshed from the database first."""
+    """Litestar's Prometheus endpoint, with the database's gauges refreshed first, in the
+    text format or OpenMetrics as the scraper's Accept header asks."""
 
     path = "/metrics"
 
     @get(include_in_schema=False, cache=False)
-    async def get(self, state: State) -> Response:  # type: ignore[override]
+    async def get(self, request: Request, state: State) -> Response:  # type: ignore[override]
         await read_database_gauges(state.pool)
-        return await PrometheusController.get.fn(self)
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(REGISTRY), media_type=content_type)
 
 
 # ---------------------------------------------------------------- the app
