@@ -75,7 +75,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "counter_moves_whatever_the_outcome",
         4,
         "finish_runs increments the counter of a failed, timed-out or cancelled run too",
-        (Edit(f"{SCHEMA}/40_claims.sql", "k.counts AND u.state = 'succeeded'", "k.counts"),),
+        (
+            Edit(
+                f"{SCHEMA}/40_claims.sql",
+                "k.counts AND u.state = 'succeeded' AS counts",
+                "k.counts AS counts",
+            ),
+        ),
         (f"{CLAIMS_TESTS}::test_a_counter_run_that_does_not_succeed_moves_no_counter",),
     ),
     Mutant(
