@@ -791,6 +791,7 @@ def canary_runs(url: str, task_id: int, after: Any = None) -> list[dict]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_canary_keeps_firing_on_time_beside_poison_rows(fleet: Fleet, db_url):
     """Poison rows of every kind, written by SQL beside a canary interval task: the
