@@ -31,7 +31,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from pgbeat import cli, config
+from pgbeat import cli, config, metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -423,6 +423,13 @@ def test_scheduler_and_worker_probes_ask_the_daemon_port(docs):
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/port"] == str(DAEMON_PORT)
         assert annotations["prometheus.io/path"] == "/metrics"
+        # /health is 503 while the database is away: liveness outlasts a failover.
+        liveness = container["livenessProbe"]
+        assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, role
+        assert "PGBEAT_METRICS_PORT" not in find(docs, "ConfigMap", "pgbeat-config")["data"]
+    # The port the daemons serve on unless told otherwise.
+    assert metrics.DEFAULT_PORT == config.Config().metrics_port == DAEMON_PORT
+    assert cli.build_parser().parse_args(["worker"]).metrics_port is None  # the config's then
 
 
 def test_grace_periods_outlast_every_drain(docs):
