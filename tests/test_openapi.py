@@ -97,7 +97,7 @@ def test_the_document_validates_and_says_what_the_server_does(keyed_api):
     schemas = doc["components"]["schemas"]
     for name, values in {
         "TaskKind": ["sleep", "counter", "http"],
-        "TaskStatus": ["active", "paused", "complete", "deleted"],
+        "TaskStatus": ["active", "paused", "complete", "deleted", "error"],
         "Overlap": ["queue", "skip"],
         "Misfire": ["run_once", "skip"],
     }.items():
