@@ -260,3 +260,23 @@ def test_create_tasks_writes_every_spec_in_order_or_none(db_url):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"^tasks: "):
             conn.execute(create_many, (specs, [None] * 2))
         assert conn.execute("SELECT count(*) AS n FROM pgbeat.tasks").fetchone()["n"] == 3
+
+
+def test_psql_callers_pass_ids_as_they_write_them(db_url):
+    """trigger_task, pause_task, resume_task and delete_task take a bigint: 7, 7::bigint
+    and '7' all work; an id past the column's range is an unknown task (P0002)."""
+    with connect(db_url) as conn:
+        tid = create_task(conn, {"kind": "sleep", "schedule": {"every": 3600}})["id"]
+        run = conn.execute(f"SELECT * FROM pgbeat.trigger_task({tid}::bigint)").fetchone()
+        assert run["task_id"] == tid and run["state"] == "pending"
+        assert conn.execute(f"SELECT paused FROM pgbeat.pause_task('{tid}')").fetchone()["paused"] is True
+        assert (
+            conn.execute(f"SELECT paused FROM pgbeat.resume_task({tid}::int8)").fetchone()["paused"] is False
+        )
+        for fn in ("trigger_task", "pause_task", "resume_task", "delete_task"):
+            with pytest.raises(psycopg.errors.NoDataFound, match="not found"):
+                conn.execute(f"SELECT pgbeat.{fn}({2**40})")
+            conn.rollback()
+        assert conn.execute(f"SELECT deleted_at FROM pgbeat.delete_task({tid}::bigint)").fetchone()[
+            "deleted_at"
+        ]

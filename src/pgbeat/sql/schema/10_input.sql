@@ -19,6 +19,17 @@ BEGIN
     RAISE EXCEPTION 'task % not found', p_id USING ERRCODE = 'no_data_found';
 END $$;
 
+-- A task id as psql users write it (7, 7::bigint, '7'): the functions they call take
+-- bigint; an id past the column's range names no task.
+CREATE OR REPLACE FUNCTION pgbeat.task_id_of(p_id bigint) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_id IS NULL OR p_id NOT BETWEEN 1 AND 2147483647 THEN
+        RAISE EXCEPTION 'task % not found', p_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN p_id::integer;
+END $$;
+
 CREATE OR REPLACE FUNCTION pgbeat.raise_deleted(p_id integer) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN

@@ -422,18 +422,21 @@ BEGIN
     RETURN t.next_run_at;  -- one-shot keeps its time (runs now if it passed while paused)
 END $$;
 
-CREATE OR REPLACE FUNCTION pgbeat.pause_task(p_id integer) RETURNS pgbeat.tasks
-LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, '{"paused": true}') $$;
+CREATE OR REPLACE FUNCTION pgbeat.pause_task(p_id bigint) RETURNS pgbeat.tasks
+LANGUAGE sql AS $$ SELECT pgbeat.update_task(pgbeat.task_id_of(p_id), '{"paused": true}') $$;
 
-CREATE OR REPLACE FUNCTION pgbeat.resume_task(p_id integer, p_next_cron_slot timestamptz DEFAULT NULL)
+CREATE OR REPLACE FUNCTION pgbeat.resume_task(p_id bigint, p_next_cron_slot timestamptz DEFAULT NULL)
 RETURNS pgbeat.tasks
-LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, '{"paused": false}', p_next_cron_slot) $$;
+LANGUAGE sql AS $$
+    SELECT pgbeat.update_task(pgbeat.task_id_of(p_id), '{"paused": false}', p_next_cron_slot)
+$$;
 
 -- Delete: future runs stop (the pending one is cancelled), a running one
 -- finishes, and history stays readable (the row is kept, marked deleted).
-CREATE OR REPLACE FUNCTION pgbeat.delete_task(p_id integer) RETURNS pgbeat.tasks
+CREATE OR REPLACE FUNCTION pgbeat.delete_task(p_task bigint) RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
+    p_id integer := pgbeat.task_id_of(p_task);
     t pgbeat.tasks;
 BEGIN
     t := pgbeat.lock_task(p_id);
@@ -446,9 +449,10 @@ END $$;
 -- Run now: the task's pending run is made due now, or a new run is queued for
 -- now (it starts as soon as a running one finishes). Works on paused tasks too:
 -- an explicit request. Returns the pending run.
-CREATE OR REPLACE FUNCTION pgbeat.trigger_task(p_id integer) RETURNS pgbeat.runs
+CREATE OR REPLACE FUNCTION pgbeat.trigger_task(p_task bigint) RETURNS pgbeat.runs
 LANGUAGE plpgsql AS $$
 DECLARE
+    p_id integer := pgbeat.task_id_of(p_task);
     t pgbeat.tasks;
     r pgbeat.runs;
 BEGIN
