@@ -409,6 +409,12 @@ def test_a_closed_pipe_ends_the_command_quietly(api, capsys):
         shell=True, capture_output=True, text=True, executable="/bin/bash",
     )  # fmt: skip
     assert result.stdout == '{"id": 1, ' and result.stderr == ""
+    # A stream that outlives its reader: the write after head exits fails, quietly.
+    result = subprocess.run(
+        f"{sys.executable} -m pgbeat.cli task ls --json -w 0.05 | head -c 10; echo \" ${{PIPESTATUS[0]}}\"",
+        shell=True, capture_output=True, text=True, executable="/bin/bash", timeout=60,
+    )  # fmt: skip
+    assert result.stdout == '{"id": 1,  141\n' and result.stderr == ""
 
 
 def _spawn(*argv: str, **env: str) -> pexpect.spawn:

@@ -690,11 +690,15 @@ async def dispatch(args: argparse.Namespace, out: Out) -> None:
 
 
 def run_client(args: argparse.Namespace, config: object = None) -> int:
-    # Like any filter: a closed pipe (`pgbeat task ls | head`) ends the command quietly.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     out = Out(colour_wanted(args.color, sys.stdout))
     try:
         asyncio.run(dispatch(args, out))
+    except BrokenPipeError:
+        # Like any filter: a closed pipe (`pgbeat task ls | head`) ends the command
+        # quietly, with the status a shell gives a process SIGPIPE ended. stdout goes
+        # to /dev/null so that the flush at exit has nowhere to fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ApiError as exc:
         print(f"pgbeat: {exc}", file=sys.stderr)
         return 1
