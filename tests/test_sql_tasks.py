@@ -280,3 +280,29 @@ def test_psql_callers_pass_ids_as_they_write_them(db_url):
         assert conn.execute(f"SELECT deleted_at FROM pgbeat.delete_task({tid}::bigint)").fetchone()[
             "deleted_at"
         ]
+
+
+@pytest.mark.parametrize(
+    ("cron", "problem"),
+    [
+        ("61 * * * *", "61 is out of range in the minute field"),
+        ("0 24 * * *", "hour field"),
+        ("0 0 0 * *", "day-of-month field"),
+        ("0 0 * 13 *", "month field"),
+        ("0 0 * * 8", "day-of-week field"),
+        ("* * * * * 60", "seconds field"),
+        ("*/0 * * * *", "step 0"),
+        ("0 0 * foo *", "not a value of the month field"),
+    ],
+)
+def test_psql_callers_get_the_cron_field_ranges_the_api_checks(db_url, cron, problem):
+    """The first slot is the caller's (croniter's), but a field out of range is refused
+    in SQL too, so a psql user cannot store a schedule no scheduler can compute."""
+    with connect(db_url) as conn:
+        spec = {"kind": "sleep", "schedule": {"cron": cron}}
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match=problem):
+            conn.execute("SELECT pgbeat.create_task(%s, now() + interval '1 hour')", (Jsonb(spec),))
+        conn.rollback()
+        for good in ("0 9 * * mon-fri", "*/15 * * * *", "0 0 1 jan,jul *", "0 9 * * 1-5 30", "@daily"):
+            spec = {"kind": "sleep", "schedule": {"cron": good}}
+            conn.execute("SELECT pgbeat.create_task(%s, now() + interval '1 hour')", (Jsonb(spec),))

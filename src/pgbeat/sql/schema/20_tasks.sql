@@ -110,6 +110,42 @@ BEGIN
     RETURN canonical;
 END $$;
 
+-- What is wrong with one field of a cron expression (NULL: nothing): each comma item
+-- is *, a value or a range of values, with an optional /step; values within the
+-- field's range, or its names (jan..dec, sun..sat). A psql caller's expression gets
+-- the field ranges the API's croniter checks (Rule 10); the slots are croniter's.
+CREATE OR REPLACE FUNCTION pgbeat.cron_field_problem(p_value text, p_name text, p_min integer,
+                                                     p_max integer, p_names text[] DEFAULT '{}')
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    item text;
+    part text;
+    m text[];
+BEGIN
+    FOREACH item IN ARRAY string_to_array(lower(p_value), ',') LOOP
+        m := regexp_match(item, '^(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/([0-9]+))?$');
+        IF m IS NULL THEN
+            RETURN format('%s is not a valid %s field', to_jsonb(p_value), p_name);
+        END IF;
+        IF m[2] IS NOT NULL AND (length(m[2]) > 4 OR m[2]::integer = 0) THEN
+            RETURN format('step %s is out of range in the %s field', m[2], p_name);
+        END IF;
+        IF m[1] <> '*' THEN
+            FOREACH part IN ARRAY string_to_array(m[1], '-') LOOP
+                IF part ~ '^[0-9]+$' THEN
+                    IF length(part) > 4 OR part::integer NOT BETWEEN p_min AND p_max THEN
+                        RETURN format('%s is out of range in the %s field (%s-%s)', part, p_name, p_min, p_max);
+                    END IF;
+                ELSIF NOT part = ANY (p_names) THEN
+                    RETURN format('%s is not a value of the %s field', to_jsonb(part), p_name);
+                END IF;
+            END LOOP;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $$;
+
 -- Apply a schedule object ({"every"} | {"at"} | {"in"} | {"cron","timezone"})
 -- to a task row in memory: sets every/anchor/run_at/cron/timezone/next_run_at.
 -- Cron maths is croniter's: the caller passes the first cron slot.
@@ -118,6 +154,8 @@ RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     forms text[];
+    fields text[];
+    problem text;
 BEGIN
     IF p_schedule IS NULL OR jsonb_typeof(p_schedule) <> 'object' THEN
         PERFORM pgbeat.raise_invalid('schedule', 'must be an object with one of every, at, in or cron');
@@ -170,6 +208,19 @@ BEGIN
             PERFORM pgbeat.raise_invalid('schedule.cron', format('%s must have 5 fields (or 6, the 6th being seconds, written last)', to_jsonb(t.cron)));
         ELSIF t.cron !~ '^[0-9A-Za-z*/,\-\s]+$' THEN
             PERFORM pgbeat.raise_invalid('schedule.cron', format('%s has characters cron does not use', to_jsonb(t.cron)));
+        ELSE
+            fields := regexp_split_to_array(t.cron, '\s+');
+            problem := coalesce(
+                pgbeat.cron_field_problem(fields[1], 'minute', 0, 59),
+                pgbeat.cron_field_problem(fields[2], 'hour', 0, 23),
+                pgbeat.cron_field_problem(fields[3], 'day-of-month', 1, 31),
+                pgbeat.cron_field_problem(fields[4], 'month', 1, 12,
+                    '{jan,feb,mar,apr,may,jun,jul,aug,sep,oct,nov,dec}'),
+                pgbeat.cron_field_problem(fields[5], 'day-of-week', 0, 7, '{sun,mon,tue,wed,thu,fri,sat}'),
+                CASE WHEN cardinality(fields) = 6 THEN pgbeat.cron_field_problem(fields[6], 'seconds', 0, 59) END);
+            IF problem IS NOT NULL THEN
+                PERFORM pgbeat.raise_invalid('schedule.cron', format('%s: %s', to_jsonb(t.cron), problem));
+            END IF;
         END IF;
         IF p_schedule ? 'timezone' THEN
             t.timezone := pgbeat.canonical_time_zone('schedule.timezone',
