@@ -161,3 +161,34 @@ def test_gzip_when_asked_and_above_the_threshold(api):
     assert "content-encoding" not in request(api, "GET", "/schema/openapi.json")[1]
     status, headers, body = request(api, "GET", "/health", Accept_Encoding="gzip")
     assert "content-encoding" not in headers and json.loads(body) == {"status": "ok"}
+
+
+def requests_counted(base: str, key: str) -> dict[tuple[str, str], float]:
+    """`pgbeat_api_requests_total` for /tasks, by (method, status code)."""
+    _, _, body = request(base, "GET", "/metrics", Authorization=f"Bearer {key}")
+    counted = {}
+    for line in body.decode().splitlines():
+        if line.startswith("pgbeat_api_requests_total{") and 'path="/tasks"' in line:
+            labels, value = line.rsplit(" ", 1)
+            method = labels.split('method="')[1].split('"')[0]
+            status = labels.split('status_code="')[1].split('"')[0]
+            counted[(method, status)] = float(value)
+    return counted
+
+
+def test_metrics_count_refusals_by_their_real_status(fleet):
+    """401, 415 and 429 come from middleware, not from a route: they are counted as what
+    the client got, not as 200 (Rule 17's limits are visible in the metrics)."""
+    _, base = fleet.start_api(env={"PGBEAT_API_KEYS": "k1", "PGBEAT_RATE_LIMIT": "4"})
+    statuses = [request(base, "GET", "/tasks", Authorization="Bearer wrong")[0] for _ in range(2)]
+    statuses += [
+        request(base, "POST", "/tasks", SPEC, Content_Type="text/plain", Authorization="Bearer k1")[0]
+    ]
+    statuses += [request(base, "GET", "/tasks", Authorization="Bearer k1")[0] for _ in range(6)]
+    assert statuses == [401, 401, 415, 200, 200, 200, 200, 429, 429]
+    assert requests_counted(base, "k1") == {
+        ("GET", "401"): 2,
+        ("POST", "415"): 1,
+        ("GET", "200"): 4,
+        ("GET", "429"): 2,
+    }

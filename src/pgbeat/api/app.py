@@ -30,7 +30,7 @@ from prometheus_client.exposition import choose_encoder
 from pgbeat import db, migrations, queries
 from pgbeat.api import dashboard, ratelimit
 from pgbeat.api.creations import TaskCreations
-from pgbeat.api.errors import EXCEPTION_HANDLERS
+from pgbeat.api.errors import EXCEPTION_HANDLERS, MiddlewareErrors
 from pgbeat.api.http import PgbeatApp, RequestGuard, compression_config, cors_config
 from pgbeat.api.models import Health, Readiness
 from pgbeat.api.openapi import openapi_config, tidy
@@ -246,6 +246,7 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
 
     middleware: list[DefineMiddleware] = [
         PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware,
+        DefineMiddleware(MiddlewareErrors),
         DefineMiddleware(RequestGuard, allowed_origins=config.cors_origins, exempt=DASHBOARD_PATHS),
     ]
     # Failed authentications per client address, shared by the API's keys and the dashboard's sign-in.

@@ -9,6 +9,7 @@ import re
 import asyncpg
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from pgbeat.api.models import Error
 
@@ -106,6 +107,28 @@ def nesting_error_handler(_: Request, exc: RecursionError) -> Response:
 def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"event": "api_error", "path": request.url.path})
     return error_response(500, "internal error")
+
+
+class MiddlewareErrors:
+    """Answers the refusals of the middleware inside it (401, 403, 415, 429) as the route
+    handlers' errors are answered, so that the Prometheus middleware outside it sees and
+    counts the real status (an exception passing through it would be counted as 200)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except (HTTPException, BadInput) as exc:
+            if scope["type"] != "http":
+                raise
+            request: Request = Request(scope, receive)
+            if isinstance(exc, BadInput):
+                response = bad_input_handler(request, exc)
+            else:
+                response = http_error_handler(request, exc)
+            await response.to_asgi_response(None, request)(scope, receive, send)
 
 
 EXCEPTION_HANDLERS = {
