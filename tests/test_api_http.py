@@ -192,3 +192,20 @@ def test_metrics_count_refusals_by_their_real_status(fleet):
         ("GET", "200"): 4,
         ("GET", "429"): 2,
     }
+
+
+def test_requests_in_progress_carry_no_status(api):
+    """A request in flight has no status yet: the gauge is by method and path only, so a
+    POST that ends 201 is not shown as a 200 in flight, and it is back to 0 once answered."""
+    assert request(api, "POST", "/tasks", SPEC, Content_Type="application/json")[0] == 201
+    _, _, body = request(api, "GET", "/metrics")
+    in_progress = {}
+    for line in body.decode().splitlines():
+        if line.startswith("pgbeat_api_requests_in_progress{"):
+            labels, value = line.rsplit(" ", 1)
+            pairs = dict(pair.split("=", 1) for pair in labels.split("{", 1)[1].rstrip("}").split(","))
+            assert set(pairs) == {"method", "path", "app_name"}, line
+            in_progress[(pairs["method"].strip('"'), pairs["path"].strip('"'))] = float(value)
+    assert in_progress[("POST", "/tasks")] == 0
+    # The scrape itself is in flight while the page is written.
+    assert in_progress[("GET", "/metrics")] == 1

@@ -23,7 +23,7 @@ from litestar.middleware import (
 )
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import Example
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, PrometheusMiddleware
 from prometheus_client import REGISTRY, Gauge
 from prometheus_client.exposition import choose_encoder
 
@@ -194,6 +194,37 @@ async def read_database_gauges(pool: asyncpg.Pool) -> None:
             (gauge.labels(row["label"]) if row["label"] else gauge).set(row["value"])
 
 
+class InProgressByRoute:
+    """The in-progress gauge without a status: Litestar labels it with the status every
+    request starts with (200), so a request that ends 201 or 404 was shown as a 200 in
+    flight. This drops that label and keeps method, path and app name."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.gauge = Gauge(
+            "pgbeat_api_requests_in_progress",
+            "Requests the API is answering now",
+            [name for name in names if name != "status_code"],
+            multiprocess_mode="livesum",
+        )
+
+    def labels(self, *values: str | int | float) -> Gauge:
+        return self.gauge.labels(
+            *(v for name, v in zip(self.names, values, strict=True) if name != "status_code")
+        )
+
+
+class RequestMetrics(PrometheusMiddleware):
+    """Litestar's request metrics, with the in-progress gauge above."""
+
+    in_progress: InProgressByRoute | None = None
+
+    def requests_in_progress(self, labels: dict[str, str | int | float]) -> Gauge:  # type: ignore[override]
+        if RequestMetrics.in_progress is None:
+            RequestMetrics.in_progress = InProgressByRoute(list(labels))
+        return RequestMetrics.in_progress  # type: ignore[return-value]
+
+
 class MetricsController(PrometheusController):
     """Litestar's Prometheus endpoint, with the database's gauges refreshed first, in the
     text format or OpenMetrics as the scraper's Accept header asks."""
@@ -245,7 +276,9 @@ def create_app(url: str, config: Config, pool_size: int = 16) -> Litestar:
                 app.state.pool.terminate()
 
     middleware: list[DefineMiddleware] = [
-        PrometheusConfig(app_name="pgbeat", prefix="pgbeat_api", group_path=True).middleware,
+        PrometheusConfig(
+            app_name="pgbeat", prefix="pgbeat_api", group_path=True, middleware_class=RequestMetrics
+        ).middleware,
         DefineMiddleware(MiddlewareErrors),
         DefineMiddleware(RequestGuard, allowed_origins=config.cors_origins, exempt=DASHBOARD_PATHS),
     ]
