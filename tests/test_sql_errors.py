@@ -102,6 +102,8 @@ CREATE_CASES: list[tuple[Any, Any, str]] = [
     (sched(cron=""), FAR, "schedule.cron"),
     (sched(cron=5), FAR, "schedule.cron"),
     (sched(cron="* * * * *"), None, "schedule.cron"),  # the caller must give the first slot
+    (sched(cron="0 9 * * *"), "2999-01-01T09:07:13Z", "schedule.cron"),  # not a slot of it (Rule 7)
+    (sched(cron="*/5 * * * *"), "2000-01-01T00:00:00Z", "schedule.cron"),  # in the past
     (sched(cron="* * * * *", timezone="Mars/Base"), FAR, "schedule.timezone"),
     (sched(cron="* * * * *", timezone="UTC+3"), FAR, "schedule.timezone"),
     (sched(cron="* * * * *", timezone="PST"), FAR, "schedule.timezone"),
@@ -231,7 +233,9 @@ def test_scheduler_functions_reject_bad_input(conn):
         expect_error(conn, "SELECT * FROM pgbeat.materialize_due_runs(%s)", (limit,), "limit")
         expect_error(conn, "SELECT * FROM pgbeat.due_cron_tasks(%s)", (limit,), "limit")
     cron = conn.ids["cron"]
-    conn.execute("SELECT pgbeat.resume_task(%s, %s)", (cron, "2000-01-01T00:00:00Z"))
+    # Due since the fixture put its slot an hour back; unpaused by hand (a resume would
+    # move it to its next slot after now).
+    conn.execute("UPDATE pgbeat.tasks SET paused = false WHERE id = %s", (cron,))
     slot = conn.execute("SELECT next_run_at FROM pgbeat.tasks WHERE id = %s", (cron,)).fetchone()[
         "next_run_at"
     ]

@@ -9,6 +9,8 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import claim, connect, create_task, finish, make_due, materialize, release, runs, task
 
+from pgbeat import schedules
+
 HOUR = {"every": "1h"}
 
 
@@ -75,7 +77,7 @@ def test_create_one_shots_and_cron(db_url):
         now = db_now(conn)
     assert at["next_run_at"].isoformat() == "2999-08-08T15:35:00+00:00" and at["run_at"] == at["next_run_at"]
     assert inn["next_run_at"] == now + timedelta(minutes=90)
-    slot = now.replace(microsecond=0) + timedelta(minutes=5)
+    slot = schedules.next_cron_slot("0 */5 * * * *", "America/New_York", now)
     cron = create_task(
         conn, {"kind": "sleep", "schedule": {"cron": " 0 */5 * * * * ", "timezone": "America/New_York"}}, slot
     )
@@ -85,6 +87,7 @@ def test_create_one_shots_and_cron(db_url):
         slot,
     )
     # Stored as the tz database spells it: croniter's zoneinfo is case-sensitive.
+    slot = schedules.next_cron_slot("* * * * *", "UTC", now)
     lower = create_task(
         conn, {"kind": "sleep", "schedule": {"cron": "* * * * *", "timezone": "europe/paris"}}, slot
     )
@@ -293,11 +296,17 @@ def test_psql_callers_pass_ids_as_they_write_them(db_url):
         ("* * * * * 60", "seconds field"),
         ("*/0 * * * *", "step 0"),
         ("0 0 * foo *", "not a value of the month field"),
+        ("*/61 * * * *", "step 61 is out of range"),
+        ("5/10 * * * *", "a step needs \\* or a range"),
+        ("10-5 * * * *", "goes backwards"),
+        ("0 0 31 2 *", "never fires"),
     ],
 )
 def test_psql_callers_get_the_cron_field_ranges_the_api_checks(db_url, cron, problem):
-    """The first slot is the caller's (croniter's), but a field out of range is refused
-    in SQL too, so a psql user cannot store a schedule no scheduler can compute."""
+    """An expression the API's Python (schedules.parse_cron) refuses is refused in SQL
+    too, so a psql user cannot store a schedule no scheduler can compute (Rule 10)."""
+    with pytest.raises(ValueError):
+        schedules.parse_cron(cron)
     with connect(db_url) as conn:
         spec = {"kind": "sleep", "schedule": {"cron": cron}}
         with pytest.raises(psycopg.errors.InvalidParameterValue, match=problem):
@@ -305,4 +314,5 @@ def test_psql_callers_get_the_cron_field_ranges_the_api_checks(db_url, cron, pro
         conn.rollback()
         for good in ("0 9 * * mon-fri", "*/15 * * * *", "0 0 1 jan,jul *", "0 9 * * 1-5 30", "@daily"):
             spec = {"kind": "sleep", "schedule": {"cron": good}}
-            conn.execute("SELECT pgbeat.create_task(%s, now() + interval '1 hour')", (Jsonb(spec),))
+            first = schedules.next_cron_slot(good, "UTC", db_now(conn))
+            conn.execute("SELECT pgbeat.create_task(%s, %s)", (Jsonb(spec), first))

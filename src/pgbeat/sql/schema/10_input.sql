@@ -170,6 +170,31 @@ BEGIN
     RETURN (p_value #>> '{}')::boolean;
 END $$;
 
+-- A task spec or changes as psql users write them: a quoted literal, json, jsonb or
+-- jsonb_build_object(...). One polymorphic parameter takes them all: an overload
+-- per type would make a quoted literal ambiguous ("function is not unique").
+-- Text that is not JSON is refused naming the field, like every other bad input
+-- (Rule 10), not with a raw 22P02.
+CREATE OR REPLACE FUNCTION pgbeat.parse_json_object(p_field text, p_value anycompatible) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v jsonb;
+BEGIN
+    IF pg_typeof(p_value) = 'jsonb'::regtype THEN
+        v := p_value;  -- the API's calls: no conversion, no subtransaction
+    ELSE
+        BEGIN
+            v := p_value::text::jsonb;
+        EXCEPTION WHEN invalid_text_representation OR untranslatable_character THEN
+            PERFORM pgbeat.raise_invalid(p_field, 'is not valid JSON');
+        END;
+    END IF;
+    IF v IS NULL OR jsonb_typeof(v) <> 'object' THEN
+        PERFORM pgbeat.raise_invalid(p_field, 'must be a JSON object');
+    END IF;
+    RETURN v;
+END $$;
+
 CREATE OR REPLACE FUNCTION pgbeat.reject_unknown_keys(p_field text, p_value jsonb, p_known text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE

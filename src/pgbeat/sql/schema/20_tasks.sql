@@ -1,7 +1,9 @@
 -- Tasks: create, update, pause, resume, delete and trigger a task, and the
 -- checks of its fields (kind params, schedule, options). Each operation locks the
--- task row, validates everything (Rule 10), then writes. Cron maths is croniter's:
--- the caller passes the first (or next) cron slot.
+-- task row, validates everything (Rule 10), then writes. Cron slots are computed
+-- by the caller (croniter, pgbeat.schedules); a slot it passes is checked here
+-- against the expression (cron_slot_problem), so a psql caller cannot put a task
+-- off its cron grid (Rules 7 and 10).
 
 -- The kinds, as a message lists them: 'counter, http or sleep'.
 CREATE OR REPLACE FUNCTION pgbeat.kind_names() RETURNS text
@@ -110,10 +112,11 @@ BEGIN
     RETURN canonical;
 END $$;
 
--- What is wrong with one field of a cron expression (NULL: nothing): each comma item
--- is *, a value or a range of values, with an optional /step; values within the
+-- What is wrong with one field of a cron expression (NULL: nothing), read as
+-- pgbeat.schedules.parse_cron reads it: each comma item is *, a value or a range
+-- a-b of values, with an optional /step after * or a range; values within the
 -- field's range, or its names (jan..dec, sun..sat). A psql caller's expression gets
--- the field ranges the API's croniter checks (Rule 10); the slots are croniter's.
+-- the checks the API's Python makes (Rule 10).
 CREATE OR REPLACE FUNCTION pgbeat.cron_field_problem(p_value text, p_name text, p_min integer,
                                                      p_max integer, p_names text[] DEFAULT '{}')
 RETURNS text
@@ -122,39 +125,241 @@ DECLARE
     item text;
     part text;
     m text[];
+    bounds integer[];
 BEGIN
     FOREACH item IN ARRAY string_to_array(lower(p_value), ',') LOOP
         m := regexp_match(item, '^(\*|[0-9a-z]+(?:-[0-9a-z]+)?)(?:/([0-9]+))?$');
         IF m IS NULL THEN
             RETURN format('%s is not a valid %s field', to_jsonb(p_value), p_name);
         END IF;
-        IF m[2] IS NOT NULL AND (length(m[2]) > 4 OR m[2]::integer = 0) THEN
+        IF m[2] IS NOT NULL AND (length(m[2]) > 4 OR m[2]::integer NOT BETWEEN 1 AND p_max - p_min + 1) THEN
             RETURN format('step %s is out of range in the %s field', m[2], p_name);
         END IF;
         IF m[1] <> '*' THEN
+            bounds := '{}';
             FOREACH part IN ARRAY string_to_array(m[1], '-') LOOP
                 IF part ~ '^[0-9]+$' THEN
                     IF length(part) > 4 OR part::integer NOT BETWEEN p_min AND p_max THEN
                         RETURN format('%s is out of range in the %s field (%s-%s)', part, p_name, p_min, p_max);
                     END IF;
-                ELSIF NOT part = ANY (p_names) THEN
+                    bounds := bounds || part::integer;
+                ELSIF part = ANY (p_names) THEN
+                    bounds := bounds || (array_position(p_names, part) - 1 + p_min);
+                ELSE
                     RETURN format('%s is not a value of the %s field', to_jsonb(part), p_name);
                 END IF;
             END LOOP;
+            IF bounds[2] < bounds[1] THEN
+                RETURN format('the range %s in the %s field goes backwards', to_jsonb(item), p_name);
+            ELSIF m[2] IS NOT NULL AND cardinality(bounds) = 1 THEN
+                RETURN format('%s in the %s field: a step needs * or a range (write %s-%s/%s)',
+                              to_jsonb(item), p_name, m[1], p_max, m[2]);
+            END IF;
         END IF;
     END LOOP;
     RETURN NULL;
 END $$;
 
+-- The fields of a cron expression, an alias written out ('@daily': 0 0 * * *).
+CREATE OR REPLACE FUNCTION pgbeat.cron_fields(p_cron text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT regexp_split_to_array(CASE lower(btrim(p_cron))
+                                 WHEN '@yearly' THEN '0 0 1 1 *' WHEN '@annually' THEN '0 0 1 1 *'
+                                 WHEN '@monthly' THEN '0 0 1 * *' WHEN '@weekly' THEN '0 0 * * 0'
+                                 WHEN '@daily' THEN '0 0 * * *' WHEN '@midnight' THEN '0 0 * * *'
+                                 WHEN '@hourly' THEN '0 * * * *' ELSE btrim(p_cron) END, '\s+')
+$$;
+
+-- The values one field names (checked by cron_field_problem) as a bit mask: bit v
+-- set for each value v (every field's values are below 64).
+CREATE OR REPLACE FUNCTION pgbeat.cron_field_mask(p_value text, p_min integer, p_max integer,
+                                                  p_names text[] DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    item text;
+    m text[];
+    low integer;
+    high integer;
+    mask bigint := 0;
+BEGIN
+    FOREACH item IN ARRAY string_to_array(lower(p_value), ',') LOOP
+        m := regexp_match(item, '^(?:\*|([0-9a-z]+)(?:-([0-9a-z]+))?)(?:/([0-9]+))?$');
+        low := CASE WHEN m[1] IS NULL THEN p_min WHEN m[1] ~ '^[0-9]+$' THEN m[1]::integer
+                    ELSE array_position(p_names, m[1]) - 1 + p_min END;
+        high := CASE WHEN m[1] IS NULL THEN p_max WHEN m[2] IS NULL THEN low WHEN m[2] ~ '^[0-9]+$' THEN m[2]::integer
+                     ELSE array_position(p_names, m[2]) - 1 + p_min END;
+        mask := mask | (SELECT bit_or(1::bigint << v) FROM generate_series(low, high, coalesce(m[3]::integer, 1)) v);
+    END LOOP;
+    RETURN mask;
+END $$;
+
+-- The masks of an expression's fields, in cron's order with seconds last:
+-- {minute, hour, day-of-month, month, day-of-week (7 is Sunday, 0), second (0 when
+-- no 6th field is given)}. The expression must be one cron_expression_problem passes.
+CREATE OR REPLACE FUNCTION pgbeat.cron_masks(p_cron text) RETURNS bigint[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    f text[] := pgbeat.cron_fields(p_cron);
+    dows bigint := pgbeat.cron_field_mask(f[5], 0, 7, '{sun,mon,tue,wed,thu,fri,sat}');
+BEGIN
+    RETURN ARRAY[pgbeat.cron_field_mask(f[1], 0, 59),
+                 pgbeat.cron_field_mask(f[2], 0, 23),
+                 pgbeat.cron_field_mask(f[3], 1, 31),
+                 pgbeat.cron_field_mask(f[4], 1, 12, '{jan,feb,mar,apr,may,jun,jul,aug,sep,oct,nov,dec}'),
+                 (dows | (dows >> 7)) & 127,
+                 CASE WHEN cardinality(f) = 6 THEN pgbeat.cron_field_mask(f[6], 0, 59) ELSE 1 END];
+END $$;
+
+-- What is wrong with a cron expression (NULL: nothing), as the API's Python reads it
+-- (pgbeat.schedules.parse_cron): 5 fields, 6 with seconds written last, or one of
+-- the aliases standard cron knows; each field within its range; and some day it
+-- names exists.
+CREATE OR REPLACE FUNCTION pgbeat.cron_expression_problem(p_cron text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    f text[] := pgbeat.cron_fields(p_cron);
+    problem text;
+    masks bigint[];
+BEGIN
+    IF btrim(p_cron) ~ '^@' THEN
+        IF lower(btrim(p_cron)) NOT IN ('@yearly', '@annually', '@monthly', '@weekly', '@daily', '@midnight', '@hourly') THEN
+            RETURN format('%s is not an alias cron knows (@hourly, @daily, @midnight, @weekly, @monthly, @yearly, @annually)', to_jsonb(btrim(p_cron)));
+        END IF;
+    ELSIF cardinality(f) NOT IN (5, 6) THEN
+        RETURN format('%s must have 5 fields (or 6, the 6th being seconds, written last)', to_jsonb(btrim(p_cron)));
+    ELSIF p_cron !~ '^[0-9A-Za-z*/,\-\s]+$' THEN
+        RETURN format('%s has characters cron does not use', to_jsonb(btrim(p_cron)));
+    END IF;
+    problem := coalesce(
+        pgbeat.cron_field_problem(f[1], 'minute', 0, 59),
+        pgbeat.cron_field_problem(f[2], 'hour', 0, 23),
+        pgbeat.cron_field_problem(f[3], 'day-of-month', 1, 31),
+        pgbeat.cron_field_problem(f[4], 'month', 1, 12, '{jan,feb,mar,apr,may,jun,jul,aug,sep,oct,nov,dec}'),
+        pgbeat.cron_field_problem(f[5], 'day-of-week', 0, 7, '{sun,mon,tue,wed,thu,fri,sat}'),
+        CASE WHEN cardinality(f) = 6 THEN pgbeat.cron_field_problem(f[6], 'seconds', 0, 59) END);
+    IF problem IS NOT NULL THEN
+        RETURN format('%s: %s', to_jsonb(btrim(p_cron)), problem);
+    END IF;
+    -- As parse_cron: unless the days are either-or with a restricted day-of-week,
+    -- some month named must have some day named (February has 29).
+    masks := pgbeat.cron_masks(p_cron);
+    IF NOT (f[3] !~ '^\*' AND f[5] !~ '^\*' AND masks[5] <> 127)
+       AND NOT EXISTS (SELECT 1 FROM generate_series(1, 12) mo, generate_series(1, 31) d
+                        WHERE (masks[4] >> mo) & 1 = 1 AND (masks[3] >> d) & 1 = 1
+                          AND d <= extract(day FROM make_date(2000, mo, 1) + interval '1 month - 1 day')) THEN
+        RETURN format('%s never fires: no month it names has the days it names', to_jsonb(btrim(p_cron)));
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Whether a wall-clock time is one a cron expression names (p_masks: cron_masks),
+-- to the microsecond. The day rule is standard cron's: when both day fields are
+-- restricted (p_either) a day matches if either does, else only if both do.
+CREATE OR REPLACE FUNCTION pgbeat.cron_names_wall_time(p_masks bigint[], p_either boolean, p_wall timestamp)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT date_trunc('second', p_wall) = p_wall
+       AND (p_masks[6] >> extract(second FROM p_wall)::integer) & 1 = 1
+       AND (p_masks[1] >> extract(minute FROM p_wall)::integer) & 1 = 1
+       AND (p_masks[2] >> extract(hour FROM p_wall)::integer) & 1 = 1
+       AND (p_masks[4] >> extract(month FROM p_wall)::integer) & 1 = 1
+       AND CASE WHEN p_either
+                THEN (p_masks[3] >> extract(day FROM p_wall)::integer) & 1 = 1
+                     OR (p_masks[5] >> extract(dow FROM p_wall)::integer) & 1 = 1
+                ELSE (p_masks[3] >> extract(day FROM p_wall)::integer) & 1 = 1
+                     AND (p_masks[5] >> extract(dow FROM p_wall)::integer) & 1 = 1 END
+$$;
+
+-- What is wrong with p_slot as a slot of a cron expression in a time zone (NULL:
+-- nothing), so that a slot a caller passes keeps the task on its grid (Rule 7):
+-- its wall time in the zone must match every field (seconds 0 without a 6th
+-- field, microseconds 0). Across DST changes (README, "Cron across DST changes"):
+-- in the repeated hour of a fall-back both occurrences match the fields; wall times
+-- skipped by a spring-forward run at the instant of the jump, so that instant is a
+-- slot when some skipped wall time matches. Whether the slot is due is the caller's
+-- business (cron_slot_checked).
+CREATE OR REPLACE FUNCTION pgbeat.cron_slot_problem(p_cron text, p_timezone text, p_slot timestamptz)
+RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    problem text := pgbeat.cron_expression_problem(p_cron);
+    f text[];
+    masks bigint[];
+    either boolean;
+    utc timestamp;
+    offset_before interval;
+    offset_after interval;
+BEGIN
+    IF problem IS NOT NULL THEN
+        RETURN problem;
+    ELSIF p_slot IS NULL THEN
+        RETURN 'no slot given';
+    END IF;
+    f := pgbeat.cron_fields(p_cron);
+    masks := pgbeat.cron_masks(p_cron);
+    either := f[3] !~ '^\*' AND f[5] !~ '^\*';
+    IF pgbeat.cron_names_wall_time(masks, either, p_slot AT TIME ZONE p_timezone) THEN
+        RETURN NULL;
+    END IF;
+    utc := p_slot AT TIME ZONE 'UTC';
+    offset_before := ((p_slot - interval '1 microsecond') AT TIME ZONE p_timezone) - (utc - interval '1 microsecond');
+    offset_after := (p_slot AT TIME ZONE p_timezone) - utc;
+    -- The instant of a jump forward: the skipped wall times are [utc + before, utc + after).
+    IF offset_after > offset_before AND EXISTS (
+        SELECT 1
+          FROM generate_series(date_trunc('minute', utc + offset_before), utc + offset_after, interval '1 minute') m,
+               generate_series(0, 59) s,
+               LATERAL (SELECT m + make_interval(secs => s) AS wall) w
+         WHERE (masks[6] >> s) & 1 = 1
+           AND w.wall >= utc + offset_before AND w.wall < utc + offset_after
+           AND pgbeat.cron_names_wall_time(masks, either, w.wall)) THEN
+        RETURN NULL;
+    END IF;
+    RETURN format('%sZ is not a slot of %s in %s (it is %s there)', to_json(utc) #>> '{}',
+                  to_jsonb(btrim(p_cron)), p_timezone, to_json(p_slot AT TIME ZONE p_timezone) #>> '{}');
+END $$;
+
+-- p_slot as task t's first (or next: p_what) cron slot, or refused naming
+-- schedule.cron (Rule 10): a slot of its expression in its zone (Rule 7:
+-- cron_slot_problem), and not in the past. Tolerance: 5 seconds. The API computes
+-- the slot with croniter just before its transaction, whose now() may be a few
+-- milliseconds later (more when a creation queues behind others, and the API's
+-- clock may differ a little from the database's); a slot older than that would
+-- fire at once as a misfire, which no caller means.
+CREATE OR REPLACE FUNCTION pgbeat.checked_cron_slot(t pgbeat.tasks, p_slot timestamptz, p_what text)
+RETURNS timestamptz
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    problem text := pgbeat.cron_expression_problem(t.cron);
+BEGIN
+    IF problem IS NOT NULL THEN
+        PERFORM pgbeat.raise_invalid('schedule.cron', problem);
+    ELSIF p_slot IS NULL THEN
+        PERFORM pgbeat.raise_invalid('schedule.cron', format(
+            'the %s must be given: pgbeat does cron maths in the caller (croniter, pgbeat.schedules.next_cron_slot)',
+            p_what));
+    END IF;
+    problem := pgbeat.cron_slot_problem(t.cron, t.timezone, p_slot);
+    IF problem IS NOT NULL THEN
+        PERFORM pgbeat.raise_invalid('schedule.cron', format('the %s %s', p_what, problem));
+    ELSIF p_slot < now() - interval '5 seconds' THEN
+        PERFORM pgbeat.raise_invalid('schedule.cron', format('the %s %sZ is in the past', p_what,
+                                                             to_json(p_slot AT TIME ZONE 'UTC') #>> '{}'));
+    END IF;
+    RETURN p_slot;
+END $$;
+
 -- Apply a schedule object ({"every"} | {"at"} | {"in"} | {"cron","timezone"})
 -- to a task row in memory: sets every/anchor/run_at/cron/timezone/next_run_at.
--- Cron maths is croniter's: the caller passes the first cron slot.
+-- Cron maths is croniter's: the caller computes the first cron slot, and it is
+-- refused unless it is a slot of the expression in the zone, not in the past
+-- (checked_cron_slot; Rules 7 and 10).
 CREATE OR REPLACE FUNCTION pgbeat.apply_schedule(t pgbeat.tasks, p_schedule jsonb, p_first_slot timestamptz)
 RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
     forms text[];
-    fields text[];
     problem text;
 BEGIN
     IF p_schedule IS NULL OR jsonb_typeof(p_schedule) <> 'object' THEN
@@ -197,39 +402,16 @@ BEGIN
         t.next_run_at := t.run_at;
     WHEN 'cron' THEN
         t.cron := btrim(pgbeat.parse_text('schedule.cron', p_schedule->'cron', 200));
-        -- The caller reads the expression field by field (pgbeat.schedules.parse_cron)
-        -- and computes its first slot; here only its shape: 5 fields, 6 with seconds
-        -- written last, or one of the aliases standard cron knows.
-        IF t.cron ~ '^@' THEN
-            IF lower(t.cron) NOT IN ('@yearly', '@annually', '@monthly', '@weekly', '@daily', '@midnight', '@hourly') THEN
-                PERFORM pgbeat.raise_invalid('schedule.cron', format('%s is not an alias cron knows (@hourly, @daily, @midnight, @weekly, @monthly, @yearly, @annually)', to_jsonb(t.cron)));
-            END IF;
-        ELSIF cardinality(regexp_split_to_array(t.cron, '\s+')) NOT IN (5, 6) THEN
-            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s must have 5 fields (or 6, the 6th being seconds, written last)', to_jsonb(t.cron)));
-        ELSIF t.cron !~ '^[0-9A-Za-z*/,\-\s]+$' THEN
-            PERFORM pgbeat.raise_invalid('schedule.cron', format('%s has characters cron does not use', to_jsonb(t.cron)));
-        ELSE
-            fields := regexp_split_to_array(t.cron, '\s+');
-            problem := coalesce(
-                pgbeat.cron_field_problem(fields[1], 'minute', 0, 59),
-                pgbeat.cron_field_problem(fields[2], 'hour', 0, 23),
-                pgbeat.cron_field_problem(fields[3], 'day-of-month', 1, 31),
-                pgbeat.cron_field_problem(fields[4], 'month', 1, 12,
-                    '{jan,feb,mar,apr,may,jun,jul,aug,sep,oct,nov,dec}'),
-                pgbeat.cron_field_problem(fields[5], 'day-of-week', 0, 7, '{sun,mon,tue,wed,thu,fri,sat}'),
-                CASE WHEN cardinality(fields) = 6 THEN pgbeat.cron_field_problem(fields[6], 'seconds', 0, 59) END);
-            IF problem IS NOT NULL THEN
-                PERFORM pgbeat.raise_invalid('schedule.cron', format('%s: %s', to_jsonb(t.cron), problem));
-            END IF;
+        -- Read as the API's Python reads it (pgbeat.schedules.parse_cron).
+        problem := pgbeat.cron_expression_problem(t.cron);
+        IF problem IS NOT NULL THEN
+            PERFORM pgbeat.raise_invalid('schedule.cron', problem);
         END IF;
         IF p_schedule ? 'timezone' THEN
             t.timezone := pgbeat.canonical_time_zone('schedule.timezone',
                 pgbeat.parse_text('schedule.timezone', p_schedule->'timezone', 64));
         END IF;
-        IF p_first_slot IS NULL THEN
-            PERFORM pgbeat.raise_invalid('schedule.cron', 'the first slot must be computed by the caller (croniter)');
-        END IF;
-        t.next_run_at := p_first_slot;
+        t.next_run_at := pgbeat.checked_cron_slot(t, p_first_slot, 'first slot');
     END CASE;
     IF t.until IS NOT NULL AND t.next_run_at > t.until THEN
         t.next_run_at := NULL;
@@ -294,34 +476,33 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- create_task('{"name": "ping", "kind": "http", "params": {...}, "schedule": {"every": "30s"}}')
+-- The spec: a quoted literal, json or jsonb (parse_json_object).
 -- p_first_slot: the first cron slot (required for cron schedules, ignored otherwise).
-CREATE OR REPLACE FUNCTION pgbeat.create_task(p_spec jsonb, p_first_slot timestamptz DEFAULT NULL)
+CREATE OR REPLACE FUNCTION pgbeat.create_task(p_spec anycompatible, p_first_slot timestamptz DEFAULT NULL)
 RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
+    spec jsonb := pgbeat.parse_json_object('body', p_spec);
     t pgbeat.tasks;
 BEGIN
-    IF p_spec IS NULL OR jsonb_typeof(p_spec) <> 'object' THEN
-        PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
-    END IF;
-    PERFORM pgbeat.reject_unknown_keys('', p_spec, pgbeat.task_fields());
-    IF NOT p_spec ? 'kind' OR jsonb_typeof(p_spec->'kind') <> 'string' THEN
+    PERFORM pgbeat.reject_unknown_keys('', spec, pgbeat.task_fields());
+    IF NOT spec ? 'kind' OR jsonb_typeof(spec->'kind') <> 'string' THEN
         PERFORM pgbeat.raise_invalid('kind', format('is required (%s)', pgbeat.kind_names()));
     END IF;
-    t.kind := p_spec->>'kind';
-    t.params := pgbeat.check_params(t.kind, p_spec->'params');
-    t.name := coalesce(p_spec->>'name', t.kind);
+    t.kind := spec->>'kind';
+    t.params := pgbeat.check_params(t.kind, spec->'params');
+    t.name := coalesce(spec->>'name', t.kind);
     t.timeout := 60; t.paused := false; t.fired := 0;
     t.overlap_policy := 'queue'; t.misfire_policy := 'run_once'; t.misfire_grace := 60;
     t.max_retries := 0; t.retry_backoff := 10;
-    t := pgbeat.apply_options(t, p_spec);
-    IF NOT p_spec ? 'schedule' THEN
+    t := pgbeat.apply_options(t, spec);
+    IF NOT spec ? 'schedule' THEN
         PERFORM pgbeat.raise_invalid('schedule', 'is required');
     END IF;
-    t := pgbeat.apply_schedule(t, p_spec->'schedule', p_first_slot);
+    t := pgbeat.apply_schedule(t, spec->'schedule', p_first_slot);
     IF t.next_run_at IS NULL THEN
         -- A task that could never run is a mistake, not a task.
-        PERFORM pgbeat.raise_invalid('until', format('%s is before the first slot', p_spec->'until'));
+        PERFORM pgbeat.raise_invalid('until', format('%s is before the first slot', spec->'until'));
     END IF;
     INSERT INTO pgbeat.tasks (name, kind, params, every, run_at, cron, timezone, anchor, until, max_runs,
                               timeout, paused, next_run_at, overlap_policy, misfire_policy, misfire_grace,
@@ -385,61 +566,64 @@ END $$;
 -- Only the given fields change; a new schedule starts a new grid (and drops a
 -- pending run of the old schedule) but keeps fired, so a task that reached
 -- max_runs stays complete unless the change also resets fired (0) or raises
--- max_runs. Cron: pass the first slot of the new schedule.
+-- max_runs. Cron: pass the first slot of the new schedule (or, resuming, the
+-- next one). The changes: a quoted literal, json or jsonb (parse_json_object);
+-- the id as psql users write it (task_id_of).
 -- A task set aside (Rule 17) is resumed by any valid change that does not pause
 -- it: the error is cleared, and the next pass sets it aside again if its data
 -- still fails.
-CREATE OR REPLACE FUNCTION pgbeat.update_task(p_id integer, p_changes jsonb, p_first_slot timestamptz DEFAULT NULL)
+CREATE OR REPLACE FUNCTION pgbeat.update_task(p_id bigint, p_changes anycompatible,
+                                              p_first_slot timestamptz DEFAULT NULL)
 RETURNS pgbeat.tasks
 LANGUAGE plpgsql AS $$
 DECLARE
+    tid integer := pgbeat.task_id_of(p_id);
+    changes jsonb := pgbeat.parse_json_object('body', p_changes);
     t pgbeat.tasks;
     was_paused boolean;
 BEGIN
-    IF p_changes IS NULL OR jsonb_typeof(p_changes) <> 'object' THEN
-        PERFORM pgbeat.raise_invalid('body', 'must be a JSON object');
-    END IF;
-    PERFORM pgbeat.reject_unknown_keys('', p_changes, array_append(pgbeat.task_fields(), 'fired'));
-    t := pgbeat.lock_task(p_id);
+    PERFORM pgbeat.reject_unknown_keys('', changes, array_append(pgbeat.task_fields(), 'fired'));
+    t := pgbeat.lock_task(tid);
     was_paused := t.paused;
     -- fired counts the slots fired since creation, whatever the schedules; max_runs
     -- caps it. Only the user resets it: "fired": 0.
-    IF p_changes ? 'fired' THEN
-        IF p_changes->'fired' IS DISTINCT FROM '0'::jsonb THEN
+    IF changes ? 'fired' THEN
+        IF changes->'fired' IS DISTINCT FROM '0'::jsonb THEN
             PERFORM pgbeat.raise_invalid('fired', 'can only be reset: 0');
         END IF;
         t.fired := 0;
     END IF;
-    IF p_changes ? 'kind' AND p_changes->>'kind' IS DISTINCT FROM t.kind THEN
+    IF changes ? 'kind' AND changes->>'kind' IS DISTINCT FROM t.kind THEN
         PERFORM pgbeat.raise_invalid('kind', 'cannot be changed; create a new task');
     END IF;
-    IF p_changes ? 'params' THEN
-        t.params := pgbeat.check_params(t.kind, p_changes->'params');
+    IF changes ? 'params' THEN
+        t.params := pgbeat.check_params(t.kind, changes->'params');
     END IF;
-    t := pgbeat.apply_options(t, p_changes);
-    IF t.error IS NOT NULL AND NOT (p_changes ? 'paused' AND t.paused) THEN
+    t := pgbeat.apply_options(t, changes);
+    IF t.error IS NOT NULL AND NOT (changes ? 'paused' AND t.paused) THEN
         t.paused := false; t.error := NULL; t.error_at := NULL;
     END IF;
-    IF p_changes ? 'schedule' THEN
-        t := pgbeat.apply_schedule(t, p_changes->'schedule', p_first_slot);
-        PERFORM pgbeat.cancel_pending_run(p_id, 'schedule changed');
+    IF changes ? 'schedule' THEN
+        t := pgbeat.apply_schedule(t, changes->'schedule', p_first_slot);
+        PERFORM pgbeat.cancel_pending_run(tid, 'schedule changed');
         IF t.fired >= t.max_runs THEN
             t.next_run_at := NULL;  -- a new schedule does not undo max_runs
         END IF;
-    ELSIF p_changes ? 'until' OR p_changes ? 'max_runs' OR p_changes ? 'fired' THEN
+    ELSIF changes ? 'until' OR changes ? 'max_runs' OR changes ? 'fired' THEN
         IF t.next_run_at IS NULL AND t.run_at IS NULL THEN
             -- Limits raised (or removed) on a repeating task they had completed:
             -- it continues with its next slot after now (cron: the caller's).
             t.next_run_at := CASE WHEN t.every IS NOT NULL THEN pgbeat.grid_slot_after(t.anchor, t.every, now())
-                                  ELSE p_first_slot END;
+                                  WHEN t.cron IS NOT NULL AND p_first_slot IS NOT NULL
+                                  THEN pgbeat.checked_cron_slot(t, p_first_slot, 'next slot') END;
         END IF;
         IF (t.until IS NOT NULL AND t.next_run_at > t.until) OR t.fired >= t.max_runs THEN
             t.next_run_at := NULL;
         END IF;
     END IF;
     IF t.paused AND NOT was_paused THEN
-        PERFORM pgbeat.cancel_pending_run(p_id, 'task paused');
-    ELSIF was_paused AND NOT t.paused AND NOT p_changes ? 'schedule' THEN
+        PERFORM pgbeat.cancel_pending_run(tid, 'task paused');
+    ELSIF was_paused AND NOT t.paused AND NOT changes ? 'schedule' THEN
         t.next_run_at := pgbeat.resume_slot(t, p_first_slot);
     END IF;
     UPDATE pgbeat.tasks
@@ -449,14 +633,14 @@ BEGIN
            overlap_policy = t.overlap_policy, misfire_policy = t.misfire_policy,
            misfire_grace = t.misfire_grace, max_retries = t.max_retries,
            retry_backoff = t.retry_backoff, error = t.error, error_at = t.error_at, updated_at = now()
-     WHERE id = p_id
+     WHERE id = tid
     RETURNING * INTO t;
     RETURN t;
 END $$;
 
 -- Where a resumed task continues: the next grid slot after now (slots that fell
 -- due while paused were paused on purpose and are not misfires), the pending
--- one-shot time, or the caller's next cron slot.
+-- one-shot time, or the caller's next cron slot (checked_cron_slot).
 CREATE OR REPLACE FUNCTION pgbeat.resume_slot(t pgbeat.tasks, p_next_cron_slot timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -465,21 +649,18 @@ BEGIN
     ELSIF t.every IS NOT NULL THEN
         RETURN greatest(t.next_run_at, pgbeat.grid_slot_after(t.anchor, t.every, now()));
     ELSIF t.cron IS NOT NULL AND t.next_run_at < now() THEN
-        IF p_next_cron_slot IS NULL THEN
-            PERFORM pgbeat.raise_invalid('schedule.cron', 'resuming needs the next cron slot from the caller (croniter)');
-        END IF;
-        RETURN p_next_cron_slot;
+        RETURN pgbeat.checked_cron_slot(t, p_next_cron_slot, 'next slot');
     END IF;
     RETURN t.next_run_at;  -- one-shot keeps its time (runs now if it passed while paused)
 END $$;
 
 CREATE OR REPLACE FUNCTION pgbeat.pause_task(p_id bigint) RETURNS pgbeat.tasks
-LANGUAGE sql AS $$ SELECT pgbeat.update_task(pgbeat.task_id_of(p_id), '{"paused": true}') $$;
+LANGUAGE sql AS $$ SELECT pgbeat.update_task(p_id, jsonb '{"paused": true}') $$;
 
 CREATE OR REPLACE FUNCTION pgbeat.resume_task(p_id bigint, p_next_cron_slot timestamptz DEFAULT NULL)
 RETURNS pgbeat.tasks
 LANGUAGE sql AS $$
-    SELECT pgbeat.update_task(pgbeat.task_id_of(p_id), '{"paused": false}', p_next_cron_slot)
+    SELECT pgbeat.update_task(p_id, jsonb '{"paused": false}', p_next_cron_slot)
 $$;
 
 -- Delete: future runs stop (the pending one is cancelled), a running one
