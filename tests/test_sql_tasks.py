@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import json
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
-from sqlsupport import claim, connect, create_task, finish, make_due, materialize, release, runs, task
+from sqlsupport import (
+    claim,
+    connect,
+    create_task,
+    finish,
+    make_due,
+    materialize,
+    release,
+    row_counts,
+    runs,
+    task,
+)
+from test_cron_standard import random_expression
 
 from pgbeat import schedules
 
@@ -316,3 +333,270 @@ def test_psql_callers_get_the_cron_field_ranges_the_api_checks(db_url, cron, pro
             spec = {"kind": "sleep", "schedule": {"cron": good}}
             first = schedules.next_cron_slot(good, "UTC", db_now(conn))
             conn.execute("SELECT pgbeat.create_task(%s, %s)", (Jsonb(spec), first))
+
+
+# ---------------------------------------------------------------- psql callers' input
+
+
+def refused(conn: psycopg.Connection, sql: str, params: tuple = (), field: str = "schedule.cron") -> str:
+    """Run `sql`: it must fail with 22023 naming `field` and write nothing (Rule 10).
+    Returns the message."""
+    before = row_counts(conn)
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute(sql, params)
+    exc = info.value
+    assert (exc.sqlstate, exc.diag.column_name) == ("22023", field), (sql, params, str(exc))
+    assert row_counts(conn) == before, (sql, params)
+    return exc.diag.message_primary
+
+
+def test_a_cron_slot_off_its_grid_or_in_the_past_is_refused_and_nothing_is_written(db_url):
+    """Rules 7 and 10: the first (or next) slot a caller passes must be a slot of the
+    expression in the task's zone, and not more than 5 s in the past."""
+    conn = connect(db_url)
+    daily = {"kind": "sleep", "schedule": {"cron": "0 9 * * *"}}
+    message = refused(
+        conn, "SELECT pgbeat.create_task(%s, now() + interval '7 minutes 13 seconds')", (Jsonb(daily),)
+    )
+    assert (
+        message.startswith("schedule.cron: the first slot ")
+        and 'is not a slot of "0 9 * * *" in UTC' in message
+    )
+    berlin = {"kind": "sleep", "schedule": {"cron": "0 9 * * *", "timezone": "Europe/Berlin"}}
+    # 09:00 UTC is 10:00 in Berlin; a whole second late or a microsecond off is off the grid too.
+    for slot in ("2999-01-01T09:00:00Z", "2999-01-01T08:00:01Z", "2999-01-01T08:00:00.000001Z"):
+        assert "in Europe/Berlin" in refused(conn, "SELECT pgbeat.create_task(%s, %s)", (Jsonb(berlin), slot))
+    assert create_task(conn, berlin, "2999-01-01T08:00:00Z")["next_run_at"].isoformat() == (
+        "2999-01-01T08:00:00+00:00"
+    )
+    # The past: a slot the API computed a moment before its transaction began passes.
+    every_second = {"kind": "sleep", "schedule": {"cron": "* * * * * *"}}
+    message = refused(
+        conn,
+        "SELECT pgbeat.create_task(%s, date_trunc('second', now()) - interval '6 seconds')",
+        (Jsonb(every_second),),
+    )
+    assert message.endswith("is in the past")
+    conn.execute(
+        "SELECT pgbeat.create_task(%s, date_trunc('second', now()) - interval '1 second')",
+        (Jsonb(every_second),),
+    )
+
+    # A new schedule, raised limits and a resume check their slot the same way.
+    t = create_task(conn, berlin, "2999-01-01T08:00:00Z")
+    refused(
+        conn,
+        "SELECT pgbeat.update_task(%s, %s, %s)",
+        (t["id"], Jsonb({"schedule": daily["schedule"]}), "2999-01-01T09:30:00Z"),
+    )
+    conn.execute("SELECT pgbeat.update_task(%s, '{\"max_runs\": 1}')", (t["id"],))
+    # As if it had fired once: complete, until its limit is raised.
+    conn.execute("UPDATE pgbeat.tasks SET fired = 1, next_run_at = NULL WHERE id = %s", (t["id"],))
+    refused(conn, "SELECT pgbeat.update_task(%s, '{\"max_runs\": 2}', %s)", (t["id"], "2999-01-02T08:30:00Z"))
+    raised = update(conn, t["id"], {"max_runs": 2}, "2999-01-02T08:00:00Z")
+    assert raised["next_run_at"].isoformat() == "2999-01-02T08:00:00+00:00"
+    conn.execute("SELECT pgbeat.pause_task(%s)", (t["id"],))
+    conn.execute("UPDATE pgbeat.tasks SET next_run_at = now() - interval '1 day' WHERE id = %s", (t["id"],))
+    for slot in ("2999-01-03T08:00:01Z", "2000-01-03T08:00:00Z", None):
+        refused(conn, "SELECT pgbeat.resume_task(%s, %s)", (t["id"], slot))
+    resumed = call(conn, "resume_task", t["id"], "2999-01-03T08:00:00Z")
+    assert resumed["next_run_at"].isoformat() == "2999-01-03T08:00:00+00:00" and not resumed["paused"]
+
+
+# Instants at which the clocks change, with the UTC offsets before and after.
+BERLIN_SPRING = "2026-03-29T01:00:00Z"  # 02:00 CET -> 03:00 CEST
+BERLIN_FALL = "2026-10-25T01:00:00Z"  # 03:00 CEST -> 02:00 CET
+LORD_HOWE_SPRING = "2026-10-03T15:30:00Z"  # 02:00 +10:30 -> 02:30 +11:00
+LORD_HOWE_FALL = "2026-04-04T15:00:00Z"  # 02:00 +11:00 -> 01:30 +10:30
+SAO_PAULO_SPRING = "2018-11-04T03:00:00Z"  # 00:00 -03:00 -> 01:00 -02:00
+
+
+@pytest.mark.parametrize(
+    ("cron", "zone", "slot", "accepted"),
+    [
+        # Spring forward: a wall time the jump skips runs at the jump's instant.
+        ("30 2 * * *", "Europe/Berlin", BERLIN_SPRING, True),
+        ("0 3 * * *", "Europe/Berlin", BERLIN_SPRING, True),  # 03:00 CEST itself
+        ("15 2 * * * 30", "Europe/Berlin", "2026-03-29T01:00:30Z", True),  # croniter keeps the seconds
+        ("15 2 * * * 30", "Europe/Berlin", BERLIN_SPRING, False),
+        ("15,45 2 * * * 5,30", "Europe/Berlin", "2026-03-29T01:00:05Z", True),  # the first second only
+        ("15,45 2 * * * 5,30", "Europe/Berlin", "2026-03-29T01:00:30Z", False),
+        ("*/10 2 * * * 30", "Australia/Lord_Howe", "2026-10-03T15:30:30Z", True),
+        ("*/20 * * * *", "Europe/Berlin", BERLIN_SPRING, True),
+        ("30 3 * * *", "Europe/Berlin", BERLIN_SPRING, False),  # 02:xx skipped, none is 03:30
+        ("30 2 * * *", "Europe/Berlin", "2026-03-29T01:30:00Z", False),  # 03:30 CEST
+        ("30 2 * * *", "Europe/Berlin", "2026-03-29T00:30:00Z", False),  # 01:30 CET
+        ("15 2 * * *", "Australia/Lord_Howe", LORD_HOWE_SPRING, True),
+        ("45 2 * * *", "Australia/Lord_Howe", LORD_HOWE_SPRING, False),  # 02:45 is not skipped
+        ("45 2 * * *", "Australia/Lord_Howe", "2026-10-03T15:45:00Z", True),
+        ("0 0 * * *", "America/Sao_Paulo", SAO_PAULO_SPRING, True),  # midnight skipped
+        # Fall back: both occurrences of a repeated wall time are slots.
+        ("30 2 * * *", "Europe/Berlin", "2026-10-25T00:30:00Z", True),  # 02:30 CEST
+        ("30 2 * * *", "Europe/Berlin", "2026-10-25T01:30:00Z", True),  # 02:30 CET
+        ("40 1 * * *", "Australia/Lord_Howe", "2026-04-04T14:40:00Z", True),  # 01:40 +11:00
+        ("40 1 * * *", "Australia/Lord_Howe", "2026-04-04T15:10:00Z", True),  # 01:40 +10:30
+        ("40 1 * * *", "Australia/Lord_Howe", LORD_HOWE_FALL, False),  # 01:30 +10:30
+    ],
+)
+def test_cron_slots_across_dst_changes(db_url, cron, zone, slot, accepted):
+    """README, "Cron across DST changes": what the API's croniter maths yields there is
+    accepted; a wall time the fields do not name is not."""
+    conn = connect(db_url)
+    problem = conn.execute("SELECT pgbeat.cron_slot_problem(%s, %s, %s) AS p", (cron, zone, slot)).fetchone()[
+        "p"
+    ]
+    assert (problem is None) == accepted, problem
+    # What the API computes from 3 hours before (a fixed-hour job runs only in the first
+    # of two repeated hours; SQL accepts both).
+    moment = datetime.fromisoformat(slot)
+    api_slots = schedules.cron_slots(cron, zone, moment - timedelta(hours=3), 200)
+    repeat = slot in ("2026-10-25T01:30:00Z", "2026-04-04T15:10:00Z")
+    assert (moment in api_slots) == (accepted and not repeat), api_slots
+
+
+# ---------------------------------------------------------------- the API's slots, differentially
+
+DIFF_SEED = 20261203
+DIFF_EXPRESSIONS = 300
+DIFF_SLOTS = 20
+DIFF_ZONES = {  # each with instants its offset changes at (none for UTC and Kolkata)
+    "UTC": [],
+    "Asia/Kolkata": [],
+    "Europe/Berlin": [BERLIN_SPRING, BERLIN_FALL, "2027-03-28T01:00:00Z"],
+    "Australia/Lord_Howe": [LORD_HOWE_FALL, LORD_HOWE_SPRING],
+    "America/Sao_Paulo": [SAO_PAULO_SPRING, "2019-02-17T02:00:00Z"],
+}
+SECONDS_FIELDS = ["0", "30", "*/15", "5,35", "10-40/10", "*/7", "*"]
+ALIASES = ["@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"]
+
+
+def repeated_wall_time(moment: datetime, zone: ZoneInfo) -> bool:
+    """Whether moment's wall time occurs twice (a fall-back's repeated hour)."""
+    wall = moment.astimezone(zone).replace(tzinfo=None)
+    first, second = (wall.replace(tzinfo=zone, fold=f) for f in (0, 1))
+    return first.utcoffset() != second.utcoffset()
+
+
+def diff_cases() -> list[tuple[str, str, datetime]]:
+    """(expression, zone, start): random expressions of test_cron_standard, a seconds
+    field on some, the aliases; each in one zone, starting at a random time of
+    2026-2027 or, in a zone with DST, up to three days before one of its changes."""
+    rng = random.Random(DIFF_SEED)
+    zones = list(DIFF_ZONES)
+    cases = [
+        (alias, zones[i % len(zones)], datetime(2026, 1, 1, tzinfo=UTC)) for i, alias in enumerate(ALIASES)
+    ]
+    while len(cases) < DIFF_EXPRESSIONS:
+        expr = random_expression(rng)
+        if rng.random() < 0.25:
+            expr += " " + rng.choice(SECONDS_FIELDS)
+        zone = zones[len(cases) % len(zones)]
+        try:
+            schedules.parse_cron(expr)
+        except ValueError:
+            continue  # the API refuses it ("never fires"): no slots to compare
+        changes = DIFF_ZONES[zone]
+        if changes and rng.random() < 0.6:
+            start = datetime.fromisoformat(rng.choice(changes)) - timedelta(minutes=rng.randint(1, 3 * 1440))
+        else:
+            start = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=rng.randint(0, 2 * 365 * 86400))
+        cases.append((expr, zone, start))
+    return cases
+
+
+@pytest.mark.slow  # ~10 s: croniter's 10,000 slots, then 18,000 instants checked in SQL
+def test_the_slots_the_api_computes_are_accepted_and_their_neighbours_refused(db_url):
+    """Differential (Rule 7): for each case, 20 consecutive slots of pgbeat.schedules
+    (what the API passes) are accepted by cron_slot_problem, and each slot + 1 s and
+    + 1 min is refused unless the API would yield that instant too (or it is the second
+    occurrence of a repeated wall time, which SQL accepts for every job)."""
+    checks: list[tuple[str, str, datetime, bool]] = []  # (expr, zone, instant, a slot?)
+    for expr, zone, start in diff_cases():
+        # Every slot up to the last one's + 1 min: slots are whole seconds apart, and
+        # whole minutes without a seconds field.
+        known = schedules.cron_slots(expr, zone, start, DIFF_SLOTS + (60 if len(expr.split()) == 6 else 1))
+        slots = known[:DIFF_SLOTS]
+        assert len(slots) == DIFF_SLOTS
+        checks += [(expr, zone, slot, True) for slot in slots]
+        for slot in slots:
+            for step in (timedelta(seconds=1), timedelta(minutes=1)):
+                moment = slot + step
+                if moment in known or not repeated_wall_time(moment, ZoneInfo(zone)):
+                    checks.append((expr, zone, moment, moment in known))
+    conn = connect(db_url)
+    started = time.perf_counter()
+    problems = conn.execute(
+        """SELECT pgbeat.cron_slot_problem(e, z, s) AS problem
+             FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) WITH ORDINALITY AS c(e, z, s, i)
+            ORDER BY i""",
+        ([c[0] for c in checks], [c[1] for c in checks], [c[2] for c in checks]),
+    ).fetchall()
+    print(f"{len(checks)} instants checked in SQL in {time.perf_counter() - started:.2f} s")
+    wrong = [
+        f"{expr!r} in {zone} at {moment.isoformat()}: expected {'a slot' if is_slot else 'a refusal'},"
+        f" got {row['problem']}"
+        for (expr, zone, moment, is_slot), row in zip(checks, problems, strict=True)
+        if (row["problem"] is None) != is_slot
+    ]
+    assert not wrong, f"{len(wrong)} of {len(checks)} differ:\n" + "\n".join(wrong[:20])
+    refusals = sum(1 for *_, is_slot in checks if not is_slot)
+    assert refusals > len(checks) // 3, refusals
+    # And through the API's own call: every first slot after now is accepted, in one transaction.
+    cases = diff_cases()
+    now = conn.execute("SELECT now() AS t").fetchone()["t"]
+    specs = [Jsonb({"kind": "sleep", "schedule": {"cron": e, "timezone": z}}) for e, z, _ in cases]
+    firsts = [schedules.next_cron_slot(e, z, now) for e, z, _ in cases]
+    created = conn.execute(
+        "SELECT id, next_run_at FROM pgbeat.api_create_tasks(%s, %s)", (specs, firsts)
+    ).fetchall()
+    assert [r["next_run_at"] for r in created] == firsts
+
+
+# ---------------------------------------------------------------- spec forms
+
+
+SPEC_FORMS = ["a quoted literal", "json", "jsonb", "text", "jsonb_build_object", "json_build_object"]
+
+
+def written_as(form: str, doc: dict[str, Any]) -> str:
+    """doc as SQL text, the way a psql user writes it in `form`."""
+    if form.endswith("_build_object"):
+        return (
+            f"{form}("
+            + ", ".join(
+                f"'{k}', " + (written_as(form, v) if isinstance(v, dict) else f"'{v}'")
+                for k, v in doc.items()
+            )
+            + ")"
+        )
+    cast = {"a quoted literal": "", "json": "::json", "jsonb": "::jsonb", "text": "::text"}[form]
+    return f"'{json.dumps(doc)}'{cast}"
+
+
+@pytest.mark.parametrize("form", SPEC_FORMS)
+def test_psql_callers_write_a_spec_as_json_jsonb_or_a_quoted_literal(db_url, form):
+    conn = connect(db_url)
+    spec = written_as(form, {"kind": "sleep", "name": "made", "schedule": {"every": "1m"}})
+    created = conn.execute(f"SELECT * FROM pgbeat.create_task({spec})").fetchone()
+    assert (created["name"], created["every"]) == ("made", timedelta(minutes=1))
+    changes = written_as(form, {"name": "changed", "schedule": {"every": "2m"}})
+    changed = conn.execute(f"SELECT * FROM pgbeat.update_task(%s, {changes})", (created["id"],)).fetchone()
+    assert (changed["name"], changed["every"]) == ("changed", timedelta(minutes=2))
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("'every minute please'", "body: is not valid JSON"),
+        ('\'{"kind": "sleep",}\'', "body: is not valid JSON"),
+        ("42", "body: must be a JSON object"),
+        ("'[1, 2]'::json", "body: must be a JSON object"),
+        ("'\"sleep\"'::jsonb", "body: must be a JSON object"),
+        ("NULL", "body: must be a JSON object"),
+    ],
+)
+def test_psql_callers_get_a_named_refusal_for_a_body_that_is_not_a_json_object(db_url, value, problem):
+    conn = connect(db_url)
+    t = create_task(conn, {"kind": "sleep", "schedule": HOUR})
+    for sql in (f"SELECT pgbeat.create_task({value})", f"SELECT pgbeat.update_task({t['id']}, {value})"):
+        assert refused(conn, sql, field="body") == problem
