@@ -12,7 +12,7 @@ import itertools
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +151,34 @@ def db_url(test_databases: TestDatabases, pg_server: Server) -> Iterator[str]:
     name = test_databases.take()
     yield pg_server.url(name)
     test_databases.drop(name)
+
+
+@pytest.fixture(scope="module")
+def shared_db_url(test_databases: TestDatabases, pg_server: Server) -> Iterator[str]:
+    """One database for the tests of a module that leave nothing behind they could
+    trip over: refusal matrices that compare row counts before and after, and reads.
+    A case of such a matrix needs no clone of its own (a clone is most of its time)."""
+    name = test_databases.take()
+    yield pg_server.url(name)
+    test_databases.drop(name)
+
+
+@pytest.fixture(scope="module")
+def shared_app(shared_db_url: str):
+    """The API app on shared_db_url, built once per module (building it is the other
+    half of an API test's time); each test runs its lifespan in its own event loop."""
+    from pgbeat.api.app import create_app
+    from pgbeat.config import Config
+
+    return create_app(shared_db_url, Config())
+
+
+@pytest.fixture
+async def shared_client(shared_app) -> AsyncIterator:
+    from litestar.testing import AsyncTestClient
+
+    async with AsyncTestClient(shared_app) as client:
+        yield client
 
 
 @pytest.fixture

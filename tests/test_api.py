@@ -92,8 +92,8 @@ async def test_create_returns_201_location_and_the_task_json(client):
         (30, 30, "30s"),
     ],
 )
-async def test_every_accepts_durations_as_users_write_them(client, every, seconds, shown):
-    task = await create(client, schedule={"every": every})
+async def test_every_accepts_durations_as_users_write_them(shared_client, every, seconds, shown):
+    task = await create(shared_client, schedule={"every": every})
     assert task["schedule"]["every"] == shown
     assert ts(task["next_run_at"]) - ts(task["created_at"]) == timedelta(seconds=seconds)
 
@@ -160,25 +160,29 @@ async def test_until_and_max_runs_are_kept(client):
         ({"kind": "sleep", "schedule": {"every": 5}, "max_runs": 10**30}, 422, "max_runs"),
     ],
 )
-async def test_bad_input_names_the_field_and_writes_nothing(client, db_url, body, status, field):
-    resp = await client.post("/tasks", json=body)
+async def test_bad_input_names_the_field_and_writes_nothing(
+    shared_client, shared_db_url, body, status, field
+):
+    with sql.connect(shared_db_url) as conn:
+        before = sql.row_counts(conn)
+    resp = await shared_client.post("/tasks", json=body)
     assert resp.status_code == status, resp.text
     error = resp.json()
     assert error["status_code"] == status
     assert error["field"] == field, error
     assert error["detail"].startswith(field + ":") and len(error["detail"]) > len(field) + 5
-    with sql.connect(db_url) as conn:
-        assert sql.row_counts(conn)["tasks"] == 0
+    with sql.connect(shared_db_url) as conn:
+        assert sql.row_counts(conn) == before
 
 
 @pytest.mark.parametrize("every", ["100000 days", 1e300, "4000 days"])
-async def test_a_duration_has_one_limit_for_the_api_and_psql(client, db_url, every):
+async def test_a_duration_has_one_limit_for_the_api_and_psql(shared_client, shared_db_url, every):
     """The API reads the user's text; the range is the database's, whatever the entrance."""
-    resp = await client.post("/tasks", json={"kind": "sleep", "schedule": {"every": every}})
+    resp = await shared_client.post("/tasks", json={"kind": "sleep", "schedule": {"every": every}})
     assert resp.status_code == 422, resp.text
     assert resp.json()["detail"] == "schedule.every: must be at most 10 years"
     seconds = every if isinstance(every, float) else int(every.split()[0]) * 86400
-    with sql.connect(db_url) as conn, pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
+    with sql.connect(shared_db_url) as conn, pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
         sql.create_task(conn, {"kind": "sleep", "schedule": {"every": seconds}})
     assert str(refused.value).startswith("schedule.every: must be at most 10 years")
 
@@ -326,8 +330,8 @@ async def test_unknown_tasks_are_404_and_deleted_ones_readable_but_409_to_change
 
 
 @pytest.mark.parametrize("path", ["/tasks/0", "/tasks/-1", "/tasks/2147483648", "/tasks/abc", "/runs/0"])
-async def test_ids_out_of_range_are_client_errors(client, path):
-    resp = await client.get(path)
+async def test_ids_out_of_range_are_client_errors(shared_client, path):
+    resp = await shared_client.get(path)
     assert resp.status_code in (400, 404), resp.text
 
 
@@ -373,12 +377,12 @@ async def test_patch_null_clears_until_and_max_runs(client):
         ({"unknown": 1}, 400, "unknown"),
     ],
 )
-async def test_patch_bad_input_changes_nothing(client, changes, status, field):
-    task = await create(client)
-    resp = await client.patch(f"/tasks/{task['id']}", json=changes)
+async def test_patch_bad_input_changes_nothing(shared_client, changes, status, field):
+    task = await create(shared_client)
+    resp = await shared_client.patch(f"/tasks/{task['id']}", json=changes)
     assert resp.status_code == status, resp.text
     assert resp.json()["field"] == field
-    after = (await client.get(f"/tasks/{task['id']}")).json()
+    after = (await shared_client.get(f"/tasks/{task['id']}")).json()
     assert {k: after[k] for k in TASK_FIELDS} == {k: task[k] for k in TASK_FIELDS}
 
 
@@ -493,8 +497,8 @@ async def test_list_tasks_keyset_pagination_is_stable_under_concurrent_inserts(c
         ({"status": "sleeping"}, "status"),
     ],
 )
-async def test_list_tasks_bad_parameters_are_400(client, params, field):
-    resp = await client.get("/tasks", params=params)
+async def test_list_tasks_bad_parameters_are_400(shared_client, params, field):
+    resp = await shared_client.get("/tasks", params=params)
     assert resp.status_code == 400, resp.text
     assert resp.json()["field"] == field
 

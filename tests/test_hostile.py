@@ -140,8 +140,8 @@ REFUSED_CREATIONS = [
 
 
 @pytest.mark.parametrize(("body", "field"), REFUSED_CREATIONS, ids=lambda v: str(v)[:60])
-async def test_refused_creation_names_its_field_and_writes_nothing(client, db_url, body, field):
-    await assert_refused(client, db_url, "POST", "/tasks", body, 422, field)
+async def test_refused_creation_names_its_field_and_writes_nothing(shared_client, shared_db_url, body, field):
+    await assert_refused(shared_client, shared_db_url, "POST", "/tasks", body, 422, field)
 
 
 async def test_refused_changes_name_their_field_and_write_nothing(client, db_url):
@@ -162,9 +162,9 @@ async def test_refused_changes_name_their_field_and_write_nothing(client, db_url
 
 @pytest.mark.parametrize("path", ["/tasks", "/runs", "/tasks/1/runs"])
 @pytest.mark.parametrize("cursor", ["%C2%B2", "%D9%A3", "-1", "1e3", "99999999999999999999999", "%00"])
-async def test_bad_cursors_are_400_naming_cursor(client, db_url, path, cursor):
-    await create(client)
-    await assert_refused(client, db_url, "GET", f"{path}?cursor={cursor}", None, 400, "cursor")
+async def test_bad_cursors_are_400_naming_cursor(shared_client, shared_db_url, path, cursor):
+    await create(shared_client)
+    await assert_refused(shared_client, shared_db_url, "GET", f"{path}?cursor={cursor}", None, 400, "cursor")
 
 
 @pytest.mark.parametrize(
@@ -175,14 +175,14 @@ async def test_bad_cursors_are_400_naming_cursor(client, db_url, path, cursor):
         (f"/upcoming?until={FAR}", "until"),
     ],
 )
-async def test_query_times_out_of_range_are_422(client, db_url, path, field):
+async def test_query_times_out_of_range_are_422(shared_client, shared_db_url, path, field):
     # well-formed times pgbeat keeps none at: refused as in bodies (422); a malformed one is 400
-    await assert_refused(client, db_url, "GET", path.replace("+", "%2B"), None, 422, field)
+    await assert_refused(shared_client, shared_db_url, "GET", path.replace("+", "%2B"), None, 422, field)
 
 
 @pytest.mark.parametrize("body", [DEEP_PARAMS, DEEP_ARRAY], ids=["params", "array"])
-async def test_json_nested_1000_deep_is_400(client, db_url, body):
-    await assert_refused(client, db_url, "POST", "/tasks", body, 400, "body")
+async def test_json_nested_1000_deep_is_400(shared_client, shared_db_url, body):
+    await assert_refused(shared_client, shared_db_url, "POST", "/tasks", body, 400, "body")
 
 
 async def test_credentials_in_urls_are_redacted_in_answers(client):
@@ -659,10 +659,10 @@ def test_a_counter_whose_step_is_not_a_number_fails_its_run_clearly(db_url):
     ],
     ids=lambda v: str(v)[:40],
 )
-def test_psql_users_get_the_same_limits(db_url, spec, field, message):
+def test_psql_users_get_the_same_limits(shared_db_url, spec, field, message):
     """Rule 18 is the database's too: create_task (what psql users call) refuses
     with the field named, and writes nothing."""
-    with sql.connect(db_url) as conn:
+    with sql.connect(shared_db_url) as conn:
         before = sql.row_counts(conn)
         with pytest.raises(psycopg.errors.InvalidParameterValue) as refused:
             sql.create_task(conn, spec, datetime.now(UTC))
@@ -684,10 +684,10 @@ def test_psql_users_get_the_same_limits(db_url, spec, field, message):
         "UPDATE pgbeat.tasks SET until = '-infinity' WHERE id = %s",
     ],
 )
-def test_rows_no_reader_could_read_cannot_be_written(db_url, poison):
+def test_rows_no_reader_could_read_cannot_be_written(shared_db_url, poison):
     """The constraints of migration 0002: a time outside 1970..9000, an interval
     under 1 ms, and the like are refused even to psql."""
-    with sql.connect(db_url) as conn:
+    with sql.connect(shared_db_url) as conn:
         task_id = new_task(conn, {"kind": "sleep", "schedule": {"every": 60}})
         with pytest.raises(psycopg.errors.IntegrityError):  # a CHECK (or the kinds foreign key)
             conn.execute(poison, [task_id])
