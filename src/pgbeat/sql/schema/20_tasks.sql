@@ -327,7 +327,7 @@ BEGIN
         RETURN NULL;
     END IF;
     first_second := 0;
-    WHILE (masks[6] >> first_second) & 1 = 0 LOOP
+    WHILE (masks[6] >> first_second) & 1 = 0 AND first_second < 59 LOOP
         first_second := first_second + 1;
     END LOOP;
     jump := p_slot - make_interval(secs => first_second);
@@ -363,18 +363,18 @@ CREATE OR REPLACE FUNCTION pgbeat.checked_cron_slot(t pgbeat.tasks, p_slot times
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    problem text := pgbeat.cron_expression_problem(t.cron);
+    problem text;
 BEGIN
-    IF problem IS NOT NULL THEN
-        PERFORM pgbeat.raise_invalid('schedule.cron', problem);
-    ELSIF p_slot IS NULL THEN
-        PERFORM pgbeat.raise_invalid('schedule.cron', format(
-            'the %s must be given: pgbeat does cron maths in the caller (croniter, pgbeat.schedules.next_cron_slot)',
-            p_what));
+    IF p_slot IS NULL THEN
+        PERFORM pgbeat.raise_invalid('schedule.cron', coalesce(pgbeat.cron_expression_problem(t.cron), format(
+            'the %s must be given (the caller computes cron slots, as the API does with croniter)',
+            p_what)));
     END IF;
     problem := pgbeat.cron_slot_problem(t.cron, t.timezone, p_slot);
     IF problem IS NOT NULL THEN
-        PERFORM pgbeat.raise_invalid('schedule.cron', format('the %s %s', p_what, problem));
+        -- The expression's own problem (a row written by hand) rather than the slot's.
+        PERFORM pgbeat.raise_invalid('schedule.cron', coalesce(pgbeat.cron_expression_problem(t.cron),
+                                                               format('the %s %s', p_what, problem)));
     ELSIF p_slot < now() - interval '5 seconds' THEN
         PERFORM pgbeat.raise_invalid('schedule.cron', format('the %s %sZ is in the past', p_what,
                                                              to_json(p_slot AT TIME ZONE 'UTC') #>> '{}'));
