@@ -283,8 +283,8 @@ def test_create_tasks_writes_every_spec_in_order_or_none(db_url):
 
 
 def test_psql_callers_pass_ids_as_they_write_them(db_url):
-    """trigger_task, pause_task, resume_task and delete_task take a bigint: 7, 7::bigint
-    and '7' all work; an id past the column's range is an unknown task (P0002)."""
+    """trigger_task, pause_task, resume_task, update_task and delete_task take a bigint:
+    7, 7::bigint and '7' all work; an id past the column's range is an unknown task (P0002)."""
     with connect(db_url) as conn:
         tid = create_task(conn, {"kind": "sleep", "schedule": {"every": 3600}})["id"]
         run = conn.execute(f"SELECT * FROM pgbeat.trigger_task({tid}::bigint)").fetchone()
@@ -293,10 +293,16 @@ def test_psql_callers_pass_ids_as_they_write_them(db_url):
         assert (
             conn.execute(f"SELECT paused FROM pgbeat.resume_task({tid}::int8)").fetchone()["paused"] is False
         )
+        for written in (f"{tid}::bigint", f"'{tid}'"):
+            renamed = conn.execute(f"""SELECT name FROM pgbeat.update_task({written}, '{{"name": "x"}}')""")
+            assert renamed.fetchone()["name"] == "x"
         for fn in ("trigger_task", "pause_task", "resume_task", "delete_task"):
             with pytest.raises(psycopg.errors.NoDataFound, match="not found"):
                 conn.execute(f"SELECT pgbeat.{fn}({2**40})")
             conn.rollback()
+        with pytest.raises(psycopg.errors.NoDataFound, match="not found"):
+            conn.execute(f"""SELECT pgbeat.update_task({2**40}, '{{"name": "x"}}')""")
+        conn.rollback()
         assert conn.execute(f"SELECT deleted_at FROM pgbeat.delete_task({tid}::bigint)").fetchone()[
             "deleted_at"
         ]
