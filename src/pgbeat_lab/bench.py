@@ -281,23 +281,43 @@ def cpu_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, 
 
 @dataclass
 class Costs:
-    """What the database and the daemons spent so far: WAL written, CPU seconds of the
-    database's backends (this machine's processes, read from /proc) and of the daemons."""
+    """What the database and the daemons spent so far: WAL written, transactions
+    committed in the database (each a round trip of a daemon's: every call is one
+    statement), CPU seconds of the database's backends (this machine's processes, read
+    from /proc) and of the daemons."""
 
     wal_bytes: float
+    transactions: float
     postgres_cpu_s: float
     daemon_cpu_s: float
 
     @classmethod
     def now(cls, conn: psycopg.Connection, fleet: Fleet) -> Costs:
-        wal, pids = conn.execute(
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        wal, transactions, pids = conn.execute(
             """SELECT pg_current_wal_lsn() - '0/0'::pg_lsn,
+                      (SELECT xact_commit + xact_rollback FROM pg_stat_database
+                        WHERE datname = current_database()),
                       array(SELECT pid FROM pg_stat_activity
                              WHERE datname = current_database() AND pid <> pg_backend_pid())""",
         ).fetchone()
         backends = sum(proc_stats(pid).get("cpu_s", 0.0) for pid in pids)
         daemons = sum(s.get("cpu_s", 0.0) for s in fleet_stats(fleet).values())
-        return cls(float(wal), backends, daemons)
+        return cls(float(wal), float(transactions), backends, daemons)
+
+    @classmethod
+    def settled(cls, conn: psycopg.Connection, fleet: Fleet) -> Costs:
+        """As now(), once the transaction count has stopped moving: a backend reports
+        its counts when it goes idle, up to 10 s later (PostgreSQL's stats interval). This
+        reading's own two transactions are the noise left."""
+        costs = cls.now(conn, fleet)
+        for _ in range(24):
+            time.sleep(0.5)
+            later = cls.now(conn, fleet)
+            if later.transactions - costs.transactions <= 4:
+                break
+            costs = later
+        return costs
 
     def per_run_figures(self, later: Costs, runs: int) -> list[Figure]:
         """The cost of each run between two snapshots. Backends that ended between them
@@ -305,6 +325,7 @@ class Costs:
         per = max(runs, 1)
         return [
             Figure("WAL bytes per run", (later.wal_bytes - self.wal_bytes) / per, "bytes"),
+            Figure("transactions per run", (later.transactions - self.transactions) / per, ""),
             Figure(
                 "PostgreSQL CPU ms per run", (later.postgres_cpu_s - self.postgres_cpu_s) * 1000 / per, "ms"
             ),
@@ -490,7 +511,7 @@ def burst(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str
             lambda v: v >= n,
             timeout=(start - db_now(conn)).total_seconds() + max(60, n / 200),
         )
-        after = Costs.now(conn, fleet)
+        after = Costs.settled(conn, fleet)
         check_alive(fleet)
         row = conn.execute(
             """SELECT count(*) FILTER (WHERE state = 'succeeded'), max(finished_at), max(created_at),
