@@ -722,3 +722,34 @@ async def test_query_parameters_are_what_the_schema_says(client):
         assert (await client.get("/runs", params={"cursor": cursor})).status_code == 400, cursor
     assert (await client.get(f"/runs/{2**63}")).status_code == 404
     assert (await client.get(f"/tasks/{2**31}/runs")).status_code == 404
+
+
+async def test_cron_slots_follow_the_database_clock_when_the_api_host_lags(client, db_url, monkeypatch):
+    """Rule 7: the stored functions refuse a first cron slot already past on the
+    database's clock, so the API computes the slot it writes from that clock: a host
+    whose clock is an hour behind still creates, reschedules and resumes every-second
+    cron tasks, on their next slot."""
+    import pgbeat.api.routes as routes
+
+    class LaggingClock(datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime.now(tz) - timedelta(hours=1)
+
+    monkeypatch.setattr(routes, "datetime", LaggingClock)
+    every_second = {"cron": "* * * * * *"}
+
+    def database_now() -> datetime:
+        with sql.connect(db_url) as conn:
+            return conn.execute("SELECT now() AS now").fetchone()["now"]
+
+    before = database_now()
+    task = await create(client, schedule=every_second)
+    assert before < ts(task["next_run_at"]) <= database_now() + timedelta(seconds=1)
+    assert (await client.post(f"/tasks/{task['id']}/pause")).status_code == 200
+    resumed = await client.post(f"/tasks/{task['id']}/resume")
+    assert resumed.status_code == 200, resumed.text
+    assert ts(resumed.json()["next_run_at"]) > before
+    changed = await client.patch(f"/tasks/{task['id']}", json={"schedule": {"cron": "*/2 * * * * *"}})
+    assert changed.status_code == 200, changed.text
+    assert ts(changed.json()["next_run_at"]) > before

@@ -21,9 +21,10 @@ from typing import Any
 
 import asyncpg
 
-from pgbeat import db, queries
+from pgbeat import db, queries, schedules
 
 CREATE_TASKS = queries.get("create_tasks")
+TRANSACTION_NOW = queries.get("transaction_now")
 
 
 def refused_input(exc: BaseException) -> bool:
@@ -81,7 +82,20 @@ class TaskCreations:
         answers = [answer for *_, answer in batch]
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(CREATE_TASKS, [b[0] for b in batch], [b[1] for b in batch])
+                slots = [slot for _, slot, _ in batch]
+                if any(slots):
+                    # Cron's first slots again, from the transaction's clock: the one the
+                    # database checks them against (Rule 7), whatever this host's clock says
+                    # or however long the request waited for a connection.
+                    now = await conn.fetchval(TRANSACTION_NOW)
+                    slots = [
+                        slot
+                        and schedules.next_cron_slot(
+                            spec["schedule"]["cron"], spec["schedule"].get("timezone", "UTC"), now
+                        )
+                        for spec, slot, _ in batch
+                    ]
+                rows = await conn.fetch(CREATE_TASKS, [b[0] for b in batch], slots)
                 answered = list(zip(answers, [self.shape(row) for row in rows], strict=True))
         except asyncio.CancelledError:
             for answer in answers:

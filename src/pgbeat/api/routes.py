@@ -234,13 +234,15 @@ def schedule_for_sql(schedule: ScheduleIn, min_interval: float) -> tuple[dict[st
     return doc, first_slot
 
 
-def first_cron_slot(cron: str, timezone: str) -> datetime:
+def first_cron_slot(cron: str, timezone: str, after: datetime | None = None) -> datetime:
+    """The first slot after `after` (by default this host's now: enough to check the
+    expression; the slot written is computed again from the database's clock)."""
     try:
         schedules.check_timezone(timezone)
     except ValueError as exc:
         raise BadInput("schedule.timezone", str(exc)) from None
     try:
-        return schedules.next_cron_slot(cron, timezone, datetime.now(UTC))
+        return schedules.next_cron_slot(cron, timezone, after or datetime.now(UTC))
     except ValueError as exc:
         raise BadInput("schedule.cron", str(exc)) from None
     except Exception as exc:  # croniter raises assorted errors for odd expressions
@@ -296,6 +298,14 @@ def spec_for_sql(spec: TaskFields, given: InputLimits) -> tuple[dict[str, Any], 
     return doc, first_slot
 
 
+async def cron_slot_now(conn: asyncpg.Connection, doc: dict[str, Any]) -> datetime:
+    """The first slot of the cron schedule in `doc`, from the transaction's clock: the one
+    the database checks it against, so a host whose clock lags, or a request that waited
+    for a connection, never writes a slot already past (Rule 7)."""
+    now = await conn.fetchval(queries.get("transaction_now"))
+    return first_cron_slot(doc["cron"], doc.get("timezone", "UTC"), now)
+
+
 async def resume_cron_slot(conn: asyncpg.Connection, task_id: int, resuming: bool = True) -> datetime | None:
     """Lock the task (P0002 when unknown) and, for a cron task that resumes (or one set
     aside, which any change resumes: Rule 17), compute where it resumes."""
@@ -303,7 +313,7 @@ async def resume_cron_slot(conn: asyncpg.Connection, task_id: int, resuming: boo
     if row["cron"] is None or not (resuming or row["error"] is not None):
         return None
     try:
-        return schedules.next_cron_slot(row["cron"], row["timezone"], datetime.now(UTC))
+        return schedules.next_cron_slot(row["cron"], row["timezone"], row["now"])
     except Exception as exc:  # croniter's assorted errors: the stored schedule is the problem
         problem = f"the task's cron schedule cannot be computed ({exc}); give a new one"
         raise BadInput("schedule", problem) from None
@@ -367,6 +377,8 @@ async def update_task(
     doc, first_slot = spec_for_sql(changes, given)
     # Every write's answer is shaped inside its transaction (Rule 10: no 5xx after a commit).
     async with pool.acquire() as conn, conn.transaction():
+        if first_slot is not None:
+            first_slot = await cron_slot_now(conn, doc["schedule"])
         if changes.paused is not True and not isinstance(changes.schedule, ScheduleIn):
             first_slot = await resume_cron_slot(conn, task_id, resuming=changes.paused is False)
         return answer_task(await conn.fetchrow(queries.get("update_task"), task_id, doc, first_slot))

@@ -113,8 +113,14 @@ SELECT * FROM pgbeat.get_task($1);
 SELECT * FROM pgbeat.list_tasks($1, $2, $3, $4, $5, $6);
 
 -- name: lock_task_schedule
--- Lock a live task for this transaction (P0002 when unknown) and read its cron schedule and error.
-SELECT cron, timezone, error FROM pgbeat.lock_task($1);
+-- Lock a live task for this transaction (P0002 when unknown) and read its cron schedule and error,
+-- and the transaction's now(), the clock its next cron slot is computed from and checked against.
+SELECT cron, timezone, error, now() AS now FROM pgbeat.lock_task($1);
+
+-- name: transaction_now
+-- The transaction's now(): first cron slots are computed from the database's clock, as the
+-- stored functions check them (Rule 7), whatever the API host's clock says.
+SELECT now() AS now;
 
 -- name: update_task
 -- Change a task ($2: the fields given; $3: the first slot of a new or resumed cron schedule).
