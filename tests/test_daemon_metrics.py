@@ -130,3 +130,21 @@ def test_health_is_503_without_a_database_session(fleet, db_url, pg_server):
     wait_for("the worker to reconnect", lambda: probe(port, "/health")[0] == 200)
     text = probe(port, "/metrics")[2].decode()
     assert 'pgbeat_reconnects_total{role="worker"}' in text
+
+
+def test_every_daemon_reports_the_backlog_it_sees(fleet, db_url):
+    """pgbeat_runs_due: due runs waiting for a worker, read at each reap (Rule 13's
+    side task, every few seconds) by every daemon: with no worker, one per task (Rule 3);
+    once a worker claims them, none."""
+    port = free_port()
+    fs.start(fleet, "scheduler", 1, "--metrics-port", str(port))
+    for _ in range(3):
+        fs.create_task(db_url, {"kind": "sleep", "params": {"seconds": 0}, "schedule": {"every": 1}})
+
+    def due_seen(expected: float) -> bool:
+        text = probe(port, "/metrics")[2].decode()
+        return f'pgbeat_runs_due{{role="scheduler"}} {expected}' in text
+
+    wait_for("the scheduler to see three due runs waiting", lambda: due_seen(3.0))
+    fs.start(fleet, "worker", 1, env={"PGBEAT_METRICS_PORT": "0"})
+    wait_for("the scheduler to see the backlog gone", lambda: due_seen(0.0))

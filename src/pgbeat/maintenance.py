@@ -17,7 +17,7 @@ from typing import Any, Self
 
 import asyncpg
 
-from pgbeat import daemon, db, queries
+from pgbeat import daemon, db, metrics, queries
 
 log = logging.getLogger("pgbeat.maintenance")
 
@@ -37,11 +37,13 @@ class Maintenance:
         self,
         url: str,
         daemon_id: int,
+        role: str,
         retention_days: float,
         on_reaped: Callable[[int], None] | None = None,
     ) -> None:
         self.url = url
         self.daemon_id = daemon_id
+        self.role = role
         self.retention_days = retention_days
         self.on_reaped = on_reaped  # told how many runs a reap abandoned, when any
         self.pool: asyncpg.Pool | None = None
@@ -85,8 +87,11 @@ class Maintenance:
     async def reap(self) -> int:
         """Abandon runs whose worker session is gone (Rule 5); record dead daemons as
         stopped (Rule 12). One statement, one transaction: an idle daemon's cost is a
-        query every few seconds. Returns how many runs were abandoned."""
-        abandoned = await self._pool.fetchval(queries.get("reap"), timeout=STEP_TIMEOUT)
+        query every few seconds. Returns how many runs were abandoned. The same statement
+        counts the backlog it sees (metrics.RUNS_DUE)."""
+        row = await self._pool.fetchrow(queries.get("reap"), timeout=STEP_TIMEOUT)
+        abandoned = row["abandoned"]
+        metrics.RUNS_DUE.labels(self.role).set(row["due"])
         if abandoned:
             log.warning("abandoned runs reaped", extra={"event": "runs_abandoned", "count": abandoned})
             if self.on_reaped is not None:

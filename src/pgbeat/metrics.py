@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("pgbeat.metrics")
@@ -45,6 +45,11 @@ RUNS_FINISHED = Counter(
 CLAIM_ERRORS = Counter("pgbeat_claim_errors_total", "Claim transactions that failed (not a lost session)")
 FINISH_ERRORS = Counter("pgbeat_finish_errors_total", "Batches of finished runs the database refused")
 RECONNECTS = Counter("pgbeat_reconnects_total", "Database sessions lost and reopened", ["role"])
+RUNS_DUE = Gauge(
+    "pgbeat_runs_due",
+    "Due runs waiting for a worker, counted up to 10,001 at this daemon's last reap (every few seconds)",
+    ["role"],
+)
 SLOTS_FIRED = Counter(
     "pgbeat_slots_fired_total", "Scheduling decisions this scheduler made, by outcome", ["outcome"]
 )

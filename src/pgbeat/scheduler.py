@@ -252,7 +252,7 @@ async def run_scheduler(url: str, config: Config, stop: asyncio.Event) -> None:
     async def session_main() -> None:
         async with (
             daemon.DaemonSession(url, "scheduler", (db.SCHEDULER_CHANNEL,)) as session,
-            maintenance.Maintenance(url, session.daemon_id, config.retention_days) as upkeep,
+            maintenance.Maintenance(url, session.daemon_id, session.role, config.retention_days) as upkeep,
         ):
             # The side tasks end when the loop ends (supervise cancels them), so a
             # stop never cancels the loop in the middle of a pass.

@@ -417,6 +417,7 @@ async def run_session(
         maintenance.Maintenance(
             url,
             session.daemon_id,
+            session.role,
             config.retention_days,
             # A reaped task may have a pending run no one was told about.
             on_reaped=lambda _abandoned: session.wake.set(),

@@ -22,8 +22,12 @@ SELECT pgbeat.stop_daemon($1);
 SELECT pgbeat.heartbeat_daemon($1);
 
 -- name: reap
--- Abandon runs whose worker session is gone (Rule 5) and record dead daemons as stopped, in one transaction.
-SELECT abandoned FROM pgbeat.reap_abandoned_runs() AS abandoned, pgbeat.reap_dead_daemons();
+-- Abandon runs whose worker session is gone (Rule 5) and record dead daemons as stopped, in one transaction;
+-- and the backlog: due runs waiting for a worker (counted up to 10,001).
+SELECT abandoned,
+       (SELECT count(*) FROM (SELECT 1 FROM pgbeat.runs WHERE state = 'pending' AND due_at <= now()
+                               LIMIT 10001) due) AS due
+  FROM pgbeat.reap_abandoned_runs() AS abandoned, pgbeat.reap_dead_daemons();
 
 -- name: prune_history
 -- Delete up to $2 finished runs older than $1 seconds (then deleted tasks and stopped daemons left without them).
