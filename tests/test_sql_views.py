@@ -8,6 +8,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import pytest
 from sqlsupport import (
     DAEMON_NS,
     TASK_NS,
@@ -283,3 +284,191 @@ def test_slots_more_than_a_minute_away_do_not_wake_the_schedulers(db_url):
     assert drain(listener)["pgbeat_scheduler"] == []
     conn.execute("SELECT pgbeat.pause_task(%s)", (t["id"],))
     assert [json.loads(p) for p in drain(listener)["pgbeat_scheduler"]] == [{"next_run_at": None}]
+
+
+# ---------------------------------------------------------------- the task list (list_tasks)
+
+
+def listed(conn: psycopg.Connection, page_size: int = 2, **filters) -> list[int]:
+    """The ids list_tasks returns, every page (a few at a time, so the cursor is exercised)."""
+    ids: list[int] = []
+    while True:
+        page = conn.execute(
+            """SELECT id FROM pgbeat.list_tasks(p_kind => %(kind)s, p_status => %(status)s,
+                      p_name => %(name)s, p_after_id => %(after)s, p_limit => %(limit)s)""",
+            {
+                "kind": None,
+                "status": None,
+                "name": None,
+                **filters,
+                "after": ids[-1] if ids else 0,
+                "limit": page_size,
+            },
+        ).fetchall()
+        ids += [row["id"] for row in page]
+        if len(page) < page_size:
+            return ids
+
+
+NAMES = [
+    "100% done",
+    "1000 done",
+    "a_b",
+    "axb",
+    "back\\slash",
+    "back\\\\twice",
+    "backslash",
+    "MiXeD Case",
+    "mixed case",
+    "Ünïcode Größe",
+    "deleted match",
+]
+SEARCHES = [
+    "%",
+    "_",
+    "\\",
+    "\\\\",
+    "0%",
+    "0% d",
+    "a_b",
+    "a%b",
+    "MIXED",
+    "xed c",
+    "ünï",
+    "GRÖSSE",
+    "größe",
+    "back\\s",
+    "slash",
+    "match",
+    "",
+    " ",
+    "no such task",
+]
+
+
+def named_tasks(conn: psycopg.Connection) -> dict[str, int]:
+    """NAMES (one deleted) among 5,000 others named by md5, so that a search the trigram
+    index can answer is answered by it, as with many tasks."""
+    ids = {name: create_task(conn, {"kind": "sleep", "name": name, "schedule": HOUR})["id"] for name in NAMES}
+    conn.execute("SELECT pgbeat.delete_task(%s)", (ids["deleted match"],))
+    conn.execute(
+        """INSERT INTO pgbeat.tasks (name, kind, every, anchor, next_run_at)
+           SELECT md5(g::text), 'sleep', interval '1h', now(), now() + interval '1h'
+             FROM generate_series(1, 5000) g"""
+    )
+    conn.execute("VACUUM ANALYZE pgbeat.tasks")  # statistics, and the index's pending entries merged
+    return ids
+
+
+def name_search(conn: psycopg.Connection, searches: list[str]) -> dict[str, list[int]]:
+    return {search: listed(conn, page_size=1000, name=search) for search in searches}
+
+
+def test_the_name_filter_is_a_literal_case_insensitive_substring_with_or_without_the_index(db_url):
+    """% _ and \\ in the search are characters, not patterns; case is ignored as lower()
+    ignores it; deleted tasks are left out. The trigram index (where pg_trgm is
+    installed, as on the test server) changes how tasks are found, not which."""
+    conn = connect(db_url)
+    by = named_tasks(conn)
+    md5s = [
+        row["s"]
+        for row in conn.execute("SELECT upper(substr(md5(g::text), 7, 5)) AS s FROM generate_series(1, 20) g")
+    ]
+    # What the filter meant before it could use an index: strpos on lower(), over live tasks.
+    expected = {
+        search: [
+            row["id"]
+            for row in conn.execute(
+                """SELECT id FROM pgbeat.tasks WHERE deleted_at IS NULL
+                      AND strpos(lower(name), lower(%s)) > 0 ORDER BY id""",
+                (search,),
+            )
+        ]
+        for search in SEARCHES + md5s
+    }
+    assert expected["%"] == [by["100% done"]] and expected["_"] == [by["a_b"]]
+    assert expected["\\"] == [by["back\\slash"], by["back\\\\twice"]]
+    assert expected["\\\\"] == [by["back\\\\twice"]]
+    assert expected["MIXED"] == [by["MiXeD Case"], by["mixed case"]]
+    assert expected["größe"] == [by["Ünïcode Größe"]]  # beyond ASCII, lower() is the locale's
+    assert expected["match"] == [] and len(expected[""]) == 5000 + len(NAMES) - 1
+    assert all(expected[s] for s in md5s)
+
+    assert conn.execute("SELECT to_regclass('pgbeat.tasks_name_trgm') AS i").fetchone()["i"] is not None
+    assert name_search(conn, SEARCHES + md5s) == expected
+    conn.execute("DROP INDEX pgbeat.tasks_name_trgm")
+    assert name_search(conn, SEARCHES + md5s) == expected
+
+
+def test_the_name_filter_uses_the_trigram_index(db_url):
+    """The LIKE list_tasks builds is one the trigram index answers (its plan, read
+    through auto_explain; how fast is pgbeat bench ui's)."""
+    conn = connect(db_url)
+    try:
+        conn.execute("LOAD 'auto_explain'")
+    except psycopg.errors.InsufficientPrivilege:
+        pytest.skip("auto_explain needs a superuser here")
+    by = named_tasks(conn)
+    plans: list[str] = []
+    conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+        conn.execute(f"SET auto_explain.{setting}")
+    for search, found in (("xED c", ["MiXeD Case", "mixed case"]), ("k\\\\tw", ["back\\\\twice"])):
+        plans.clear()
+        assert listed(conn, name=search) == [by[name] for name in found]
+        assert any("tasks_name_trgm" in plan for plan in plans), plans
+
+
+def test_the_status_filter_lists_exactly_the_tasks_of_that_status(db_url):
+    """Every status, alone and with a kind, is the status task_status gives the task,
+    including a task with no next slot whose run is still pending (active) and one
+    whose runs are done (complete)."""
+    conn, worker = connect(db_url), connect(db_url)
+    ids: dict[str, int] = {}
+
+    def task_of(name: str, kind: str = "sleep", **spec) -> int:
+        ids[name] = create_task(conn, {"kind": kind, "name": name, "schedule": HOUR, **spec})["id"]
+        return ids[name]
+
+    task_of("active")
+    task_of("active counter", kind="counter")
+    conn.execute("SELECT pgbeat.pause_task(%s)", (task_of("paused"),))
+    conn.execute("SELECT pgbeat.pause_task(%s)", (task_of("paused counter", kind="counter"),))
+    conn.execute("SELECT pgbeat.delete_task(%s)", (task_of("deleted"),))
+    conn.execute("SELECT pgbeat.pause_task(%s)", (task_of("deleted paused"),))
+    conn.execute("SELECT pgbeat.delete_task(%s)", (ids["deleted paused"],))
+    # Set aside (Rule 17) as the scheduling pass does it: paused, with the error.
+    conn.execute(
+        "UPDATE pgbeat.tasks SET paused = true, error = 'bad', error_at = now() WHERE id = %s",
+        (task_of("error", kind="counter"),),
+    )
+    # Two tasks whose one slot fired (no next slot): the run of one is still waiting
+    # (active), the other's finished (complete).
+    for name in ("ended, run pending", "complete"):
+        make_due(conn, task_of(name, max_runs=1), 10)
+    assert len(materialize(conn)) == 2
+    (run,) = claim(worker)
+    finish(worker, run["run_id"], "succeeded")
+    release(worker, [run["task_id"]])
+    if run["task_id"] != ids["complete"]:
+        ids["complete"], ids["ended, run pending"] = ids["ended, run pending"], ids["complete"]
+
+    status = {row["id"]: row["status"] for row in conn.execute("SELECT id, status FROM pgbeat.task_status")}
+    expected = {
+        "active": ["active", "active counter", "ended, run pending"],
+        "paused": ["paused", "paused counter"],
+        "deleted": ["deleted", "deleted paused"],
+        "error": ["error"],
+        "complete": ["complete"],
+    }
+    assert {ids[name]: s for s, names in expected.items() for name in names} == status
+    kind = {row["id"]: row["kind"] for row in conn.execute("SELECT id, kind FROM pgbeat.tasks")}
+    for s, names in expected.items():
+        assert listed(conn, status=s) == sorted(ids[name] for name in names), s
+        for k in ("sleep", "counter"):
+            assert listed(conn, status=s, kind=k) == sorted(ids[n] for n in names if kind[ids[n]] == k), (
+                s,
+                k,
+            )
+    assert listed(conn) == sorted(i for i, s in status.items() if s != "deleted")
+    assert listed(conn, status="unknown") == []

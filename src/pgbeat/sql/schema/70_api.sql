@@ -45,20 +45,38 @@ $$;
 -- Tasks in id order, p_limit at a time after the cursor p_after_id (keyset:
 -- tasks created meanwhile land after the last page, none is seen twice).
 -- Without p_status, deleted tasks are left out. Each with its last and pending run.
+-- p_name matches part of the name, ignoring case, taken literally (% _ \ included).
+-- EXECUTE ... USING plans each call with the caller's values, so the filters not
+-- given fold away and the rest can use an index: a prepared statement's generic
+-- plan kept every filter and walked all tasks in id order (100 ms and more at
+-- 100,000 tasks). The name's LIKE uses tasks_name_trgm where pg_trgm is installed;
+-- each status's column conditions (those of task_status, which still decides) its
+-- partial index (0005_task_filters.sql).
 CREATE OR REPLACE FUNCTION pgbeat.list_tasks(p_kind text DEFAULT NULL, p_status text DEFAULT NULL,
                                   p_paused boolean DEFAULT NULL, p_name text DEFAULT NULL,
                                   p_after_id integer DEFAULT 0, p_limit integer DEFAULT 100)
 RETURNS SETOF pgbeat.api_task_details
-LANGUAGE sql STABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN QUERY EXECUTE $q$
     SELECT * FROM pgbeat.api_task_details t
-     WHERE t.id > coalesce(p_after_id, 0)
-       AND (p_kind IS NULL OR t.kind = p_kind)
-       AND CASE WHEN p_status IS NULL THEN t.deleted_at IS NULL ELSE t.status = p_status END
-       AND (p_paused IS NULL OR t.paused = p_paused)
-       AND (p_name IS NULL OR strpos(lower(t.name), lower(p_name)) > 0)
+     WHERE t.id > coalesce($5, 0)
+       AND ($1 IS NULL OR t.kind = $1)
+       AND CASE WHEN $2 IS NULL THEN t.deleted_at IS NULL ELSE t.status = $2 END
+       AND CASE $2 WHEN 'deleted' THEN t.deleted_at IS NOT NULL
+                   WHEN 'error' THEN t.deleted_at IS NULL AND t.error IS NOT NULL
+                   WHEN 'paused' THEN t.deleted_at IS NULL AND t.error IS NULL AND t.paused
+                   WHEN 'complete' THEN t.deleted_at IS NULL AND t.error IS NULL AND NOT t.paused
+                                        AND t.next_run_at IS NULL
+                   WHEN 'active' THEN t.deleted_at IS NULL AND t.error IS NULL AND NOT t.paused
+                   ELSE true END
+       AND ($3 IS NULL OR t.paused = $3)
+       AND ($4 IS NULL OR lower(t.name) LIKE
+                          '%' || replace(replace(replace(lower($4), '\', '\\'), '%', '\%'), '_', '\_') || '%')
      ORDER BY t.id
-     LIMIT p_limit
-$$;
+     LIMIT $6
+    $q$ USING p_kind, p_status, p_paused, p_name, p_after_id, p_limit;
+END $$;
 
 -- Runs newest first, p_limit at a time before the cursor p_before_id; the time
 -- range applies to scheduled_for. P0002 for a p_task_id that never existed (a
