@@ -5,10 +5,14 @@
 
 -- A status other than active: its column conditions (those of task_status), so a
 -- few paused, failed, finished or deleted tasks among 100,000 are found directly.
-CREATE INDEX tasks_deleted ON pgbeat.tasks (id) WHERE deleted_at IS NOT NULL;
-CREATE INDEX tasks_error ON pgbeat.tasks (id) WHERE deleted_at IS NULL AND error IS NOT NULL;
-CREATE INDEX tasks_paused ON pgbeat.tasks (id) WHERE deleted_at IS NULL AND paused;
-CREATE INDEX tasks_ended ON pgbeat.tasks (id) WHERE deleted_at IS NULL AND next_run_at IS NULL;
+-- Keyed (kind, id): with a kind filter too, the index hands over that kind's tasks
+-- in id order. Keyed (id), the planner walked all the paused tasks in id order for
+-- the paused counters, assuming kinds spread evenly over ids; on the bench's data
+-- (kinds created in batches) it read 4,500 others first.
+CREATE INDEX tasks_deleted ON pgbeat.tasks (kind, id) WHERE deleted_at IS NOT NULL;
+CREATE INDEX tasks_error ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL AND error IS NOT NULL;
+CREATE INDEX tasks_paused ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL AND paused;
+CREATE INDEX tasks_ended ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL AND next_run_at IS NULL;
 
 -- Part of the name: a trigram index on lower(name), which list_tasks' LIKE uses.
 -- pg_trgm ships with PostgreSQL's contrib (the embedded PostgreSQL has it too) and

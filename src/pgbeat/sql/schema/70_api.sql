@@ -46,12 +46,12 @@ $$;
 -- tasks created meanwhile land after the last page, none is seen twice).
 -- Without p_status, deleted tasks are left out. Each with its last and pending run.
 -- p_name matches part of the name, ignoring case, taken literally (% _ \ included).
--- EXECUTE ... USING plans each call with the caller's values, so the filters not
--- given fold away and the rest can use an index: a prepared statement's generic
--- plan kept every filter and walked all tasks in id order (100 ms and more at
--- 100,000 tasks). The name's LIKE uses tasks_name_trgm where pg_trgm is installed;
--- each status's column conditions (those of task_status, which still decides) its
--- partial index (0005_task_filters.sql).
+-- EXECUTE ... USING: planned at each call with the caller's values, so the filters
+-- not given fold away and the others can use their index (a prepared statement's
+-- generic plan kept them all and walked every task in id order: over 100 ms at
+-- 100,000 tasks). The name's LIKE can use tasks_name_trgm (where pg_trgm is
+-- installed); a status, through the column conditions task_status gives it (the
+-- view still decides), its partial index (0005_task_filters.sql).
 CREATE OR REPLACE FUNCTION pgbeat.list_tasks(p_kind text DEFAULT NULL, p_status text DEFAULT NULL,
                                   p_paused boolean DEFAULT NULL, p_name text DEFAULT NULL,
                                   p_after_id integer DEFAULT 0, p_limit integer DEFAULT 100)
