@@ -14,28 +14,6 @@ CREATE INDEX tasks_error ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL AND
 CREATE INDEX tasks_paused ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL AND paused;
 CREATE INDEX tasks_ended ON pgbeat.tasks (kind, id) WHERE deleted_at IS NULL AND next_run_at IS NULL;
 
--- Part of the name: a trigram index on lower(name), which list_tasks' LIKE uses.
--- pg_trgm ships with PostgreSQL's contrib (the embedded PostgreSQL has it too) and
--- is trusted, so the database owner may create it; where it is missing or may not
--- be created, there is no index and the search scans the tasks table, with the same
--- results. The extension goes in public, never in pgbeat: `pgbeat migrate` drops
--- every function of the pgbeat schema, and an extension's must stay.
-DO $$
-DECLARE
-    trgm_schema name;
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_trgm')
-       AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pg_trgm') THEN
-        BEGIN
-            CREATE EXTENSION pg_trgm SCHEMA public;
-        EXCEPTION WHEN insufficient_privilege OR invalid_schema_name THEN
-            RAISE NOTICE 'pg_trgm not created (%): the task name search scans the tasks table', SQLERRM;
-        END;
-    END IF;
-    -- Wherever the extension is (it may have been created before, in another schema).
-    SELECT e.extnamespace::regnamespace::name INTO trgm_schema FROM pg_extension e WHERE e.extname = 'pg_trgm';
-    IF trgm_schema IS NOT NULL THEN
-        EXECUTE format('CREATE INDEX tasks_name_trgm ON pgbeat.tasks USING gin (lower(name) %I.gin_trgm_ops)',
-                       trgm_schema);
-    END IF;
-END $$;
+-- Part of the name is not indexed: a trigram index (pg_trgm) would make the search an
+-- index lookup, but every scheduling decision moves the task's next_run_at, so each
+-- would also add a GIN entry (no task update is HOT); the search scans instead.

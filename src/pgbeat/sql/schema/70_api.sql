@@ -49,9 +49,9 @@ $$;
 -- EXECUTE ... USING: planned at each call with the caller's values, so the filters
 -- not given fold away and the others can use their index (a prepared statement's
 -- generic plan kept them all and walked every task in id order: over 100 ms at
--- 100,000 tasks). The name's LIKE can use tasks_name_trgm (where pg_trgm is
--- installed); a status, through the column conditions task_status gives it (the
--- view still decides), its partial index (0005_task_filters.sql).
+-- 100,000 tasks). A status uses its partial index through the column conditions
+-- task_status gives it (the view still decides; 0005_task_filters.sql); the name
+-- scans (no index there: see that migration).
 CREATE OR REPLACE FUNCTION pgbeat.list_tasks(p_kind text DEFAULT NULL, p_status text DEFAULT NULL,
                                   p_paused boolean DEFAULT NULL, p_name text DEFAULT NULL,
                                   p_after_id integer DEFAULT 0, p_limit integer DEFAULT 100)
