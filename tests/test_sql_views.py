@@ -447,3 +447,29 @@ def test_the_status_filter_lists_exactly_the_tasks_of_that_status(db_url):
             )
     assert listed(conn) == sorted(i for i, s in status.items() if s != "deleted")
     assert listed(conn, status="unknown") == []
+
+
+def test_the_name_filter_follows_renames_and_bulk_inserts(db_url):
+    """task_names (the name search's table) follows every way a name is written:
+    create_task, update_task, a rename in psql, and a bulk INSERT of many tasks in one
+    statement; a scheduling decision, which never sets name, leaves it alone."""
+    conn = connect(db_url)
+    task = create_task(conn, {"kind": "sleep", "name": "Nightly Report", "schedule": HOUR})
+    assert listed(conn, name="nightly") == [task["id"]]
+    conn.execute("""SELECT pgbeat.update_task(%s, '{"name": "Weekly Digest"}')""", (task["id"],))
+    assert listed(conn, name="nightly") == [] and listed(conn, name="DIGEST") == [task["id"]]
+    conn.execute("UPDATE pgbeat.tasks SET name = 'Renamed In psql' WHERE id = %s", (task["id"],))
+    assert listed(conn, name="in psql") == [task["id"]] and listed(conn, name="digest") == []
+    conn.execute(
+        """INSERT INTO pgbeat.tasks (name, kind, every, anchor, next_run_at)
+           SELECT 'Bulk ' || g, 'sleep', interval '1h', now(), now() + interval '1h'
+             FROM generate_series(1, 300) g"""
+    )
+    assert len(listed(conn, page_size=500, name="bulk")) == 300
+    counts = conn.execute(
+        """SELECT (SELECT count(*) FROM pgbeat.tasks) AS tasks,
+                  (SELECT count(*) FROM pgbeat.task_names) AS names"""
+    ).fetchone()
+    assert counts["tasks"] == counts["names"] == 301
+    # On this server pg_trgm can be created, so the search has its index.
+    assert conn.execute("SELECT to_regclass('pgbeat.task_names_trgm') AS i").fetchone()["i"] is not None

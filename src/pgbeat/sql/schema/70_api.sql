@@ -50,15 +50,17 @@ $$;
 -- not given fold away and the others can use their index (a prepared statement's
 -- generic plan kept them all and walked every task in id order: over 100 ms at
 -- 100,000 tasks). A status uses its partial index through the column conditions
--- task_status gives it (the view still decides; 0005_task_filters.sql); the name
--- scans (no index there: see that migration).
+-- task_status gives it (the view still decides); part of the name is looked up in
+-- task_names, by its trigram index where there is one (0006_task_names.sql).
 CREATE OR REPLACE FUNCTION pgbeat.list_tasks(p_kind text DEFAULT NULL, p_status text DEFAULT NULL,
                                   p_paused boolean DEFAULT NULL, p_name text DEFAULT NULL,
                                   p_after_id integer DEFAULT 0, p_limit integer DEFAULT 100)
 RETURNS SETOF pgbeat.api_task_details
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    RETURN QUERY EXECUTE $q$
+    -- The name's condition only when a name is given: behind an OR it could not be
+    -- a join, and the list walked every task testing each against the names found.
+    RETURN QUERY EXECUTE format($q$
     SELECT * FROM pgbeat.api_task_details t
      WHERE t.id > coalesce($5, 0)
        AND ($1 IS NULL OR t.kind = $1)
@@ -71,12 +73,35 @@ BEGIN
                    WHEN 'active' THEN t.deleted_at IS NULL AND t.error IS NULL AND NOT t.paused
                    ELSE true END
        AND ($3 IS NULL OR t.paused = $3)
-       AND ($4 IS NULL OR lower(t.name) LIKE
-                          '%' || replace(replace(replace(lower($4), '\', '\\'), '%', '\%'), '_', '\_') || '%')
+       %s
      ORDER BY t.id
      LIMIT $6
-    $q$ USING p_kind, p_status, p_paused, p_name, p_after_id, p_limit;
+    $q$, CASE WHEN p_name IS NOT NULL THEN
+        $n$AND t.id IN (SELECT n.task_id FROM pgbeat.task_names n
+                         WHERE n.name LIKE '%' || replace(replace(replace(lower($4), '\', '\\'), '%', '\%'), '_', '\_') || '%')$n$
+    ELSE '' END)
+    USING p_kind, p_status, p_paused, p_name, p_after_id, p_limit;
 END $$;
+
+-- task_names follows the tasks' names (lowered): every inserted task, in one statement
+-- however many; a renamed one, row by row (only an UPDATE that sets name fires it).
+CREATE OR REPLACE FUNCTION pgbeat.record_task_names() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_LEVEL = 'STATEMENT' THEN
+        INSERT INTO pgbeat.task_names (task_id, name) SELECT n.id, lower(n.name) FROM new_rows n;
+    ELSE
+        UPDATE pgbeat.task_names SET name = lower(NEW.name) WHERE task_id = NEW.id;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER tasks_inserted_names AFTER INSERT ON pgbeat.tasks
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgbeat.record_task_names();
+
+CREATE OR REPLACE TRIGGER tasks_renamed AFTER UPDATE OF name ON pgbeat.tasks
+    FOR EACH ROW WHEN (OLD.name IS DISTINCT FROM NEW.name) EXECUTE FUNCTION pgbeat.record_task_names();
 
 -- Runs newest first, p_limit at a time before the cursor p_before_id; the time
 -- range applies to scheduled_for. P0002 for a p_task_id that never existed (a
