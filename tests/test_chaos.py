@@ -13,7 +13,7 @@ import pytest
 from psycopg.types.json import Jsonb
 from sqlsupport import wait_for
 
-from pgbeat import daemon
+from pgbeat import daemon, maintenance, migrations
 from pgbeat_lab import chaos, invariants
 
 COUNTER_STEP = 2
@@ -459,7 +459,7 @@ def test_a_skip_task_executing_a_slot_that_fell_due_during_its_run_is_reported(c
     )
     (violation,) = invariants.check(conn, record)[name]
     assert violation.startswith(f"task {skip} (overlap skip): run {queued} executed slot ")
-    assert f"while run {first} was executing" in violation and str(fine) not in violation
+    assert f"while run {first} was executing" in violation and f"run {fine} " not in violation
     # Run 5's worker saw it end before slot 6 (its row was abandoned later): no overlap.
     conn.execute("UPDATE pgbeat.runs SET state = 'abandoned' WHERE id = %s", [first])
     record.killed_daemon_ids = [1]
@@ -514,6 +514,160 @@ def test_a_daemon_still_live_or_not_stopped_after_its_sigterm_is_reported(conn, 
         )
         daemon_session.execute("SELECT pgbeat.stop_daemon(%s)", [daemon_id])
     assert invariants.check(conn, record)["rule_12_no_daemon_outlives_its_session"] == []
+
+
+# --- the rules guarded by what the chaos run plants: refusals, maintenance, migrate, poison, limits ---
+
+
+def test_a_task_written_by_a_refused_request_is_reported(conn, healthy):
+    """Rule 10: the chaos run names each refused request's task uniquely; a task with
+    such a name was written by a refusal (created, or changed)."""
+    task_id, record = healthy
+    record.refused_names = ["chaos-refused-create-1", "chaos-refused-patch-2"]
+    name = "rule_10_refused_input_writes_nothing"
+    assert invariants.check(conn, record)[name] == []
+    created = create_task(
+        conn, {"name": "chaos-refused-create-1", "kind": "sleep", "schedule": {"every": 60}}
+    )
+    conn.execute("SELECT pgbeat.update_task(%s, %s::jsonb)", [task_id, '{"name": "chaos-refused-patch-2"}'])
+    assert invariants.check(conn, record)[name] == [
+        f"task {task_id} is named chaos-refused-patch-2, a name only a refused request used"
+        " (a refused change wrote it)",
+        f"task {created} is named chaos-refused-create-1, a name only a refused request used"
+        " (a refused creation wrote it)",
+    ]
+
+
+async def test_history_past_the_retention_and_dead_daemons_are_reported_until_maintenance_runs(
+    conn, healthy, db_url
+):
+    """Rule 13: a finished run and a deleted task older than the retention, and a daemon
+    whose session is gone, are violations until the daemons' own maintenance (the
+    prune and reap a scheduler or worker runs at its first turn) has removed them."""
+    _, record = healthy
+    record.retention_days = 1.0
+    old = create_task(conn, {"kind": "sleep", "schedule": {"every": 60}}, created_ago=3 * 86400)
+    long_ago = db_now(conn) - timedelta(days=2)
+    old_run = insert_run(conn, old, long_ago)
+    gone = create_task(conn, {"kind": "sleep", "schedule": {"every": 60}}, created_ago=3 * 86400)
+    conn.execute("SELECT pgbeat.delete_task(%s)", [gone])
+    conn.execute("UPDATE pgbeat.tasks SET deleted_at = now() - interval '2 days' WHERE id = %s", [gone])
+    with psycopg.connect(db_url, autocommit=True) as session:  # registers, then its session ends
+        dead = session.execute("SELECT pgbeat.register_daemon('worker', 'h', 1)").fetchone()[0]
+    record.dead_daemons = [dead]
+    name = "rule_13_maintenance_prunes_and_reaps"
+    violations = invariants.check(conn, record)[name]
+    assert len(violations) == 3
+    assert violations[0].startswith(f"task {old}: run {old_run} (succeeded) finished at ")
+    assert violations[0].endswith("older than the retention of 1 days, was not pruned")
+    assert violations[1].startswith(f"task {gone} was deleted at ")
+    assert (
+        violations[2]
+        == f"daemon {dead} (worker, pid 1) was dead before the load but is still registered (never reaped)"
+    )
+    async with maintenance.Maintenance(db_url, daemon_id=dead, role="worker", retention_days=1.0) as upkeep:
+        await upkeep.prune()
+        await upkeep.reap()
+    assert invariants.check(conn, record)[name] == []
+
+
+def test_a_migration_applied_twice_a_lock_left_or_a_stale_schema_is_reported(conn, healthy, db_url):
+    """Rule 16: after every migrate ended, each migration was applied once, neither the
+    migration lock nor yoyo's lock row is left, the schema files are current, and each
+    migrate that was not killed exited 0."""
+    _, record = healthy
+    name = "rule_16_one_migrate_at_a_time"
+    assert invariants.check(conn, record)[name] == []
+    conn.execute(
+        """INSERT INTO public._yoyo_log (id, migration_hash, migration_id, operation, username, hostname,
+                                         created_at_utc)
+           SELECT gen_random_uuid()::text, migration_hash, migration_id, 'apply', username, hostname,
+                  created_at_utc
+             FROM public._yoyo_log WHERE migration_id = '0001_baseline' AND operation = 'apply' LIMIT 1"""
+    )
+    conn.execute("INSERT INTO public.yoyo_lock (locked, ctime, pid) VALUES (1, now(), 4242)")
+    conn.execute("COMMENT ON SCHEMA pgbeat IS 'pgbeat schema files sha256:old'")
+    record.migrate_failures = ["pgbeat migrate (pid 7) exited 1: boom"]
+    with psycopg.connect(db_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(1885823597, 0)")
+        holder_pid = holder.info.backend_pid
+        violations = invariants.check(conn, record)[name]
+    assert violations == [
+        "migration 0001_baseline was applied 2 times (rolled back 0 times)",
+        f"the migration lock is held by backend {holder_pid} after every migrate ended",
+        "yoyo's lock row of pid 4242 was left after every migrate ended",
+        "the schema files recorded are pgbeat schema files sha256:old,"
+        f" not the current {migrations.schema_digest()}",
+        "pgbeat migrate (pid 7) exited 1: boom",
+    ]
+
+
+def test_poison_left_in_place_and_a_task_that_stopped_firing_beside_it_are_reported(conn, healthy):
+    """Rule 17: a poison task must end set aside (error, paused, nothing pending), and
+    every other untouched interval task must have started a run within its interval
+    (plus its run's length and the lateness bound) of each slot after the poison."""
+    task_id, record = healthy
+    poison = create_task(conn, {"kind": "counter", "schedule": {"every": 1}})
+    conn.execute("""UPDATE pgbeat.tasks SET params = '{"step": "abc"}' WHERE id = %s""", [poison])
+    record.poison_tasks, record.poison_at = [poison], slot(conn, task_id, 10)
+    name = "rule_17_one_tasks_data_stops_no_other_task"
+    assert invariants.check(conn, record)[name] == [
+        f"poison task {poison} is not set aside (no error, not paused)"
+    ]
+    conn.execute("SELECT pgbeat.set_task_aside(%s, 'finishing a run failed: step')", [poison])
+    assert invariants.check(conn, record)[name] == []
+    # The healthy task stopped firing at slot 20, beside the poison.
+    conn.execute(
+        "DELETE FROM pgbeat.runs WHERE task_id = %s AND scheduled_for >= %s",
+        [task_id, slot(conn, task_id, 20)],
+    )
+    violations = invariants.check(conn, record)[name]
+    assert violations and all(
+        v.startswith(f"task {task_id}: no run started within 6.0 s of its slot ") for v in violations
+    )
+    first = conn.execute("SELECT %s::timestamptz::text", [slot(conn, task_id, 20)]).fetchone()[0]
+    assert f"of its slot {first} " in violations[0]
+    # Inside a fault window (and its recovery margin), it is excused.
+    record.fault_windows = [(slot(conn, task_id, 19), slot(conn, task_id, 20))]
+    assert invariants.check(conn, record)[name] == []
+
+
+def test_rows_outside_the_limits_and_a_count_that_did_not_saturate_are_reported(conn, healthy):
+    """Rule 18: times outside [1970, 9000), an interval under the minimum, a name over
+    200 characters, a task set aside by an overflow, a count that stopped short of its
+    cap; the constraints that hold most of these are dropped to write them."""
+    task_id, record = healthy
+    name = "rule_18_limits_hold"
+    for table, constraint in [
+        ("tasks", "tasks_times_in_range"),
+        ("tasks", "tasks_every_floor"),
+        ("tasks", "tasks_name_length"),
+        ("runs", "runs_times_in_range"),
+    ]:
+        conn.execute(f"ALTER TABLE pgbeat.{table} DROP CONSTRAINT {constraint}")
+    spec = {"kind": "sleep", "schedule": {"every": 60}}
+    far, fine, long, overflowed, short = (create_task(conn, spec) for _ in range(5))
+    record.saturated_tasks = [short]
+    conn.execute("UPDATE pgbeat.tasks SET fired = 2147483647 WHERE id = %s", [short])
+    assert invariants.check(conn, record)[name] == []
+    conn.execute("UPDATE pgbeat.tasks SET next_run_at = '9500-01-01 00:00:00+00' WHERE id = %s", [far])
+    conn.execute("UPDATE pgbeat.tasks SET every = '200 ms', anchor = anchor WHERE id = %s", [fine])
+    conn.execute("UPDATE pgbeat.tasks SET name = repeat('n', 201) WHERE id = %s", [long])
+    conn.execute("SELECT pgbeat.set_task_aside(%s, 'integer out of range')", [overflowed])
+    conn.execute("UPDATE pgbeat.tasks SET fired = 2147483646 WHERE id = %s", [short])
+    late = run_at_slot(conn, task_id, 3)
+    conn.execute("UPDATE pgbeat.runs SET finished_at = '9001-01-01 00:00:00+00' WHERE id = %s", [late])
+    violations = invariants.check(conn, record)[name]
+    anchor = conn.execute("SELECT anchor::text FROM pgbeat.tasks WHERE id = %s", [far]).fetchone()[0]
+    assert violations[0].startswith(f"task {task_id}: run {late} holds a time outside [1970, 9000)")
+    assert violations[1:] == [
+        f"task {far}: a time outside [1970, 9000) (next 9500-01-01 00:00:00+00, at none, anchor {anchor},"
+        " until none)",
+        f"task {fine}: every 00:00:00.2 is under the minimum of 1 s",
+        f"task {long}: a name of 201 characters",
+        f"task {overflowed}: set aside by a value out of range instead of saturating: integer out of range",
+        f"task {short}: fired is 2147483646 after firing past 2^31 - 1 (it saturates there)",
+    ]
 
 
 # --- regressions found by the chaos run ---

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +47,40 @@ SHUTDOWN_GRACE = 3.0  # s: SIGTERMed workers cancel what still runs after this
 DRAIN_TIMEOUT = 30.0  # s: after the schedulers stop, how long the workers get to empty the queue
 POSTGRES_DOWN = 2.0  # s: how long PostgreSQL stays down during its restart
 STALE_SLOTS = 30  # interval tasks put back on the slot they last ran, per stale_slots fault
+MIN_INTERVAL = 0.5  # s: the daemons' and the API's PGBEAT_MIN_INTERVAL (the mix has half-second slots)
+RETENTION_DAYS = 1.0  # the daemons' PGBEAT_RETENTION_DAYS: history planted two days back must be pruned
+MIGRATES = 3  # `pgbeat migrate` processes started together (Rule 16); one is killed -9
+REFUSAL_PAUSE = 0.25  # s between two refused requests (Rule 10)
+POISON_AT = 0.3  # share of the load after which poison rows are written in psql (Rule 17)
+# Poison rows written in psql, each failing only its own task (Rule 17): (spec, the UPDATE's SET).
+POISONS: tuple[tuple[dict, str], ...] = (
+    ({"kind": "counter", "params": {"counter": "chaos-poison"}}, """params = '{"step": "abc"}'"""),
+    ({"kind": "sleep", "params": {"seconds": 0}}, "every = NULL, anchor = NULL, cron = '61 * * * *'"),
+    (
+        {"kind": "sleep", "params": {"seconds": 0}},
+        "every = NULL, anchor = NULL, cron = '* * * * *', timezone = 'Europe'",
+    ),
+)
+# Requests the API must refuse (Rule 10, with Rule 18's limits): a creation's spec, or a change's
+# fields, each sent beside a valid name that only this request uses.
+REFUSED_SPECS: tuple[dict, ...] = (
+    {"kind": "counter", "schedule": {"every": 0.01}},
+    {"kind": "sleep", "schedule": {"at": "9001-01-01T00:00:00Z"}},
+    {"kind": "counter", "params": {"step": "abc"}, "schedule": {"every": 1}},
+    {"kind": "sleep", "schedule": {"cron": "61 * * * *"}},
+    {"kind": "sleep", "schedule": {"cron": "* * * * *", "timezone": "Europe"}},
+    {"kind": "nope", "schedule": {"every": 1}},
+    {"kind": "sleep", "schedule": {"every": 1}, "timeout": -1},
+)
+REFUSED_CHANGES: tuple[dict, ...] = (
+    {"schedule": {"every": 0.01}},
+    {"schedule": {"cron": "61 * * * *"}},
+    {"schedule": {"at": "1969-12-31T23:59:59Z"}},
+    {"timeout": 0},
+    {"max_retries": 1000},
+    {"overlap": "maybe"},
+    {"params": {"no such param": 1}},
+)
 
 
 def utc_now() -> datetime:
@@ -296,7 +331,8 @@ class ChaosRun:
                 "PGBEAT_SHUTDOWN_GRACE": str(SHUTDOWN_GRACE),
                 "PGBEAT_API_KEYS": "",
                 "PGBEAT_RATE_LIMIT": "1000000",
-                "PGBEAT_MIN_INTERVAL": "0.5",  # the mix has half-second slots
+                "PGBEAT_MIN_INTERVAL": str(MIN_INTERVAL),
+                "PGBEAT_RETENTION_DAYS": str(RETENTION_DAYS),
             },
         )
         self.api: Api | None = None
@@ -316,6 +352,14 @@ class ChaosRun:
         self.notes: list[str] = []
         self.stopped: list[Process] = []  # killed or SIGTERMed on purpose
         self.crashed: list[str] = []  # processes that exited on their own
+        self.refused_names: list[str] = []  # names only refused requests used (Rule 10)
+        self.refusals: Counter[str] = Counter()  # refused requests by what was refused
+        self.dead_daemons: list[int] = []  # registry rows left dead before the load (Rule 13)
+        self.migrate_exits: list[str] = []  # how each `pgbeat migrate` ended (Rule 16)
+        self.migrate_failures: list[str] = []  # those that failed without being killed
+        self.poison_tasks: list[int] = []  # tasks given poison rows in psql (Rule 17)
+        self.poison_at: datetime | None = None
+        self.saturated_tasks: list[int] = []  # tasks whose `fired` starts 3 below 2^31 - 1 (Rule 18)
 
     # --- database helpers (a fresh session each time: PostgreSQL may be restarting) ---
 
@@ -343,14 +387,150 @@ class ChaosRun:
     # --- phases ---
 
     def start_fleet(self) -> None:
-        from pgbeat import migrations
-
-        migrations.apply(self.url)
+        self.migrate_together()
+        self.plant_history()
         _, base_url = self.fleet.start_api()
         self.api = Api(base_url)
         daemons = [self.fleet.start("scheduler") for _ in range(SCHEDULERS)]
         daemons += [self.start_worker() for _ in range(WORKERS)]
         self.wait_registered(daemons)
+
+    def migrate_together(self) -> None:
+        """Rule 16: several `pgbeat migrate` at once, as replicas' init containers start;
+        one is killed -9 once a migrate holds the migration lock; the others must then
+        migrate (each migration once) and exit 0, and one more started after them too."""
+        procs = [self.fleet.start("migrate") for _ in range(MIGRATES)]
+        self.stopped += procs
+        victim = procs[0]
+        deadline = time.monotonic() + 60
+        while victim.alive() and time.monotonic() < deadline:
+            try:
+                held = self.query(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND classid = 1885823597 AND objid = 0 AND objsubid = 2"
+                )[0][0]
+            except psycopg.Error:
+                held = 0
+            if held:
+                break
+            time.sleep(0.02)
+        survivors = procs
+        if victim.alive():
+            victim.kill()
+            self.migrate_exits.append("1 killed -9")
+            survivors = procs[1:]
+        for p in survivors:
+            self.wait_migrate(p)
+        last = self.fleet.start("migrate")
+        self.stopped.append(last)
+        self.wait_migrate(last)
+
+    def wait_migrate(self, p: Process) -> None:
+        try:
+            code = p.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            code = None
+        self.migrate_exits.append(f"1 exited {code}")
+        if code != 0:
+            tail = " | ".join(p.log().strip().splitlines()[-2:])[:300]
+            self.migrate_failures.append(f"pgbeat migrate (pid {p.pid}) exited {code}: {tail}")
+
+    def plant_history(self) -> None:
+        """Before the daemons start, what their maintenance must clean up (Rule 13): a
+        deleted task with runs finished two retentions back, and registry rows of daemons
+        whose session is gone; and a task three slots short of `fired` saturating (Rule 18)."""
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            old = conn.execute(
+                "SELECT id FROM pgbeat.create_task(%s::jsonb)",
+                [json.dumps({"name": f"chaos-{self.tag}-old", "kind": "sleep", "schedule": {"every": 3600}})],
+            ).fetchone()[0]
+            conn.execute("SELECT pgbeat.delete_task(%s)", [old])
+            back = timedelta(days=2 * RETENTION_DAYS)
+            conn.execute(
+                """UPDATE pgbeat.tasks
+                      SET created_at = created_at - %(back)s, updated_at = updated_at - %(back)s,
+                          anchor = anchor - %(back)s, deleted_at = deleted_at - %(back)s
+                    WHERE id = %(id)s""",
+                {"back": back, "id": old},
+            )
+            conn.execute(
+                """INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, state, daemon_id,
+                                            backend_pid, started_at, finished_at)
+                   SELECT %(id)s, 'sleep', at, at, state, 1, 1, at, at + interval '10 ms'
+                     FROM unnest(ARRAY['succeeded', 'failed', 'cancelled', 'skipped'])
+                          WITH ORDINALITY AS s(state, k),
+                          LATERAL (SELECT now() - %(back)s + k * interval '1 h' AS at) a""",
+                {"id": old, "back": back},
+            )
+            for _ in range(2):
+                with psycopg.connect(self.url, autocommit=True) as gone:  # its session ends: dead
+                    self.dead_daemons.append(
+                        gone.execute("SELECT pgbeat.register_daemon('worker', 'chaos-gone', 0)").fetchone()[0]
+                    )
+            saturated = conn.execute(
+                "SELECT id FROM pgbeat.create_task(%s::jsonb)",
+                [
+                    json.dumps(
+                        {
+                            "name": f"chaos-{self.tag}-saturated",
+                            "kind": "sleep",
+                            "params": {"seconds": 0},
+                            "schedule": {"every": 1},
+                        }
+                    )
+                ],
+            ).fetchone()[0]
+            conn.execute(
+                "UPDATE pgbeat.tasks SET fired = %s WHERE id = %s", [invariants.COUNT_CAP - 3, saturated]
+            )
+            self.saturated_tasks.append(saturated)
+
+    def poison(self) -> None:
+        """Rule 17: tasks created through the API, then given rows only psql can write
+        (a counter step that is no number, a cron expression croniter refuses, a time
+        zone that is a folder), due now, beside the load's tasks."""
+        assert self.api is not None
+        self.poison_at = self.query("SELECT now()")[0][0]
+        for i, (spec, poison) in enumerate(POISONS):
+            body = {**spec, "name": f"chaos-poison-{i}", "schedule": {"every": 1}}
+            status, task = self.api.call("POST", "/tasks", body)
+            if status != 201:
+                self.op_errors.append((utc_now(), f"poison task {body}: {status} {task}"[:300]))
+                continue
+            self.query(
+                f"UPDATE pgbeat.tasks SET {poison}, next_run_at = now() WHERE id = %s RETURNING id",
+                [task["id"]],
+            )
+            self.poison_tasks.append(task["id"])
+
+    def refuse(self) -> None:
+        """Rule 10: send requests the API must refuse, a few a second: bad specs, and bad
+        changes of live tasks, each beside a name no accepted request uses. The checker
+        looks for a task with one of those names."""
+        assert self.api is not None
+        rng = random.Random(self.seed + 2)
+        n = 0
+        while not self.stop_ops.wait(REFUSAL_PAUSE):
+            n += 1
+            if n % 2 or not self.live_tasks:
+                name = f"chaos-refused-create-{n}"
+                what, status, body = (
+                    "create",
+                    *self.api.call("POST", "/tasks", {**rng.choice(REFUSED_SPECS), "name": name}),
+                )
+            else:
+                name = f"chaos-refused-patch-{n}"
+                target = rng.choice(self.live_tasks)
+                what = f"change of task {target}"
+                status, body = self.api.call(
+                    "PATCH", f"/tasks/{target}", {**rng.choice(REFUSED_CHANGES), "name": name}
+                )
+            self.refused_names.append(name)
+            if 400 <= status < 500:
+                self.refusals[what.split()[0]] += 1
+            else:
+                self.op_errors.append((utc_now(), f"refused {what} answered {status}: {body}"[:300]))
 
     def start_worker(self) -> Process:
         return self.fleet.start("worker", "--concurrency", str(WORKER_CONCURRENCY))
@@ -499,18 +679,24 @@ class ChaosRun:
     def load(self) -> None:
         plan = plan_faults(self.rng, self.options.duration, self.pg is not None)
         operator = threading.Thread(target=self.operate, name="chaos-ops", daemon=True)
+        refuser = threading.Thread(target=self.refuse, name="chaos-refusals", daemon=True)
         began = time.monotonic()
         operator.start()
+        refuser.start()
+        steps = sorted([*plan, (self.options.duration * POISON_AT, "poison"), (self.options.duration, "")])
         try:
-            for at, kind in [*plan, (self.options.duration, "")]:
+            for at, kind in steps:
                 while time.monotonic() < began + at:
                     self.replace_crashed()
                     time.sleep(min(1.0, max(0.0, began + at - time.monotonic())))
-                if kind:
+                if kind == "poison":
+                    self.poison()
+                elif kind:
                     self.inject(kind)
         finally:
             self.stop_ops.set()
             operator.join(30)
+            refuser.join(30)
 
     def record(self, since: datetime, load_stopped_at: datetime) -> Record:
         """What the checker needs to know about this run, the workers' own logs included."""
@@ -532,6 +718,14 @@ class ChaosRun:
             touched_tasks=sorted(self.touched),
             observed_ends=ends,
             died_with=died_with,
+            refused_names=self.refused_names,
+            retention_days=RETENTION_DAYS,
+            dead_daemons=self.dead_daemons,
+            migrate_failures=self.migrate_failures,
+            poison_tasks=self.poison_tasks,
+            poison_at=self.poison_at,
+            saturated_tasks=self.saturated_tasks,
+            min_interval=MIN_INTERVAL,
         )
 
     def report(self, since: datetime, record: Record, violations: dict[str, list[str]]) -> str:
@@ -556,6 +750,16 @@ class ChaosRun:
             + ", ".join(f"{k} {self.ops[k]}" for k in OP_KINDS)
             + f" ({len(self.op_errors)} failed during faults, {len(self.api_errors())} outside)",
             f"runs: {total} (" + ", ".join(f"{state} {count}" for state, count in states) + ")",
+            f"migrate: {MIGRATES} at once, then 1 more: "
+            + ", ".join(
+                f"{n} {what}" for what, n in Counter(e.removeprefix("1 ") for e in self.migrate_exits).items()
+            ),
+            f"refused requests: {sum(self.refusals.values())} answered 4xx"
+            f" ({', '.join(f'{k} {v}' for k, v in sorted(self.refusals.items()))}),"
+            f" {len(self.refused_names) - sum(self.refusals.values())} answered otherwise",
+            f"planted: {len(self.poison_tasks)} poison tasks, {len(self.dead_daemons)} dead daemon rows,"
+            f" history {2 * RETENTION_DAYS:g} days old (retention {RETENTION_DAYS:g} days),"
+            f" {len(self.saturated_tasks)} task 3 slots from fired's cap",
             f"start delay outside fault windows: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms,"
             f" max {worst * 1000:.0f} ms over {n} runs",
             f"graceful stops: {len(self.sigterm_exits)} daemons SIGTERMed,"

@@ -19,6 +19,8 @@ from typing import Any
 
 import psycopg
 
+from pgbeat import limits, migrations
+
 INVARIANTS_FILE = Path(__file__).with_name("invariants.sql")
 _ENTRY = re.compile(r"^-- name: ([a-z0-9_]+)\n-- (.+)\n", re.MULTILINE)
 
@@ -27,6 +29,7 @@ LATENESS_P99_BOUND = 1.0  # s: p99 start delay outside fault windows
 LATENESS_MAX_BOUND = 5.0  # s: no single start delay outside fault windows beyond this
 RECOVERY_MARGIN = 5.0  # s: a fault window extends this far past the recovery it waits for
 SCHEDULE_TOLERANCE = 5.0  # s: how far behind the load stop a task's next slot may be
+COUNT_CAP = 2**31 - 1  # Rule 18: counts saturate here
 
 
 def _parse(text: str) -> dict[str, tuple[str, str]]:
@@ -62,6 +65,14 @@ class Record:
     observed_ends: dict[int, datetime] = field(default_factory=dict)  # run id -> when its worker stopped it
     died_with: dict[int, datetime] = field(default_factory=dict)  # run id -> when its worker, which never
     # logged its end, was killed (it ended then, unless its worker had recorded it: the log line can be lost)
+    refused_names: list[str] = field(default_factory=list)  # names only refused requests used (Rule 10)
+    retention_days: float = 30.0  # the daemons' PGBEAT_RETENTION_DAYS (Rule 13)
+    dead_daemons: list[int] = field(default_factory=list)  # daemon rows left dead before the load (Rule 13)
+    migrate_failures: list[str] = field(default_factory=list)  # migrates that failed, not killed (Rule 16)
+    poison_tasks: list[int] = field(default_factory=list)  # tasks given poison rows in psql (Rule 17)
+    poison_at: datetime | None = None  # when the poison was written (None: since)
+    saturated_tasks: list[int] = field(default_factory=list)  # tasks made to fire past 2^31 - 1 (Rule 18)
+    min_interval: float = limits.MIN_INTERVAL_SECONDS  # s: the shortest `every` the run allowed (Rule 18)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -80,7 +91,24 @@ class Record:
             "tolerance": SCHEDULE_TOLERANCE,
             "p99_bound": LATENESS_P99_BOUND,
             "max_bound": LATENESS_MAX_BOUND,
+            "refused_names": self.refused_names,
+            "retention_days": self.retention_days,
+            "dead_daemons": self.dead_daemons,
+            "migrate_failures": self.migrate_failures,
+            "migration_ids": migration_ids(),
+            "schema_digest": migrations.schema_digest(),
+            "poison": self.poison_tasks,
+            "poison_from": self.poison_at or self.since,
+            "saturated": self.saturated_tasks,
+            "min_interval": self.min_interval,
         }
+
+
+def migration_ids() -> list[str]:
+    """The ids of the migrations this code ships (Rule 16: all applied, each once)."""
+    from yoyo import read_migrations
+
+    return [m.id for m in read_migrations(str(migrations.MIGRATIONS_DIR))]
 
 
 def prepare(conn: psycopg.Connection, record: Record) -> None:

@@ -46,7 +46,6 @@ INSERT INTO observed_ends (run_id, ended_at, died) VALUES (%(run_id)s, %(ended_a
 ON CONFLICT (run_id) DO UPDATE SET ended_at = greatest(observed_ends.ended_at, excluded.ended_at),
                                    died = observed_ends.died AND excluded.died;
 
-
 -- name: rule_1_one_run_per_slot
 -- No (task, slot, attempt) has two runs, and no slot was executed twice in one attempt.
 SELECT r.task_id, min(r.id) AS run_id,
@@ -287,6 +286,16 @@ SELECT count(*) AS runs, percentile_cont(0.5) WITHIN GROUP (ORDER BY lateness) A
        percentile_cont(0.99) WITHIN GROUP (ORDER BY lateness) AS p99, max(lateness) AS worst
   FROM outside;
 
+-- name: rule_10_refused_input_writes_nothing
+-- No task carries the name of a request the API refused: a refused creation created nothing, a refused change changed nothing.
+SELECT t.id AS task_id, NULL::bigint AS run_id,
+       format('task %%s is named %%s, a name only a refused request used (%%s)',
+              t.id, t.name, CASE WHEN t.created_at = t.updated_at AND t.name LIKE '%%-create-%%'
+                                 THEN 'a refused creation wrote it' ELSE 'a refused change wrote it' END) AS violation
+  FROM pgbeat.tasks t
+ WHERE t.name = ANY (%(refused_names)s::text[])
+ ORDER BY 1;
+
 -- name: rule_11_paused_and_deleted_tasks_stop
 -- No run of a deleted task, or of a task paused at the end, started for a slot after the delete or pause.
 SELECT t.id AS task_id, e.id AS run_id,
@@ -311,6 +320,28 @@ SELECT NULL, NULL, format('daemon %%s (%%s, pid %%s) was SIGTERMed at %%s but ne
   FROM pgbeat.daemons d
   JOIN unnest(%(sigterm_daemons)s::integer[], %(sigterm_ats)s::timestamptz[]) AS s(daemon_id, at) ON s.daemon_id = d.id
  WHERE d.stopped_at IS NULL AND NOT d.id = ANY (%(killed)s::integer[]);
+
+-- name: rule_13_maintenance_prunes_and_reaps
+-- No finished run or deleted task older than the retention survived the daemons' pruning; no dead daemon planted before the load is still registered.
+SELECT r.task_id, r.id AS run_id,
+       format('task %%s: run %%s (%%s) finished at %%s, older than the retention of %%s days, was not pruned',
+              r.task_id, r.id, r.state, r.finished_at, %(retention_days)s) AS violation
+  FROM pgbeat.runs r
+ WHERE r.finished_at < now() - make_interval(secs => %(retention_days)s * 86400)
+   AND r.state NOT IN ('pending', 'running')
+UNION ALL
+SELECT t.id, NULL,
+       format('task %%s was deleted at %%s, older than the retention of %%s days, and has no runs, but was not pruned',
+              t.id, t.deleted_at, %(retention_days)s)
+  FROM pgbeat.tasks t
+ WHERE t.deleted_at < now() - make_interval(secs => %(retention_days)s * 86400)
+   AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id)
+UNION ALL
+SELECT NULL, NULL,
+       format('daemon %%s (%%s, pid %%s) was dead before the load but is still registered (never reaped)',
+              d.id, d.role, d.pid)
+  FROM pgbeat.daemons d
+ WHERE d.id = ANY (%(dead_daemons)s::integer[]) AND d.stopped_at IS NULL;
 
 -- name: rule_14_retries_follow_failures
 -- Each attempt after a slot's first follows an attempt of it that failed, timed out or was abandoned, within max_retries.
@@ -339,3 +370,114 @@ SELECT e.task_id, e.id AS run_id,
          ON s.daemon_id = e.daemon_id
  WHERE e.state = 'cancelled'
    AND (s.at IS NULL OR coalesce(e.observed_end, e.finished_at) < s.at + make_interval(secs => %(grace)s));
+
+-- name: rule_16_one_migrate_at_a_time
+-- Each migration applied once, no migration lock or yoyo lock row left, the schema current, every migrate that was not killed exited 0.
+SELECT NULL::integer AS task_id, NULL::bigint AS run_id,
+       format('migration %%s was applied %%s times (rolled back %%s times)', l.migration_id,
+              count(*) FILTER (WHERE l.operation = 'apply'), count(*) FILTER (WHERE l.operation = 'rollback'))
+       AS violation
+  FROM public._yoyo_log l
+ GROUP BY l.migration_id
+HAVING count(*) FILTER (WHERE l.operation = 'apply') - count(*) FILTER (WHERE l.operation = 'rollback') > 1
+UNION ALL
+SELECT NULL, NULL, format('the migration lock is %%s by backend %%s after every migrate ended',
+                          CASE WHEN l.granted THEN 'held' ELSE 'awaited' END, l.pid)
+  FROM pg_locks l
+ WHERE l.locktype = 'advisory' AND l.classid = 1885823597 AND l.objid = 0 AND l.objsubid = 2
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+UNION ALL
+SELECT NULL, NULL, format('yoyo''s lock row of pid %%s was left after every migrate ended', y.pid)
+  FROM public.yoyo_lock y
+UNION ALL
+SELECT NULL, NULL, format('migration %%s was never applied', m.id)
+  FROM unnest(%(migration_ids)s::text[]) AS m(id)
+ WHERE NOT EXISTS (SELECT 1 FROM public._yoyo_migration y WHERE y.migration_id = m.id)
+UNION ALL
+SELECT NULL, NULL, format('the schema files recorded are %%s, not the current %%s',
+                          coalesce(obj_description(n.oid, 'pg_namespace'), 'none'), %(schema_digest)s::text)
+  FROM pg_namespace n
+ WHERE n.nspname = 'pgbeat' AND obj_description(n.oid, 'pg_namespace') IS DISTINCT FROM %(schema_digest)s::text
+UNION ALL
+SELECT NULL, NULL, f FROM unnest(%(migrate_failures)s::text[]) AS f;
+
+-- name: rule_17_one_tasks_data_stops_no_other_task
+-- Every poison task was set aside; every other untouched interval task started a run near each of its slots after the poison, outside fault windows.
+WITH windows AS (SELECT s, e FROM unnest(%(window_starts)s::timestamptz[], %(window_ends)s::timestamptz[]) AS w(s, e)),
+others AS (
+    -- Interval tasks left alone (never patched, paused, deleted or rewound) beside the poison.
+    SELECT t.*, t.every + make_interval(secs => least(coalesce((t.params->>'seconds')::float8,
+                                                               CASE WHEN t.kind = 'http' THEN t.timeout ELSE 0 END),
+                                                      t.timeout) + %(max_bound)s) AS gap
+      FROM checked_tasks t
+     WHERE t.every IS NOT NULL AND t.deleted_at IS NULL AND NOT t.paused AND t.until IS NULL
+       AND t.max_runs IS NULL AND t.updated_at = t.created_at
+       AND NOT t.id = ANY (%(touched)s::integer[]) AND NOT t.id = ANY (%(poison)s::integer[])),
+slots AS (
+    SELECT o.id, o.gap, s.at
+      FROM others o
+     CROSS JOIN LATERAL generate_series(
+               o.anchor + o.every * ceil(greatest(0, extract(epoch FROM greatest(o.created_at, %(poison_from)s::timestamptz)
+                                                                       - o.anchor) / extract(epoch FROM o.every))),
+               %(load_stopped_at)s::timestamptz - o.gap, o.every) AS s(at))
+SELECT t.id AS task_id, NULL::bigint AS run_id,
+       format('poison task %%s is not set aside (%%s)', t.id,
+              concat_ws(', ', CASE WHEN t.error IS NULL THEN 'no error' END,
+                        CASE WHEN NOT t.paused THEN 'not paused' END,
+                        CASE WHEN EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'pending')
+                             THEN 'a run pending' END)) AS violation
+  FROM pgbeat.tasks t
+ WHERE t.id = ANY (%(poison)s::integer[]) AND t.deleted_at IS NULL
+   AND (t.error IS NULL OR NOT t.paused
+        OR EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id AND r.state = 'pending'))
+UNION ALL
+SELECT s.id, NULL,
+       format('task %%s: no run started within %%s s of its slot %%s (outside fault windows)',
+              s.id, round(extract(epoch FROM s.gap)::numeric, 1), s.at)
+  FROM slots s
+ WHERE NOT EXISTS (SELECT 1 FROM windows w WHERE w.s <= s.at + s.gap AND w.e + make_interval(secs => %(margin)s) >= s.at)
+   AND NOT EXISTS (SELECT 1 FROM executions e
+                    WHERE e.task_id = s.id AND e.started_at >= s.at AND e.started_at <= s.at + s.gap)
+ ORDER BY 1, 3;
+
+-- name: rule_18_limits_hold
+-- No task or run holds a time outside [1970, 9000), an interval under the minimum or a name over 200 characters; counts saturated instead of overflowing.
+SELECT t.id AS task_id, NULL::bigint AS run_id,
+       format('task %%s: %%s', t.id, concat_ws('; ',
+           CASE WHEN NOT (coalesce(t.next_run_at, 'epoch') >= 'epoch' AND coalesce(t.next_run_at, 'epoch') < '9000-01-01+00'
+                      AND coalesce(t.run_at, 'epoch') >= 'epoch' AND coalesce(t.run_at, 'epoch') < '9000-01-01+00'
+                      AND coalesce(t.anchor, 'epoch') >= 'epoch' AND coalesce(t.anchor, 'epoch') < '9000-01-01+00'
+                      AND coalesce(t.until, 'epoch') >= 'epoch' AND coalesce(t.until, 'epoch') < '9000-01-01+00'
+                      AND t.created_at >= 'epoch' AND t.updated_at < '9000-01-01+00'
+                      AND coalesce(t.deleted_at, 'epoch') < '9000-01-01+00'
+                      AND coalesce(t.error_at, 'epoch') < '9000-01-01+00')
+                THEN format('a time outside [1970, 9000) (next %%s, at %%s, anchor %%s, until %%s)',
+                            coalesce(t.next_run_at::text, 'none'), coalesce(t.run_at::text, 'none'),
+                            coalesce(t.anchor::text, 'none'), coalesce(t.until::text, 'none')) END,
+           CASE WHEN t.every < make_interval(secs => %(min_interval)s)
+                THEN format('every %%s is under the minimum of %%s s', t.every, %(min_interval)s) END,
+           CASE WHEN length(t.name) > 200 THEN format('a name of %%s characters', length(t.name)) END,
+           CASE WHEN t.error ILIKE '%%out of range%%' AND NOT t.id = ANY (%(poison)s::integer[])
+                THEN format('set aside by a value out of range instead of saturating: %%s', t.error) END,
+           CASE WHEN t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647
+                THEN format('fired is %%s after firing past 2^31 - 1 (it saturates there)', t.fired) END)) AS violation
+  FROM checked_tasks t
+ WHERE NOT (coalesce(t.next_run_at, 'epoch') >= 'epoch' AND coalesce(t.next_run_at, 'epoch') < '9000-01-01+00'
+            AND coalesce(t.run_at, 'epoch') >= 'epoch' AND coalesce(t.run_at, 'epoch') < '9000-01-01+00'
+            AND coalesce(t.anchor, 'epoch') >= 'epoch' AND coalesce(t.anchor, 'epoch') < '9000-01-01+00'
+            AND coalesce(t.until, 'epoch') >= 'epoch' AND coalesce(t.until, 'epoch') < '9000-01-01+00'
+            AND t.created_at >= 'epoch' AND t.updated_at < '9000-01-01+00'
+            AND coalesce(t.deleted_at, 'epoch') < '9000-01-01+00'
+            AND coalesce(t.error_at, 'epoch') < '9000-01-01+00')
+    OR t.every < make_interval(secs => %(min_interval)s)
+    OR length(t.name) > 200
+    OR (t.error ILIKE '%%out of range%%' AND NOT t.id = ANY (%(poison)s::integer[]))
+    OR (t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647)
+UNION ALL
+SELECT r.task_id, r.id,
+       format('task %%s: run %%s holds a time outside [1970, 9000) (slot %%s, due %%s, started %%s, finished %%s)',
+              r.task_id, r.id, r.scheduled_for, r.due_at, r.started_at, r.finished_at)
+  FROM pgbeat.runs r JOIN checked_tasks t ON t.id = r.task_id
+ WHERE NOT (r.scheduled_for >= 'epoch' AND r.scheduled_for < '9000-01-01+00' AND r.due_at < '9000-01-01+00'
+            AND coalesce(r.started_at, 'epoch') < '9000-01-01+00' AND coalesce(r.finished_at, 'epoch') < '9000-01-01+00')
+ ORDER BY 1, 2;
