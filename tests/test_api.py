@@ -451,6 +451,29 @@ async def test_delete_is_204_future_runs_stop_and_history_stays(client):
     assert [t["id"] for t in deleted] == [task["id"]]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"schedule": {"every": 0.001}},
+        {"schedule": {"cron": "61 * * * *"}},
+        {"timeout": 0},
+        {"params": {"seconds": "abc"}},
+    ],
+    ids=lambda v: str(v)[:40],
+)
+async def test_a_refused_change_writes_none_of_its_valid_fields(client, db_url, bad):
+    """Rule 10: a change refused for one field writes nothing, not even the valid fields
+    sent beside it (here a new name): the whole input is checked before any write."""
+    task = await create(client, name="before")
+    with sql.connect(db_url) as conn:
+        before = sql.row_counts(conn)
+    resp = await client.patch(f"/tasks/{task['id']}", json={"name": "after", **bad})
+    assert resp.status_code == 422, resp.text
+    with sql.connect(db_url) as conn:
+        assert sql.row_counts(conn) == before
+    assert (await client.get(f"/tasks/{task['id']}")).json()["name"] == "before"
+
+
 # ---------------------------------------------------------------- lists
 
 

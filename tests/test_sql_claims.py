@@ -565,6 +565,32 @@ def test_a_counter_run_that_does_not_succeed_moves_no_counter(db_url, state):
     assert counter_value(conn, "c") == 5
 
 
+def test_a_counter_run_whose_params_cannot_count_fails_and_sets_only_its_task_aside(db_url):
+    """Rule 17 at finish: a succeeded counter run whose task's params were made uncountable
+    in psql is recorded failed with the reason, moves no counter, and its task is set
+    aside (paused, with the error); the other run finished in the same batch counts."""
+    conn = connect(db_url)
+    bad = create_task(conn, {"kind": "counter", "schedule": HOUR, "params": {"counter": "bad"}})["id"]
+    good = create_task(conn, {"kind": "counter", "schedule": HOUR, "params": {"counter": "good"}})["id"]
+    for tid in (bad, good):
+        trigger(conn, tid)
+    got = {r["task_id"]: r["run_id"] for r in claim(conn, limit=2)}
+    conn.execute(
+        """UPDATE pgbeat.tasks SET params = '{"counter": "bad", "step": "abc"}' WHERE id = %s""", [bad]
+    )
+    conn.execute(
+        "SELECT * FROM pgbeat.finish_runs(%s, %s, %s, %s)",
+        ([got[bad], got[good]], ["succeeded"] * 2, [None] * 2, [None] * 2),
+    )
+    states = {r["task_id"]: (r["state"], r["error"]) for r in (*runs(conn, bad), *runs(conn, good))}
+    assert states[good] == ("succeeded", None)
+    assert states[bad][0] == "failed" and "(the task is set aside)" in states[bad][1]
+    assert (counter_value(conn, "bad"), counter_value(conn, "good")) == (None, 1)
+    aside = conn.execute("SELECT paused, error FROM pgbeat.tasks WHERE id = %s", [bad]).fetchone()
+    assert aside["paused"] and aside["error"].startswith("finishing a run failed: ")
+    assert not conn.execute("SELECT paused FROM pgbeat.tasks WHERE id = %s", [good]).fetchone()["paused"]
+
+
 # A worker that claims one counter run, says so, and then hangs with its session open.
 CLAIMING_WORKER = """
 import sys, time, psycopg

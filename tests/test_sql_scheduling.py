@@ -82,6 +82,22 @@ def test_racing_schedulers_on_a_duplicate_slot_insert_nothing(db_url):
     assert len(runs(setup, tid)) == 1
 
 
+def test_fired_saturates_at_its_cap_and_the_task_keeps_firing(db_url):
+    """Rule 18: `fired` stops at 2^31 - 1 instead of overflowing, whether the slot is
+    fired by the pass's fast path (no pending run) or by fire_slot (one pending): the
+    task is not set aside, and each slot is decided as usual."""
+    conn = connect(db_url)
+    tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]
+    conn.execute("UPDATE pgbeat.tasks SET fired = 2147483646 WHERE id = %s", [tid])
+    outcomes = []
+    for ago in (10, 9, 8):
+        make_due(conn, tid, ago)
+        outcomes += [r["outcome"] for r in materialize(conn)]
+    assert outcomes == ["queued", "coalesced", "coalesced"]
+    row = conn.execute("SELECT fired, error, paused FROM pgbeat.tasks WHERE id = %s", [tid]).fetchone()
+    assert row == {"fired": 2147483647, "error": None, "paused": False}
+
+
 def test_queue_policy_keeps_one_pending_run_and_counts_coalesced_slots(db_url):
     conn = connect(db_url)
     tid = create_task(conn, {"kind": "sleep", "schedule": HOUR})["id"]

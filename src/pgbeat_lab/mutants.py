@@ -36,6 +36,7 @@ SCHEMA = "src/pgbeat/sql/schema"
 CLAIMS_TESTS = "tests/test_sql_claims.py"
 SCHEDULING_TESTS = "tests/test_sql_scheduling.py"
 WORKER_TESTS = "tests/test_worker.py"
+API_TESTS = "tests/test_api.py"
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,66 @@ MUTANTS: tuple[Mutant, ...] = (
             f"{SCHEDULING_TESTS}::test_a_plain_slot_is_materialised_ahead_and_claimable_only_at_its_slot",
             f"{CLAIMS_TESTS}::test_failed_runs_are_retried_with_backoff",
         ),
+    ),
+    Mutant(
+        "refused_change_writes_its_name",
+        10,
+        "a change's new name is written, in its own transaction, before the rest of the change is checked",
+        (
+            Edit(
+                "src/pgbeat/api/routes.py",
+                "    doc, first_slot = spec_for_sql(changes, given)\n",
+                "    if isinstance(changes.name, str):  # the name first, the rest checked after\n"
+                '        await pool.execute("UPDATE pgbeat.tasks SET name = $1 WHERE id = $2",\n'
+                "                           changes.name, task_id)\n"
+                "    doc, first_slot = spec_for_sql(changes, given)\n",
+            ),
+        ),
+        (f"{API_TESTS}::test_a_refused_change_writes_none_of_its_valid_fields",),
+    ),
+    Mutant(
+        "prune_keeps_everything",
+        13,
+        "the daemons pass prune_history their retention in ms: only what is 1000 retentions old goes",
+        (
+            Edit(
+                "src/pgbeat/maintenance.py",
+                "                self.retention_days * 86400,\n",
+                "                self.retention_days * 86400 * 1000,\n",
+            ),
+        ),
+        ("tests/test_maintenance.py::test_maintenance_heartbeats_reaps_and_prunes_at_its_first_turn",),
+    ),
+    Mutant(
+        "finish_sets_nothing_aside",
+        17,
+        "a counter run whose params cannot count fails, but its task is not set aside: it keeps firing",
+        (
+            Edit(
+                f"{SCHEMA}/40_claims.sql",
+                "PERFORM pgbeat.set_task_aside(aside_ids[i], 'finishing a run failed: ' || aside_errors[i]);",
+                "NULL;  -- the task keeps firing",
+            ),
+        ),
+        (f"{CLAIMS_TESTS}::test_a_counter_run_whose_params_cannot_count_fails_and_sets_only_its_task_aside",),
+    ),
+    Mutant(
+        "fired_overflows",
+        18,
+        "fired counts on past 2^31 - 1 instead of saturating: the overflow sets the task aside",
+        (
+            Edit(
+                f"{SCHEMA}/30_scheduling.sql",
+                "SET fired = least(fired::bigint + 1, 2147483647)::integer,",
+                "SET fired = fired + 1,",
+            ),
+            Edit(
+                f"{SCHEMA}/30_scheduling.sql",
+                "SET fired = least(tk.fired::bigint + 1, 2147483647)::integer,",
+                "SET fired = tk.fired + 1,",
+            ),
+        ),
+        (f"{SCHEDULING_TESTS}::test_fired_saturates_at_its_cap_and_the_task_keeps_firing",),
     ),
     Mutant(
         "sigterm_drops_runs",
