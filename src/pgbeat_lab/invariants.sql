@@ -457,7 +457,8 @@ SELECT t.id AS task_id, NULL::bigint AS run_id,
            CASE WHEN t.every < make_interval(secs => %(min_interval)s)
                 THEN format('every %%s is under the minimum of %%s s', t.every, %(min_interval)s) END,
            CASE WHEN length(t.name) > 200 THEN format('a name of %%s characters', length(t.name)) END,
-           CASE WHEN t.error ILIKE '%%out of range%%' AND NOT t.id = ANY (%(poison)s::integer[])
+           CASE WHEN t.error ~* '(smallint|integer|bigint|value) out of range|field overflow'
+                     AND NOT t.id = ANY (%(poison)s::integer[])
                 THEN format('set aside by a value out of range instead of saturating: %%s', t.error) END,
            CASE WHEN t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647
                 THEN format('fired is %%s after firing past 2^31 - 1 (it saturates there)', t.fired) END)) AS violation
@@ -471,7 +472,8 @@ SELECT t.id AS task_id, NULL::bigint AS run_id,
             AND coalesce(t.error_at, 'epoch') < '9000-01-01+00')
     OR t.every < make_interval(secs => %(min_interval)s)
     OR length(t.name) > 200
-    OR (t.error ILIKE '%%out of range%%' AND NOT t.id = ANY (%(poison)s::integer[]))
+    OR (t.error ~* '(smallint|integer|bigint|value) out of range|field overflow'
+        AND NOT t.id = ANY (%(poison)s::integer[]))
     OR (t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647)
 UNION ALL
 SELECT r.task_id, r.id,
