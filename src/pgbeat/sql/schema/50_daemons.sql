@@ -54,17 +54,23 @@ BEGIN
 END $$;
 
 -- Record as stopped the daemons whose lock nobody holds (killed, or lost their session).
+-- Every daemon reaps, all at once after a restart, when every old registration is
+-- dead: rows another reaper holds are skipped, so reapers never deadlock.
 CREATE OR REPLACE FUNCTION pgbeat.reap_dead_daemons() RETURNS integer
 LANGUAGE sql AS $$
-    WITH dead AS (
-        UPDATE pgbeat.daemons d SET stopped_at = now()
-         WHERE stopped_at IS NULL
+    WITH gone AS (
+        SELECT d.id FROM pgbeat.daemons d
+         WHERE d.stopped_at IS NULL
            AND NOT EXISTS (SELECT 1 FROM pg_locks l
                             WHERE l.locktype = 'advisory' AND l.granted
                               AND l.classid = pgbeat.daemon_lock_ns()::oid AND l.objsubid = 2
                               AND l.objid = d.id::oid
                               -- pg_locks spans the server: another database's daemon 1 is not ours
                               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+         ORDER BY d.id
+           FOR UPDATE OF d SKIP LOCKED
+    ), dead AS (
+        UPDATE pgbeat.daemons d SET stopped_at = now() FROM gone WHERE d.id = gone.id
         RETURNING 1)
     SELECT count(*)::integer FROM dead
 $$;
