@@ -8,6 +8,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+import pytest
 from sqlsupport import (
     DAEMON_NS,
     TASK_NS,
@@ -47,6 +48,7 @@ def other_database_url(url: str) -> str:
     return urlunsplit(parts._replace(path="/postgres"))
 
 
+@pytest.mark.slow  # 10,000 tasks written and read back
 def test_bulk_insert_of_10000_tasks_sends_one_notification(db_url):
     conn, listener = connect(db_url), listen(db_url)
     conn.execute(
