@@ -444,37 +444,32 @@ SELECT s.id, NULL,
 -- No task or run holds a time outside [1970, 9000), an interval under the minimum or a name over 200 characters; counts saturated instead of overflowing.
 SELECT t.id AS task_id, NULL::bigint AS run_id,
        format('task %%s: %%s', t.id, concat_ws('; ',
-           CASE WHEN NOT (coalesce(t.next_run_at, 'epoch') >= 'epoch' AND coalesce(t.next_run_at, 'epoch') < '9000-01-01+00'
-                      AND coalesce(t.run_at, 'epoch') >= 'epoch' AND coalesce(t.run_at, 'epoch') < '9000-01-01+00'
-                      AND coalesce(t.anchor, 'epoch') >= 'epoch' AND coalesce(t.anchor, 'epoch') < '9000-01-01+00'
-                      AND coalesce(t.until, 'epoch') >= 'epoch' AND coalesce(t.until, 'epoch') < '9000-01-01+00'
-                      AND t.created_at >= 'epoch' AND t.updated_at < '9000-01-01+00'
-                      AND coalesce(t.deleted_at, 'epoch') < '9000-01-01+00'
-                      AND coalesce(t.error_at, 'epoch') < '9000-01-01+00')
+           CASE WHEN NOT c.times_in_range
                 THEN format('a time outside [1970, 9000) (next %%s, at %%s, anchor %%s, until %%s)',
                             coalesce(t.next_run_at::text, 'none'), coalesce(t.run_at::text, 'none'),
                             coalesce(t.anchor::text, 'none'), coalesce(t.until::text, 'none')) END,
-           CASE WHEN t.every < make_interval(secs => %(min_interval)s)
+           CASE WHEN c.every_too_short
                 THEN format('every %%s is under the minimum of %%s s', t.every, %(min_interval)s) END,
-           CASE WHEN length(t.name) > 200 THEN format('a name of %%s characters', length(t.name)) END,
-           CASE WHEN t.error ~* '(smallint|integer|bigint|value) out of range|field overflow'
-                     AND NOT t.id = ANY (%(poison)s::integer[])
+           CASE WHEN c.name_too_long THEN format('a name of %%s characters', length(t.name)) END,
+           CASE WHEN c.overflowed
                 THEN format('set aside by a value out of range instead of saturating: %%s', t.error) END,
-           CASE WHEN t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647
+           CASE WHEN c.unsaturated
                 THEN format('fired is %%s after firing past 2^31 - 1 (it saturates there)', t.fired) END)) AS violation
   FROM checked_tasks t
- WHERE NOT (coalesce(t.next_run_at, 'epoch') >= 'epoch' AND coalesce(t.next_run_at, 'epoch') < '9000-01-01+00'
-            AND coalesce(t.run_at, 'epoch') >= 'epoch' AND coalesce(t.run_at, 'epoch') < '9000-01-01+00'
-            AND coalesce(t.anchor, 'epoch') >= 'epoch' AND coalesce(t.anchor, 'epoch') < '9000-01-01+00'
-            AND coalesce(t.until, 'epoch') >= 'epoch' AND coalesce(t.until, 'epoch') < '9000-01-01+00'
-            AND t.created_at >= 'epoch' AND t.updated_at < '9000-01-01+00'
-            AND coalesce(t.deleted_at, 'epoch') < '9000-01-01+00'
-            AND coalesce(t.error_at, 'epoch') < '9000-01-01+00')
-    OR t.every < make_interval(secs => %(min_interval)s)
-    OR length(t.name) > 200
-    OR (t.error ~* '(smallint|integer|bigint|value) out of range|field overflow'
-        AND NOT t.id = ANY (%(poison)s::integer[]))
-    OR (t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647)
+ CROSS JOIN LATERAL (
+       SELECT coalesce(t.next_run_at, 'epoch') >= 'epoch' AND coalesce(t.next_run_at, 'epoch') < '9000-01-01+00'
+              AND coalesce(t.run_at, 'epoch') >= 'epoch' AND coalesce(t.run_at, 'epoch') < '9000-01-01+00'
+              AND coalesce(t.anchor, 'epoch') >= 'epoch' AND coalesce(t.anchor, 'epoch') < '9000-01-01+00'
+              AND coalesce(t.until, 'epoch') >= 'epoch' AND coalesce(t.until, 'epoch') < '9000-01-01+00'
+              AND t.created_at >= 'epoch' AND t.updated_at < '9000-01-01+00'
+              AND coalesce(t.deleted_at, 'epoch') < '9000-01-01+00'
+              AND coalesce(t.error_at, 'epoch') < '9000-01-01+00' AS times_in_range,
+              coalesce(t.every < make_interval(secs => %(min_interval)s), false) AS every_too_short,
+              length(t.name) > 200 AS name_too_long,
+              coalesce(t.error ~* '(smallint|integer|bigint|value) out of range|field overflow'
+                       AND NOT t.id = ANY (%(poison)s::integer[]), false) AS overflowed,
+              t.id = ANY (%(saturated)s::integer[]) AND t.fired <> 2147483647 AS unsaturated) c
+ WHERE NOT c.times_in_range OR c.every_too_short OR c.name_too_long OR c.overflowed OR c.unsaturated
 UNION ALL
 SELECT r.task_id, r.id,
        format('task %%s: run %%s holds a time outside [1970, 9000) (slot %%s, due %%s, started %%s, finished %%s)',
