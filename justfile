@@ -18,7 +18,7 @@ install:
 test *ARGS: lint
     {{bin}}/pytest {{ARGS}}
 
-# The tests that start no pgbeat process (lint first), on every core: under a minute, while you work.
+# The tests that start no pgbeat process (lint first), on every core: about a minute, while you work.
 test-fast *ARGS: lint
     {{bin}}/pytest -m "not slow" -n auto {{ARGS}}
 
