@@ -27,6 +27,7 @@ PRUNE_EVERY = 3600.0
 STEP_TIMEOUT = 10.0  # a statement slower than this means the pool's connection is gone
 PRUNE_BATCH = 10_000  # runs deleted per transaction, so a prune never holds long locks
 PRUNE_BATCH_TIMEOUT = 60.0
+PARTITIONS_AHEAD = 2  # days of partitions made ahead: two days of turns to make each one
 
 
 class Maintenance:
@@ -99,13 +100,28 @@ class Maintenance:
         return abandoned
 
     async def prune(self) -> int:
-        """Delete history older than the retention period, in bounded batches; returns
-        how many runs were deleted."""
+        """Keep history by day (migration 0007): add the coming days' partitions, drop
+        the days wholly past the retention period, then delete what is left past it in
+        bounded batches. Returns how many runs were deleted row by row."""
+        retention = self.retention_days * 86400
+        added = await self._pool.fetchval(
+            queries.get("add_run_partitions"), PARTITIONS_AHEAD, timeout=STEP_TIMEOUT
+        )
+        dropped = 0
+        while await self._pool.fetchval(
+            queries.get("drop_run_partitions"), retention, timeout=PRUNE_BATCH_TIMEOUT
+        ):
+            dropped += 1
+        if added or dropped:
+            log.info(
+                "history partitions changed",
+                extra={"event": "history_partitions", "added": added, "dropped": dropped},
+            )
         total = 0
         while True:
             n = await self._pool.fetchval(
                 queries.get("prune_history"),
-                self.retention_days * 86400,
+                retention,
                 PRUNE_BATCH,
                 timeout=PRUNE_BATCH_TIMEOUT,
             )

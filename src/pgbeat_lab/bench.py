@@ -825,12 +825,39 @@ def history_size(conn: psycopg.Connection) -> float:
     )
 
 
+def burst_rate(server_url: str, opts: Options, partitioned: bool) -> float | None:
+    """runs/s of `burst` on a fresh database whose runs are kept by day (as migrated) or
+    in one table (migration 0007 rolled back; the same functions work on both)."""
+    with bench_database(server_url) as url:
+        if not partitioned:
+            assert migrations.rollback(url, 1) == ["0007_runs_by_day"], (
+                "0007 is no longer the newest migration"
+            )
+            migrations.apply_schema(url)
+        with tempfile.TemporaryDirectory(prefix="pgbeat-bench-burst-", dir=LOG_TMP) as tmp:
+            with Fleet(url, Path(tmp), env={"PGBEAT_RATE_LIMIT": "0"}) as fleet:
+                figures, _ = burst(url, opts, fleet)
+    return next(f.value for f in figures if f.name == "runs/s (due -> all finished)")
+
+
 def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[str, Any]]:
-    """N finished runs of history (bulk SQL, spread over 40 days), then: GET /runs and
+    """N finished runs of history (bulk SQL, spread over 40 days, each day in its
+    partition as on a deployment that has kept them), then: GET /runs and
     GET /tasks/{id}/runs p99, one retention pass of 30 days with triggered runs claimed
-    meanwhile (the pause it causes them), and the table's size before and after."""
+    meanwhile (the pause it causes them), the table's size before and after; and
+    `burst` with runs kept by day against one unpartitioned table, alternated."""
     n, retention_days, span_days = opts.size, 30, 40
     with connect(url) as conn:
+        # The fresh database has a partition for the days before its migration (empty);
+        # a deployment that ran for span_days has one for each of those days instead.
+        for (drop,) in conn.execute(
+            "SELECT format('DROP TABLE %s', part) FROM pgbeat.run_partitions() WHERE NOT whole_days"
+            " AND upper_bound IS NOT NULL"
+        ).fetchall():
+            conn.execute(drop)
+        conn.execute(
+            "SELECT pgbeat.add_run_partitions(2, (now() AT TIME ZONE 'UTC')::date - %s)", (span_days + 1,)
+        )
         create_tasks(conn, max(10, n // 10_000), "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
         tasks = task_ids(conn)
         started = time.perf_counter()
@@ -848,6 +875,14 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
         conn.execute("VACUUM ANALYZE pgbeat.runs")
         generated_s = time.perf_counter() - started
         size_before = history_size(conn)
+        # Retention takes whole days: the runs of the days that ended before the cutoff.
+        past_days = conn.execute(
+            """SELECT count(*) FROM pgbeat.runs
+                WHERE scheduled_for < date_trunc('day', (now() - make_interval(days => %s)) AT TIME ZONE 'UTC')
+                                      AT TIME ZONE 'UTC'""",
+            (retention_days,),
+        ).fetchone()[0]
+        runs_before = conn.execute("SELECT count(*) FROM pgbeat.runs").fetchone()[0]
         create_tasks(conn, 100, "sleep", {"seconds": 0}, "jsonb_build_object('every', '1h')")
         triggered = [t for t in task_ids(conn) if t not in set(tasks)]
     _, base = fleet.start_api()
@@ -863,21 +898,30 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
         seconds=opts.duration / 2,
     )
 
-    # One retention pass, in batches as the daemons run it, while a run is triggered every 10 ms.
-    pruned, batches = 0, []
+    # One retention pass as the daemons run it (whole days, then batches), while a run is
+    # triggered every 10 ms.
+    dropped, statements = 0, []
     window: dict[str, datetime] = {}
 
     def prune() -> None:
-        nonlocal pruned
+        nonlocal dropped
         with connect(url) as prune_conn:
             window["start"] = db_now(prune_conn)
             while True:
                 t0 = time.perf_counter()
                 got = prune_conn.execute(
+                    "SELECT pgbeat.drop_run_partitions(make_interval(days => %s))", (retention_days,)
+                ).fetchone()[0]
+                statements.append((time.perf_counter() - t0) * 1000)
+                dropped += got
+                if not got:
+                    break
+            while True:
+                t0 = time.perf_counter()
+                got = prune_conn.execute(
                     "SELECT pgbeat.prune_history(make_interval(days => %s), 10000)", (retention_days,)
                 ).fetchone()[0]
-                batches.append((time.perf_counter() - t0) * 1000)
-                pruned += got
+                statements.append((time.perf_counter() - t0) * 1000)
                 if got < 10000:
                     break
             window["end"] = db_now(prune_conn)
@@ -901,11 +945,24 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
             {"tasks": triggered, **window},
         )
         size_after = history_size(conn)
+        pruned = runs_before + i - conn.execute("SELECT count(*) FROM pgbeat.runs").fetchone()[0]
         started_runs = conn.execute(
             "SELECT count(*) FROM pgbeat.runs WHERE task_id = ANY (%s) AND started_at IS NOT NULL",
             (triggered,),
         ).fetchone()[0]
     prune_s = (window["end"] - window["start"]).total_seconds()
+
+    # Burst with runs kept by day, and in one table: fresh databases of the same server,
+    # alternated (by day, one table, one table, by day) so drift favours neither.
+    server = with_dbname(url, "postgres")
+    burst_opts = Options(
+        size=max(200, min(20_000, n // 500)), duration=0, concurrency=500, workers=opts.workers
+    )
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for partitioned in (True, False, False, True):
+        rates[partitioned].append(burst_rate(server, burst_opts, partitioned) or 0.0)
+    by_day, one_table = sum(rates[True]) / 2, sum(rates[False]) / 2
+
     mb = 1024 * 1024
     figures = [
         Figure("runs of history", n, "runs"),
@@ -915,9 +972,11 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
         Figure("GET /tasks/{id}/runs p50", percentile(task_runs.latencies_ms, 50), "ms"),
         Figure("GET /tasks/{id}/runs p99", percentile(task_runs.latencies_ms, 99), "ms", "<= 10"),
         Figure("GET errors", all_runs.errors + task_runs.errors, "", "<= 0"),
-        Figure("runs pruned (older than 30 days)", pruned, "runs"),
+        Figure("runs in days past 30 days", past_days, "runs"),
+        Figure("runs pruned", pruned, "runs", f">= {past_days}"),
+        Figure("day partitions dropped", dropped, ""),
         Figure("retention pass seconds", prune_s, "s"),
-        Figure("longest retention statement", max(batches, default=None), "ms"),
+        Figure("longest retention statement", max(statements, default=None), "ms"),
         Figure("runs triggered", i, "runs"),
         Figure("triggered runs started", started_runs, "runs", f">= {i}"),
         Figure("runs triggered during retention", len(during), "runs"),
@@ -925,8 +984,11 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
         Figure("trigger -> started max, retention", max(during, default=None), "ms", "<= 10"),
         Figure("runs table + indexes before", size_before / mb, "MB"),
         Figure("runs table + indexes after", size_after / mb, "MB"),
+        Figure(f"burst runs/s, runs by day ({burst_opts.size} tasks, mean of 2)", by_day, "runs/s"),
+        Figure(f"burst runs/s, one table ({burst_opts.size} tasks, mean of 2)", one_table, "runs/s"),
+        Figure("burst by day vs one table", ratio(by_day, one_table), "x", ">= 0.95"),
     ]
-    return figures, {}
+    return figures, {"burst_runs_per_s": {"by_day": rates[True], "one_table": rates[False]}}
 
 
 def make_dashboard_data(conn: psycopg.Connection, n: int) -> dict[str, Any]:

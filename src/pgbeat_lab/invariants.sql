@@ -322,13 +322,16 @@ SELECT NULL, NULL, format('daemon %%s (%%s, pid %%s) was SIGTERMed at %%s but ne
  WHERE d.stopped_at IS NULL AND NOT d.id = ANY (%(killed)s::integer[]);
 
 -- name: rule_13_maintenance_prunes_and_reaps
--- No finished run or deleted task older than the retention survived the daemons' pruning; no dead daemon planted before the load is still registered.
+-- No finished run (but in a day whose end is not past the retention) or deleted task older than the retention survived the daemons' pruning; no dead daemon planted before the load is still registered.
 SELECT r.task_id, r.id AS run_id,
        format('task %%s: run %%s (%%s) finished at %%s, older than the retention of %%s days, was not pruned',
               r.task_id, r.id, r.state, r.finished_at, %(retention_days)s) AS violation
   FROM pgbeat.runs r
  WHERE r.finished_at < now() - make_interval(secs => %(retention_days)s * 86400)
    AND r.state NOT IN ('pending', 'running')
+   AND NOT EXISTS (SELECT 1 FROM pgbeat.run_partitions() p
+                    WHERE p.part = r.tableoid AND p.whole_days
+                      AND p.upper_bound > now() - make_interval(secs => %(retention_days)s * 86400))
 UNION ALL
 SELECT t.id, NULL,
        format('task %%s was deleted at %%s, older than the retention of %%s days, and has no runs, but was not pruned',

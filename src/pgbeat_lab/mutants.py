@@ -132,9 +132,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "the unique (task, slot, attempt) constraint is dropped",
         (
             Edit(
-                "src/pgbeat/sql/migrations/0001_baseline.sql",
-                "CONSTRAINT runs_one_per_slot UNIQUE (task_id, scheduled_for, attempt)",
-                "CONSTRAINT runs_one_per_slot CHECK (true)",
+                "src/pgbeat/sql/migrations/0007_runs_by_day.sql",
+                "ADD CONSTRAINT runs_one_per_slot UNIQUE (task_id, scheduled_for, attempt),",
+                "ADD CONSTRAINT runs_one_per_slot CHECK (true),",
             ),
         ),
         (f"{SCHEDULING_TESTS}::test_racing_schedulers_on_a_duplicate_slot_insert_nothing",),
@@ -205,12 +205,12 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "prune_keeps_everything",
         13,
-        "the daemons pass prune_history their retention in ms: only what is 1000 retentions old goes",
+        "the daemons pass their retention in ms: only what is 1000 retentions old goes",
         (
             Edit(
                 "src/pgbeat/maintenance.py",
-                "                self.retention_days * 86400,\n",
-                "                self.retention_days * 86400 * 1000,\n",
+                "        retention = self.retention_days * 86400\n",
+                "        retention = self.retention_days * 86400 * 1000\n",
             ),
         ),
         ("tests/test_maintenance.py::test_maintenance_heartbeats_reaps_and_prunes_at_its_first_turn",),

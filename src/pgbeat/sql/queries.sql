@@ -29,6 +29,14 @@ SELECT abandoned,
                                LIMIT 10001) due) AS due
   FROM pgbeat.reap_abandoned_runs() AS abandoned, pgbeat.reap_dead_daemons();
 
+-- name: add_run_partitions
+-- Add the missing day partitions of runs, today and the $1 days after it.
+SELECT pgbeat.add_run_partitions($1) AS added;
+
+-- name: drop_run_partitions
+-- Drop the oldest day partition of runs wholly past $1 seconds of retention, with no live run (1), or none (0).
+SELECT pgbeat.drop_run_partitions(make_interval(secs => $1)) AS dropped;
+
 -- name: prune_history
 -- Delete up to $2 finished runs older than $1 seconds (then deleted tasks and stopped daemons left without them).
 SELECT pgbeat.prune_history(make_interval(secs => $1), $2) AS pruned;

@@ -29,18 +29,24 @@ END $$;
 
 -- Queue the next attempt of a run that failed, timed out or was abandoned, if
 -- its task allows retries; backoff doubles each attempt. A task that already
--- has a pending run needs no retry: that run is next.
+-- has a pending run needs no retry: that run is next. Rule 3 across partitions:
+-- the task's row is locked before that pending run is looked for (as every writer
+-- of a pending run does), since runs_one_pending is each partition's own.
 CREATE OR REPLACE FUNCTION pgbeat.schedule_retry(r pgbeat.runs) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     t pgbeat.tasks;
     new_id bigint;
 BEGIN
-    SELECT * INTO t FROM pgbeat.tasks WHERE id = r.task_id AND deleted_at IS NULL AND NOT paused;
     -- A run whose result says a retry cannot help (an http 4xx, a refused destination,
     -- an oversized body: pgbeat.kinds.http) is not retried.
-    IF NOT FOUND OR r.attempt > t.max_retries OR r.state NOT IN ('failed', 'timed_out', 'abandoned')
-       OR r.result->'retry' = 'false'::jsonb THEN
+    IF r.state NOT IN ('failed', 'timed_out', 'abandoned') OR r.result->'retry' = 'false'::jsonb THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO t FROM pgbeat.tasks WHERE id = r.task_id AND deleted_at IS NULL AND NOT paused
+       FOR NO KEY UPDATE;
+    IF NOT FOUND OR r.attempt > t.max_retries
+       OR EXISTS (SELECT 1 FROM pgbeat.runs p WHERE p.task_id = r.task_id AND p.state = 'pending') THEN
         RETURN NULL;
     END IF;
     INSERT INTO pgbeat.runs (task_id, kind, scheduled_for, due_at, attempt)
@@ -210,6 +216,8 @@ LANGUAGE plpgsql SET enable_seqscan = off SET jit = off
 #variable_conflict use_column
 DECLARE
     bad integer;
+    run_ids bigint[];
+    run_slots timestamptz[];
     done_ids bigint[];
     done pgbeat.runs[];
     r pgbeat.runs;
@@ -237,23 +245,27 @@ BEGIN
     -- statement those still running on this session. A repeated id is finished by
     -- its first occurrence. Counters are incremented in name order, once per
     -- counter, and each run's result shows the value its own increment reached.
-    PERFORM 1 FROM pgbeat.runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE;
+    -- Each run's slot is read here, once: the statements below find the run by id
+    -- and slot, in its own day partition only (migration 0007).
+    SELECT array_agg(l.id), array_agg(l.scheduled_for) INTO run_ids, run_slots
+      FROM (SELECT id, scheduled_for FROM pgbeat.runs WHERE id = ANY (p_run_ids) ORDER BY id FOR UPDATE) l;
     -- A succeeded counting run whose task's params cannot be counted (written by
     -- hand in psql) fails with the reason instead, and its task is set aside
     -- (Rule 17): the other runs of the batch are recorded as given.
     WITH given AS (
-        SELECT DISTINCT ON (u.id) u.id, u.state, coalesce(u.result, '{}') AS result, u.error, u.ord,
+        SELECT DISTINCT ON (u.id) u.id, l.slot, u.state, coalesce(u.result, '{}') AS result, u.error, u.ord,
                rn.task_id, t.params,
                CASE WHEN k.counts AND u.state = 'succeeded' THEN pgbeat.counter_problem(t.params) END AS problem,
                k.counts AND u.state = 'succeeded' AS counts
           FROM unnest(p_run_ids, p_states, p_results, p_errors) WITH ORDINALITY AS u(id, state, result, error, ord)
-          CROSS JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id OFFSET 0) rn  -- by primary key, one per id
+          CROSS JOIN LATERAL (SELECT run_slots[array_position(run_ids, u.id)] AS slot) l
+          CROSS JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id AND scheduled_for = l.slot OFFSET 0) rn
           JOIN pgbeat.tasks t ON t.id = rn.task_id
           JOIN pgbeat.kinds k ON k.name = t.kind  -- its finish behaviour (a counting kind: Rule 4)
          WHERE rn.state = 'running' AND rn.backend_pid = pg_backend_pid()
          ORDER BY u.id, u.ord
     ), mine AS (
-        SELECT g.id, g.ord, g.task_id, g.result, g.problem,
+        SELECT g.id, g.slot, g.ord, g.task_id, g.result, g.problem,
                CASE WHEN g.problem IS NOT NULL THEN 'failed' ELSE g.state END AS state,
                CASE WHEN g.problem IS NOT NULL THEN g.problem || ' (the task is set aside)' ELSE g.error END AS error,
                CASE WHEN g.counts AND g.problem IS NULL
@@ -281,7 +293,7 @@ BEGIN
            SET state = o.state, finished_at = greatest(clock_timestamp(), rn.started_at),
                result = o.final, error = o.error
           FROM outcomes o
-         WHERE rn.id = o.id
+         WHERE rn.id = o.id AND rn.scheduled_for = o.slot
         RETURNING rn.id, rn
     )
     SELECT array_agg(f.id), array_agg(f.rn) FILTER (WHERE (f.rn).state IN ('failed', 'timed_out')),
@@ -298,7 +310,8 @@ BEGIN
     SELECT u.id, rn.task_id, rn.state, rn.result,
            coalesce(u.id = ANY (done_ids) AND u.ord = min(u.ord) OVER (PARTITION BY u.id), false)
       FROM unnest(p_run_ids) WITH ORDINALITY AS u(id, ord)
-      LEFT JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id OFFSET 0) rn ON true
+      CROSS JOIN LATERAL (SELECT run_slots[array_position(run_ids, u.id)] AS slot) l
+      LEFT JOIN LATERAL (SELECT * FROM pgbeat.runs WHERE id = u.id AND scheduled_for = l.slot OFFSET 0) rn ON true
      ORDER BY u.ord;
 END $$;
 

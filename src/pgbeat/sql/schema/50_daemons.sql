@@ -75,15 +75,114 @@ LANGUAGE sql AS $$
     SELECT count(*)::integer FROM dead
 $$;
 
--- Retention: delete up to p_batch finished runs older than p_retention (oldest
--- first, through runs_finished), then deleted tasks and stopped daemons with
--- nothing left that refers to them. Call repeatedly until it returns 0.
+-- History by day (migration 0007): each UTC day's slots have a partition of
+-- pgbeat.runs, named runs_YYYYMMDD. Add the partitions of today and the p_days
+-- after it that are missing (from p_from instead of today: days of history to
+-- load); returns how many were added. A day another partition covers is left
+-- alone (runs_before_YYYYMMDD holds every slot before migration 0007). A partition is created
+-- apart and then attached, which locks pgbeat.runs only against other schema
+-- changes (claims go on) and runs_default for a scan of its few rows; a day whose
+-- slots already sit in runs_default keeps them there. Waiting for a lock is
+-- bounded, so claims never queue behind this for long; the next turn tries again.
+CREATE OR REPLACE FUNCTION pgbeat.add_run_partitions(p_days integer DEFAULT 2, p_from date DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SET lock_timeout = '20ms' AS $$
+DECLARE
+    today date := (now() AT TIME ZONE 'UTC')::date;
+    d date;
+    part text;
+    added integer := 0;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = 'pgbeat.runs'::regclass) THEN
+        RETURN 0;
+    END IF;
+    FOR d IN SELECT generate_series(coalesce(p_from, today), today + p_days, interval '1 day')::date LOOP
+        part := 'runs_' || to_char(d, 'YYYYMMDD');
+        CONTINUE WHEN to_regclass('pgbeat.' || part) IS NOT NULL;
+        BEGIN
+            EXECUTE format('CREATE TABLE pgbeat.%I (LIKE pgbeat.runs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', part);
+            -- Rule 3 within the partition (migration 0007).
+            EXECUTE format('CREATE UNIQUE INDEX %I ON pgbeat.%I (task_id) WHERE state = ''pending''',
+                           part || '_one_pending', part);
+            EXECUTE format('ALTER TABLE pgbeat.runs ATTACH PARTITION pgbeat.%I FOR VALUES FROM (%L) TO (%L)',
+                           part, d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC');
+            added := added + 1;
+        EXCEPTION WHEN lock_not_available OR check_violation OR invalid_object_definition THEN
+            -- Busy (the next turn tries again), runs_default holds slots of that day
+            -- (they stay there), or another partition covers it.
+            NULL;
+        END;
+    END LOOP;
+    RETURN added;
+END $$;
+
+-- The partitions of pgbeat.runs: each with the end of its slots (NULL for
+-- runs_default) and whether it holds whole days (runs_YYYYMMDD), which retention
+-- drops whole; runs_before_YYYYMMDD and runs_default are pruned row by row.
+CREATE OR REPLACE FUNCTION pgbeat.run_partitions()
+RETURNS TABLE (part regclass, upper_bound timestamptz, whole_days boolean)
+LANGUAGE sql STABLE AS $$
+    SELECT c.oid::regclass, substring(b.bound FROM 'TO \(''([^'']+)''\)')::timestamptz,
+           b.bound NOT LIKE '%MINVALUE%' AND b.bound <> 'DEFAULT'
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid,
+           LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS bound) b
+     WHERE i.inhparent = 'pgbeat.runs'::regclass
+$$;
+
+-- Retention by whole days (Rule 13): drop the oldest partition whose slots all
+-- lie before the cutoff, when none of its runs is pending or running (live runs
+-- are never dropped) and none finished after the cutoff. Returns 1, or 0 when no
+-- partition could be dropped: call it again while it returns 1. One partition per
+-- call, because dropping one locks pgbeat.runs until the transaction ends: the
+-- claims wait for one file's unlink and commit, never for a day's worth. The wait
+-- for that lock is bounded (a few tries of 5 ms, claims queue behind each), and a
+-- partition still busy is dropped at the next turn.
+CREATE OR REPLACE FUNCTION pgbeat.drop_run_partitions(p_retention interval DEFAULT interval '30 days')
+RETURNS integer
+LANGUAGE plpgsql SET lock_timeout = '5ms' AS $$
+DECLARE
+    cutoff timestamptz := now() - p_retention;
+    p regclass;
+    busy boolean;
+BEGIN
+    IF p_retention IS NULL OR p_retention < interval '0' THEN
+        PERFORM pgbeat.raise_invalid('retention', 'must be zero or positive');
+    END IF;
+    FOR p IN SELECT part FROM pgbeat.run_partitions() WHERE upper_bound <= cutoff ORDER BY upper_bound LOOP
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %1$s WHERE state = ''pending'')
+                            OR EXISTS (SELECT 1 FROM %1$s WHERE state = ''running'')
+                            OR EXISTS (SELECT 1 FROM %1$s WHERE finished_at >= $1)', p)
+          INTO busy USING cutoff;
+        CONTINUE WHEN busy;
+        FOR attempt IN 1..5 LOOP
+            BEGIN
+                EXECUTE format('DROP TABLE %s', p);
+                RETURN 1;
+            EXCEPTION WHEN lock_not_available THEN
+                PERFORM pg_sleep(0.05);
+            END;
+        END LOOP;
+    END LOOP;
+    RETURN 0;
+END $$;
+
+-- Retention row by row: delete up to p_batch finished runs older than
+-- p_retention (oldest first, through runs_finished) where whole days cannot be
+-- dropped: in runs_default, in runs_before_YYYYMMDD, in a day partition past the
+-- cutoff that drop_run_partitions kept for a live run, or in an unpartitioned
+-- pgbeat.runs. A day partition the cutoff falls in is left whole: its runs go with
+-- it once the whole day is past. Then deleted tasks and stopped daemons with
+-- nothing left that refers to them. Call repeatedly until it returns less than
+-- p_batch.
 CREATE OR REPLACE FUNCTION pgbeat.prune_history(p_retention interval DEFAULT interval '30 days',
                                      p_batch integer DEFAULT 10000)
 RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
-    n integer;
+    cutoff timestamptz := now() - p_retention;
+    p regclass;
+    n integer := 0;
+    k integer;
 BEGIN
     IF p_retention IS NULL OR p_retention < interval '0' THEN
         PERFORM pgbeat.raise_invalid('retention', 'must be zero or positive');
@@ -91,15 +190,22 @@ BEGIN
     IF p_batch IS NULL OR p_batch < 1 THEN
         PERFORM pgbeat.raise_invalid('batch', 'must be at least 1');
     END IF;
-    DELETE FROM pgbeat.runs WHERE id IN (
-        SELECT id FROM pgbeat.runs
-         WHERE finished_at < now() - p_retention AND state NOT IN ('pending', 'running')
-         ORDER BY finished_at LIMIT p_batch);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    FOR p IN SELECT 'pgbeat.runs'::regclass
+              WHERE NOT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = 'pgbeat.runs'::regclass)
+             UNION ALL
+             SELECT part FROM pgbeat.run_partitions() WHERE NOT whole_days OR upper_bound <= cutoff LOOP
+        EXECUTE format('DELETE FROM %1$s WHERE id IN (
+                            SELECT id FROM %1$s WHERE finished_at < $1 AND state NOT IN (''pending'', ''running'')
+                             ORDER BY finished_at LIMIT $2)', p)
+          USING cutoff, p_batch - n;
+        GET DIAGNOSTICS k = ROW_COUNT;
+        n := n + k;
+        EXIT WHEN n >= p_batch;
+    END LOOP;
     DELETE FROM pgbeat.tasks t
-     WHERE t.deleted_at < now() - p_retention
+     WHERE t.deleted_at < cutoff
        AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = t.id);
-    DELETE FROM pgbeat.daemons WHERE stopped_at < now() - p_retention;
+    DELETE FROM pgbeat.daemons WHERE stopped_at < cutoff;
     RETURN n;
 END $$;
 
