@@ -877,9 +877,9 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
         size_before = history_size(conn)
         # Retention takes whole days: the runs of the days that ended before the cutoff.
         past_days = conn.execute(
-            """SELECT count(*) FROM pgbeat.runs
-                WHERE scheduled_for < date_trunc('day', (now() - make_interval(days => %s)) AT TIME ZONE 'UTC')
-                                      AT TIME ZONE 'UTC'""",
+            """SELECT count(*) FROM pgbeat.runs, LATERAL (SELECT (now() AT TIME ZONE 'UTC')
+                                                              - make_interval(days => %s) AS cutoff) c
+                WHERE scheduled_for < date_trunc('day', c.cutoff) AT TIME ZONE 'UTC'""",
             (retention_days,),
         ).fetchone()[0]
         runs_before = conn.execute("SELECT count(*) FROM pgbeat.runs").fetchone()[0]
