@@ -107,15 +107,15 @@ class Maintenance:
         added = await self._pool.fetchval(
             queries.get("add_run_partitions"), PARTITIONS_AHEAD, timeout=STEP_TIMEOUT
         )
-        dropped = 0
+        drop_steps = 0  # each partition: detached, its foreign key dropped, then its table
         while await self._pool.fetchval(
             queries.get("drop_run_partitions"), retention, timeout=PRUNE_BATCH_TIMEOUT
         ):
-            dropped += 1
-        if added or dropped:
+            drop_steps += 1
+        if added or drop_steps:
             log.info(
                 "history partitions changed",
-                extra={"event": "history_partitions", "added": added, "dropped": dropped},
+                extra={"event": "history_partitions", "added": added, "drop_steps": drop_steps},
             )
         total = 0
         while True:

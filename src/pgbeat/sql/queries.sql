@@ -34,7 +34,7 @@ SELECT abandoned,
 SELECT pgbeat.add_run_partitions($1) AS added;
 
 -- name: drop_run_partitions
--- Drop the oldest day partition of runs wholly past $1 seconds of retention, with no live run (1), or none (0).
+-- One step of dropping the day partitions of runs wholly past $1 seconds of retention, with no live run: 1 while there was one.
 SELECT pgbeat.drop_run_partitions(make_interval(secs => $1)) AS dropped;
 
 -- name: prune_history

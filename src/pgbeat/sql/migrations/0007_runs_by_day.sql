@@ -78,9 +78,6 @@ CREATE INDEX runs_task_history ON pgbeat.runs (task_id, id DESC);
 CREATE INDEX runs_finished ON pgbeat.runs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX runs_failed ON pgbeat.runs (finished_at, task_id)
     WHERE state IN ('failed', 'timed_out', 'abandoned');
--- The oldest slot of a live run: below it no partition holds a pending or running
--- run, so the scheduler's look for a task's live runs skips those partitions.
-CREATE INDEX runs_live_slots ON pgbeat.runs (scheduled_for) WHERE state IN ('pending', 'running');
 
 -- Rule 3 within each partition.
 DO $$

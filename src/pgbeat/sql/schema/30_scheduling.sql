@@ -148,8 +148,6 @@ LANGUAGE plpgsql SET enable_seqscan = off SET enable_mergejoin = off AS $$
 DECLARE
     t pgbeat.tasks;
     locked pgbeat.tasks[];
-    live_floor timestamptz;
-    live_ceiling timestamptz;
     slow pgbeat.tasks[];
     fast_ids integer[];
     fast_latest timestamptz[];
@@ -171,15 +169,6 @@ BEGIN
     IF locked IS NULL THEN
         RETURN;
     END IF;
-    -- The live runs' slots lie between these two (each locked task's were written
-    -- under its lock, before ours): the looks below read only the day partitions
-    -- between them, usually today's (both are index end points, migration 0007).
-    live_floor := coalesce(least((SELECT min(r.scheduled_for) FROM pgbeat.runs r WHERE r.state = 'pending'),
-                                 (SELECT min(r.scheduled_for) FROM pgbeat.runs r WHERE r.state = 'running')),
-                           'infinity');
-    live_ceiling := coalesce(greatest((SELECT max(r.scheduled_for) FROM pgbeat.runs r WHERE r.state = 'pending'),
-                                      (SELECT max(r.scheduled_for) FROM pgbeat.runs r WHERE r.state = 'running')),
-                             '-infinity');
     -- Judged in a statement of its own, once the locks are held: a pending run that
     -- another writer committed before this pass got a task's lock (a trigger) is
     -- seen, in whichever partition it is (Rule 3; runs_one_pending is per partition).
@@ -199,11 +188,9 @@ BEGIN
                              / extract(epoch FROM (s.tk_row).every)) = 0)
                AND ((s.tk_row).misfire_policy <> 'skip'
                     OR NOT (now() - s.latest > make_interval(secs => (s.tk_row).misfire_grace)))
-               AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'pending'
-                                                             AND r.scheduled_for BETWEEN live_floor AND live_ceiling)
+               AND NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'pending')
                AND ((s.tk_row).overlap_policy = 'queue'
-                    OR NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'running'
-                                                                AND r.scheduled_for BETWEEN live_floor AND live_ceiling)
+                    OR NOT EXISTS (SELECT 1 FROM pgbeat.runs r WHERE r.task_id = s.id AND r.state = 'running')
                        AND NOT pgbeat.ran_across(s.id, s.latest)),
                false) AS plain
           FROM slot s

@@ -107,13 +107,14 @@ DECLARE
     held integer[] := pgbeat.held_task_locks();
     c record;
     run_ids bigint[] := '{}';
+    run_slots timestamptz[] := '{}';
     task_ids integer[] := '{}';
     orphans bigint[];
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 THEN
         PERFORM pgbeat.raise_invalid('limit', 'must be at least 1');
     END IF;
-    FOR c IN SELECT r.id, r.task_id FROM pgbeat.runs r
+    FOR c IN SELECT r.id, r.task_id, r.scheduled_for FROM pgbeat.runs r
               WHERE r.state = 'pending' AND r.due_at <= now()
               ORDER BY r.due_at, r.id
               FOR UPDATE SKIP LOCKED
@@ -122,6 +123,7 @@ BEGIN
         CONTINUE WHEN c.task_id = ANY (held);
         CONTINUE WHEN NOT pg_try_advisory_lock(pgbeat.task_lock_ns(), c.task_id);
         run_ids := run_ids || c.id;
+        run_slots := run_slots || c.scheduled_for;
         task_ids := task_ids || c.task_id;
         EXIT WHEN cardinality(run_ids) = p_limit;
     END LOOP;
@@ -141,8 +143,8 @@ BEGIN
         UPDATE pgbeat.runs r
            SET state = 'running', started_at = clock_timestamp(), daemon_id = p_daemon_id,
                backend_pid = pg_backend_pid()
-          FROM pgbeat.tasks t
-         WHERE r.id = ANY (run_ids) AND t.id = r.task_id
+          FROM unnest(run_ids, run_slots) AS u(id, slot), pgbeat.tasks t
+         WHERE r.id = u.id AND r.scheduled_for = u.slot AND t.id = r.task_id  -- one partition per run
         RETURNING r.id, r.task_id, r.kind, t.params, t.timeout, r.scheduled_for, r.attempt, r.started_at,
                   r.due_at)
     SELECT s.id, s.task_id, s.kind, s.params, s.timeout, s.scheduled_for, s.attempt, s.started_at

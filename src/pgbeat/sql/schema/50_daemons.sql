@@ -129,37 +129,73 @@ LANGUAGE sql STABLE AS $$
      WHERE i.inhparent = 'pgbeat.runs'::regclass
 $$;
 
--- Retention by whole days (Rule 13): drop the oldest partition whose slots all
--- lie before the cutoff, when none of its runs is pending or running (live runs
--- are never dropped) and none finished after the cutoff. Returns 1, or 0 when no
--- partition could be dropped: call it again while it returns 1. One partition per
--- call, because dropping one locks pgbeat.runs until the transaction ends: the
--- claims wait for one file's unlink and commit, never for a day's worth. The wait
--- for that lock is bounded (a few tries of 5 ms, claims queue behind each), and a
--- partition still busy is dropped at the next turn.
+-- Retention by whole days (Rule 13), one step per call: call again while it
+-- returns 1. A partition whose slots all lie before the cutoff leaves in three
+-- steps, each a transaction of its own that holds its locks for a moment:
+--   1. it is detached from pgbeat.runs (locks runs and runs_default), when none of
+--      its runs is pending or running (checked again once detached, when no
+--      insert can reach it any more: live runs are never dropped) and none
+--      finished after the cutoff;
+--   2. its foreign key to tasks is dropped (locks tasks);
+--   3. the table is dropped: its files are unlinked while nobody waits for it (a
+--      partition dropped while attached held runs locked through that unlink,
+--      tens of ms per GB).
+-- Each lock is waited for a few times 5 ms at most, and claims queue behind each
+-- wait; a step still busy is taken at the next turn.
 CREATE OR REPLACE FUNCTION pgbeat.drop_run_partitions(p_retention interval DEFAULT interval '30 days')
 RETURNS integer
 LANGUAGE plpgsql SET lock_timeout = '5ms' AS $$
 DECLARE
     cutoff timestamptz := now() - p_retention;
     p regclass;
+    step text;
+    live text;
     busy boolean;
 BEGIN
     IF p_retention IS NULL OR p_retention < interval '0' THEN
         PERFORM pgbeat.raise_invalid('retention', 'must be zero or positive');
     END IF;
-    FOR p IN SELECT part FROM pgbeat.run_partitions() WHERE upper_bound <= cutoff ORDER BY upper_bound LOOP
-        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %1$s WHERE state = ''pending'')
-                            OR EXISTS (SELECT 1 FROM %1$s WHERE state = ''running'')
-                            OR EXISTS (SELECT 1 FROM %1$s WHERE finished_at >= $1)', p)
-          INTO busy USING cutoff;
-        CONTINUE WHEN busy;
+    -- Steps 2 and 3 for a partition an earlier call detached.
+    SELECT c.oid::regclass,
+           coalesce((SELECT format('ALTER TABLE %s DROP CONSTRAINT %I', c.oid::regclass, k.conname)
+                       FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f' LIMIT 1),
+                    format('DROP TABLE %s', c.oid::regclass))
+      INTO p, step
+      FROM pg_class c
+     WHERE c.relnamespace = 'pgbeat'::regnamespace AND c.relkind = 'r' AND NOT c.relispartition
+       AND c.relname ~ '^runs_(before_)?[0-9]{8}$'
+     LIMIT 1;
+    IF p IS NOT NULL THEN
         FOR attempt IN 1..5 LOOP
             BEGIN
-                EXECUTE format('DROP TABLE %s', p);
+                EXECUTE step;
                 RETURN 1;
             EXCEPTION WHEN lock_not_available THEN
                 PERFORM pg_sleep(0.05);
+            END;
+        END LOOP;
+        RETURN 0;
+    END IF;
+    -- Step 1.
+    FOR p IN SELECT part FROM pgbeat.run_partitions() WHERE upper_bound <= cutoff ORDER BY upper_bound LOOP
+        live := format('SELECT EXISTS (SELECT 1 FROM %1$s WHERE state = ''pending'')
+                            OR EXISTS (SELECT 1 FROM %1$s WHERE state = ''running'')
+                            OR EXISTS (SELECT 1 FROM %1$s WHERE finished_at >= $1)', p);
+        EXECUTE live INTO busy USING cutoff;
+        CONTINUE WHEN busy;
+        FOR attempt IN 1..5 LOOP
+            BEGIN
+                EXECUTE format('ALTER TABLE pgbeat.runs DETACH PARTITION %s', p);
+                EXECUTE live INTO busy USING cutoff;
+                IF busy THEN  -- a run written meanwhile: it stays attached
+                    RAISE EXCEPTION USING ERRCODE = 'object_in_use';
+                END IF;
+                RETURN 1;
+            EXCEPTION
+                WHEN lock_not_available THEN
+                    PERFORM pg_sleep(0.05);
+                WHEN object_in_use THEN
+                    EXIT;
             END;
         END LOOP;
     END LOOP;
