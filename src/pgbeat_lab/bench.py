@@ -903,27 +903,31 @@ def history(url: str, opts: Options, fleet: Fleet) -> tuple[list[Figure], dict[s
     drop_steps, statements = 0, []
     window: dict[str, datetime] = {}
 
+    def repeat(conn: psycopg.Connection, query: str, more: Callable[[int], bool]) -> int:
+        """Run query (one number back) while more(that number), timing each; the numbers' sum."""
+        total = 0
+        while True:
+            t0 = time.perf_counter()
+            got = conn.execute(query, (retention_days,)).fetchone()[0]
+            statements.append((time.perf_counter() - t0) * 1000)
+            total += got
+            if not more(got):
+                return total
+
     def prune() -> None:
         nonlocal drop_steps
         with connect(url) as prune_conn:
             window["start"] = db_now(prune_conn)
-            while True:
-                t0 = time.perf_counter()
-                got = prune_conn.execute(
-                    "SELECT pgbeat.drop_run_partitions(make_interval(days => %s))", (retention_days,)
-                ).fetchone()[0]
-                statements.append((time.perf_counter() - t0) * 1000)
-                drop_steps += got
-                if not got:
-                    break
-            while True:
-                t0 = time.perf_counter()
-                got = prune_conn.execute(
-                    "SELECT pgbeat.prune_history(make_interval(days => %s), 10000)", (retention_days,)
-                ).fetchone()[0]
-                statements.append((time.perf_counter() - t0) * 1000)
-                if got < 10000:
-                    break
+            drop_steps = repeat(
+                prune_conn,
+                "SELECT pgbeat.drop_run_partitions(make_interval(days => %s))",
+                lambda got: got > 0,
+            )
+            repeat(
+                prune_conn,
+                "SELECT pgbeat.prune_history(make_interval(days => %s), 10000)",
+                lambda got: got >= 10000,
+            )
             window["end"] = db_now(prune_conn)
 
     pruner = threading.Thread(target=prune)
