@@ -138,12 +138,15 @@ END $$;
 -- run committed after this statement's snapshot goes through fire_slot instead.
 --
 -- Never a seq scan (a plan that hash-joined every task to fire two of them) or a
--- merge join; the plans stay custom, chosen per call: a generic plan, which cannot
--- know how many tasks fall before the horizon, made a pass over 100,000 tasks ten
--- times slower.
+-- merge join. The statement that picks and locks the due tasks is planned at each
+-- call (EXECUTE): a generic plan, which cannot know how many tasks fall before the
+-- horizon, made a pass over 100,000 tasks ten times slower. The others are planned
+-- once per session: planned at each call, their look-ups into every day partition
+-- of runs cost 10-20 ms of planning a pass, and a slot was fired late, not ahead.
 CREATE OR REPLACE FUNCTION pgbeat.materialize_due_slots(p_limit integer, p_ahead interval, p_only integer)
 RETURNS TABLE (task_id integer, run_id bigint, scheduled_for timestamptz, outcome text, missed integer)
-LANGUAGE plpgsql SET enable_seqscan = off SET enable_mergejoin = off AS $$
+LANGUAGE plpgsql SET enable_seqscan = off SET enable_mergejoin = off SET plan_cache_mode = force_generic_plan
+AS $$
 #variable_conflict use_column
 DECLARE
     t pgbeat.tasks;
@@ -160,12 +163,13 @@ DECLARE
     written_slots timestamptz[];
     c record;
 BEGIN
-    SELECT array_agg(d.tk) INTO locked FROM (
-        SELECT tk FROM pgbeat.tasks tk
-         WHERE tk.next_run_at <= horizon AND NOT tk.paused AND tk.cron IS NULL
-           AND (p_only IS NULL OR tk.id = p_only)
-         ORDER BY tk.next_run_at LIMIT p_limit
-           FOR UPDATE SKIP LOCKED) d;
+    EXECUTE 'SELECT array_agg(d.tk) FROM (
+                 SELECT tk FROM pgbeat.tasks tk
+                  WHERE tk.next_run_at <= $1 AND NOT tk.paused AND tk.cron IS NULL
+                    AND ($2::integer IS NULL OR tk.id = $2)
+                  ORDER BY tk.next_run_at LIMIT $3
+                    FOR UPDATE SKIP LOCKED) d'
+       INTO locked USING horizon, p_only, p_limit;
     IF locked IS NULL THEN
         RETURN;
     END IF;
