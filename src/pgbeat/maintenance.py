@@ -27,7 +27,6 @@ PRUNE_EVERY = 3600.0
 STEP_TIMEOUT = 10.0  # a statement slower than this means the pool's connection is gone
 PRUNE_BATCH = 10_000  # runs deleted per transaction, so a prune never holds long locks
 PRUNE_BATCH_TIMEOUT = 60.0
-PARTITIONS_AHEAD = 2  # days of partitions made ahead: two days of turns to make each one
 
 
 class Maintenance:
@@ -104,9 +103,7 @@ class Maintenance:
         the days wholly past the retention period, then delete what is left past it in
         bounded batches. Returns how many runs were deleted row by row."""
         retention = self.retention_days * 86400
-        added = await self._pool.fetchval(
-            queries.get("add_run_partitions"), PARTITIONS_AHEAD, timeout=STEP_TIMEOUT
-        )
+        added = await self._pool.fetchval(queries.get("add_run_partitions"), timeout=STEP_TIMEOUT)
         drop_steps = 0  # each partition: detached, its foreign key dropped, then its table
         while await self._pool.fetchval(
             queries.get("drop_run_partitions"), retention, timeout=PRUNE_BATCH_TIMEOUT

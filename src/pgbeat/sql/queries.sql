@@ -30,8 +30,8 @@ SELECT abandoned,
   FROM pgbeat.reap_abandoned_runs() AS abandoned, pgbeat.reap_dead_daemons();
 
 -- name: add_run_partitions
--- Add the missing day partitions of runs, today and the $1 days after it.
-SELECT pgbeat.add_run_partitions($1) AS added;
+-- Add the missing day partitions of runs: today and the days after it its default says.
+SELECT pgbeat.add_run_partitions() AS added;
 
 -- name: drop_run_partitions
 -- One step of dropping the day partitions of runs wholly past $1 seconds of retention, with no live run: 1 while there was one.

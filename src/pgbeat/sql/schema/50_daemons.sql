@@ -79,7 +79,8 @@ $$;
 -- pgbeat.runs, named runs_YYYYMMDD. Add the partitions of today and the p_days
 -- after it that are missing (from p_from instead of today: days of history to
 -- load); returns how many were added. A day another partition covers is left
--- alone (runs_before_YYYYMMDD holds every slot before migration 0007). A partition is created
+-- alone (runs_before_YYYYMMDD holds every slot before migration 0007). Two days
+-- ahead by default: two days of hourly turns to make each one. A partition is created
 -- apart and then attached, which locks pgbeat.runs only against other schema
 -- changes (claims go on) and runs_default for a scan of its few rows; a day whose
 -- slots already sit in runs_default keeps them there. Waiting for a lock is
